@@ -1,0 +1,140 @@
+"""Tiny offline checkpoints and synthetic data, shared by the tests, the benchmarks and every script's `--demo`.
+
+Nothing here downloads anything: the tokenizer is a byte-level BPE trained in a fraction of a second on
+built-in text, the models have random weights, and everything is written with `save_pretrained` so the
+scripts load it back through `AutoTokenizer` / `AutoModelForCausalLM` exactly like a real checkpoint.
+"""
+
+import json
+import random
+from pathlib import Path
+
+# The 14 special tokens of Qwen2 tokenizers, in Qwen's order (ids follow the BPE vocabulary).
+QWEN_SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>",
+    "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>",
+    "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
+    "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+]
+
+# The chat template shipped with Qwen/Qwen2-7B-Instruct, verbatim: ChatML, a default system prompt, and no
+# `{% generation %}` markers, so label masking is tested against the template real users have.
+QWEN2_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# Qwen2's pre-tokenizer split (from its tokenizer.json), so the tiny BPE splits text the way the real one does.
+QWEN_PRETOKENIZE_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+_EN_TOPICS = ["the ocean", "a small robot", "green tea", "prime numbers", "the moon", "a quiet library",
+              "mountain rivers", "old maps", "autumn leaves", "a paper boat", "city lights", "bread baking"]
+_EN_VERBS = ["describe", "explain", "summarise", "write a short note about", "give two facts about"]
+_ZH_TOPICS = ["大海", "小机器人", "绿茶", "质数", "月亮", "图书馆", "山间河流", "旧地图", "秋天的树叶", "纸船"]
+_ZH_VERBS = ["请介绍", "请解释", "请总结", "简单说说", "写一句关于"]
+
+
+def _corpus():
+    """Text the tiny BPE is trained on: the demo vocabulary plus ChatML scaffolding."""
+    lines = []
+    for t in _EN_TOPICS:
+        for v in _EN_VERBS:
+            lines.append(f"Please {v} {t}. Sure! Here is what I know about {t}: it is simple and calm.")
+    for t in _ZH_TOPICS:
+        for v in _ZH_VERBS:
+            lines.append(f"{v}{t}。好的,关于{t}:它很简单,也很安静。")
+    lines += ["system\nYou are a helpful assistant.\nuser\nassistant\n\nParagraph.\n\n"] * 20
+    return lines
+
+
+def build_tokenizer(vocab_size=400):
+    """A Qwen2Tokenizer with a tiny byte-level BPE, Qwen's special tokens and Qwen2-Instruct's chat template."""
+    from tokenizers import Tokenizer, Regex, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_PRETOKENIZE_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    bpe.train_from_iterator(_corpus(), trainer)
+    state = json.loads(bpe.to_str())["model"]
+    vocab = dict(state["vocab"])
+    for tok in QWEN_SPECIAL_TOKENS:
+        vocab[tok] = len(vocab)
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
+    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, bos_token=None,
+                         eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=QWEN2_CHAT_TEMPLATE)
+    tok.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL_TOKENS})
+    return tok
+
+
+def build_tiny_qwen2(out_dir, seed=0, hidden_size=64, num_layers=2, vocab_size=None):
+    """Save a random-weight fp32 Qwen2 causal LM plus its tokenizer to `out_dir` and return the path."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    out_dir = Path(out_dir)
+    tok = build_tokenizer()
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=vocab_size or len(tok), hidden_size=hidden_size, intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+        tie_word_embeddings=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        bos_token_id=None,
+    )
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return str(out_dir)
+
+
+def make_sft_records(n=64, seed=0):
+    """Synthetic chat data: `{query, answer}` and `{messages}` records, single- and multi-turn, English and Chinese."""
+    rng = random.Random(seed)
+
+    def qa():
+        if rng.random() < 0.5:
+            t = rng.choice(_EN_TOPICS)
+            return (f"Please {rng.choice(_EN_VERBS)} {t}.",
+                    f"Sure! Here is what I know about {t}: " + " ".join(rng.choices(_EN_TOPICS, k=rng.randint(1, 6))))
+        t = rng.choice(_ZH_TOPICS)
+        return f"{rng.choice(_ZH_VERBS)}{t}。", f"好的,关于{t}:" + ",".join(rng.choices(_ZH_TOPICS, k=rng.randint(1, 6)))
+
+    records = []
+    for i in range(n):
+        kind = i % 3
+        if kind == 0:
+            q, a = qa()
+            records.append({"query": q, "answer": a})
+        else:
+            messages = [{"role": "system", "content": "You are a concise assistant."}] if kind == 2 else []
+            for _ in range(rng.randint(1, 3)):
+                q, a = qa()
+                messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+            records.append({"messages": messages})
+    return records
+
+
+def write_jsonl(path, records):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    return str(path)
+
+
+def build_sft_demo(root, n_train=96, n_eval=16, seed=0):
+    """Tiny model + train/eval JSON Lines under `root`; returns (model_dir, train_file, eval_file)."""
+    root = Path(root)
+    model_dir = build_tiny_qwen2(root / "tiny-qwen2", seed=seed)
+    train = write_jsonl(root / "train.jsonl", make_sft_records(n_train, seed=seed))
+    evalf = write_jsonl(root / "eval.jsonl", make_sft_records(n_eval, seed=seed + 1))
+    return model_dir, train, evalf

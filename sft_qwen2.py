@@ -1,0 +1,262 @@
+"""Supervised fine-tuning of Qwen2(-Instruct) chat models with Hugging Face Trainer; loss on the answers only.
+
+Data: JSON Lines / JSON / Parquet / CSV files, or a `datasets.save_to_disk` folder. Each record is
+`{"query": ..., "answer": ...}` or `{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}`.
+Every assistant answer (content + the closing <|im_end|>) is trained; system, user and role headers are masked.
+
+  # CPU demo: a tiny random model and generated data, no downloads (about a minute)
+  bash run.sh sft_qwen2.py --demo
+
+  # one GPU
+  python sft_qwen2.py --train_file data/train.jsonl --val_size 0.01 --output_dir outputs/qwen2-sft
+
+  # every GPU of this node (torchrun via run.sh), packed batches
+  bash run.sh sft_qwen2.py --train_file data/train.jsonl --padding_free --per_device_train_batch_size 4
+
+  # two nodes: run this on each, NODE_RANK=0 on the master
+  NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 MASTER_PORT=29500 bash run.sh sft_qwen2.py --train_file data/train.jsonl
+
+  # every flag can come from one config file instead (keys = flag names)
+  bash run.sh sft_qwen2.py configs/sft.yaml
+
+A run that finds `checkpoint-*` folders in --output_dir resumes from the newest one.
+"""
+
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from collate import (IGNORE_INDEX, DataError, auto_precision, encode_sft_batch, fail, load_sft_file,
+                     parse_arguments, record_location, sft_collator, to_messages)
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(default="Qwen/Qwen2-7B-Instruct",
+                                    metadata={"help": "Hub id or local folder of a Qwen2 chat checkpoint."})
+    attn_implementation: str = field(default="sdpa",
+                                     metadata={"help": "sdpa, flash_attention_2 or eager."})
+    trust_remote_code: bool = field(default=False,
+                                    metadata={"help": "Run code from the checkpoint's repo (Qwen2 does not need it)."})
+
+
+@dataclass
+class DataArguments:
+    train_file: list[str] = field(default=None, metadata={"help": "One or more training files or datasets folders."})
+    eval_file: list[str] = field(default=None, metadata={"help": "Evaluation files (else see --val_size)."})
+    val_size: float = field(default=0.0, metadata={
+        "help": "Hold out this share (< 1) or number (>= 1) of training examples for evaluation."})
+    max_len: int = field(default=8192, metadata={"help": "Longest sequence in tokens (see token_stats.py)."})
+    overflow: str = field(default="truncate", metadata={
+        "help": "Longer examples: 'truncate' (cut from the right, dropped if no answer token is left) or 'drop'.",
+        "choices": ["truncate", "drop"]})
+    system_prompt: str = field(default=None, metadata={
+        "help": "System prompt for records without one (default: the chat template's own)."})
+    query_key: str = field(default="query", metadata={"help": "Key of the question in {query, answer} records."})
+    answer_key: str = field(default="answer", metadata={"help": "Key of the answer in {query, answer} records."})
+    messages_key: str = field(default="messages", metadata={"help": "Key of the message list in chat records."})
+    padding_free: bool = field(default=False, metadata={
+        "help": "Pack each batch into one row without padding (exact: attention stays within each example)."})
+    pad_to_multiple_of: int = field(default=None, metadata={
+        "help": "Pad batch length to a multiple of this (default: 8 on GPU for tensor cores, none on CPU)."})
+    preprocessing_num_workers: int = field(default=None, metadata={"help": "Processes for encoding the data."})
+    demo: bool = field(default=False, metadata={
+        "help": "Build a tiny random Qwen2 and demo data in a temporary folder and train a few steps on CPU."})
+
+
+@dataclass
+class SFTArguments(TrainingArguments):
+    # Defaults a real full fine-tune wants; any flag overrides them.
+    output_dir: str = field(default="outputs/sft-qwen2", metadata={"help": "Checkpoints and the final model."})
+    learning_rate: float = field(default=1e-5, metadata={"help": "Peak learning rate."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule."})
+    warmup_steps: float = field(default=0.03, metadata={"help": "Warmup: steps, or a share of all steps if < 1."})
+    activation_checkpointing: bool = field(default=True, metadata={
+        "help": "Recompute activations in backward (gradient checkpointing): much less memory, ~20% slower."})
+    bf16: bool = field(default=None, metadata={"help": "bf16 mixed precision (default: if the GPU supports it)."})
+    fp16: bool = field(default=None, metadata={"help": "fp16 mixed precision (default: on GPUs without bf16)."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
+    save_total_limit: int = field(default=3, metadata={"help": "Keep this many checkpoints (plus the best)."})
+    report_to: str = field(default="none", metadata={"help": "none, tensorboard, wandb, ..."})
+    include_num_input_tokens_seen: str = field(default="non_padding", metadata={
+        "help": "Count trained tokens (for the summary's tokens/s)."})
+
+    def __post_init__(self):
+        if self.bf16 is None and self.fp16 is None:
+            precision = "fp32" if self.use_cpu else auto_precision()
+            self.bf16, self.fp16 = precision == "bf16", precision == "fp16"
+        self.bf16, self.fp16 = bool(self.bf16), bool(self.fp16)
+        super().__post_init__()
+
+
+DEMO_DIR = os.path.join(tempfile.gettempdir(), f"sft-qwen2-demo-{os.getuid()}")
+# Flags the demo puts before the user's own (so a user flag still wins): tiny model, a few fast steps on CPU.
+DEMO_ARGS = [
+    "--model_name_or_path", f"{DEMO_DIR}/tiny-qwen2", "--train_file", f"{DEMO_DIR}/train.jsonl",
+    "--eval_file", f"{DEMO_DIR}/eval.jsonl", "--output_dir", f"{DEMO_DIR}/output", "--max_len", "256",
+    "--max_steps", "24", "--per_device_train_batch_size", "4", "--learning_rate", "3e-3", "--warmup_steps", "2",
+    "--logging_steps", "4", "--eval_strategy", "steps", "--eval_steps", "12", "--save_steps", "12",
+    "--use_cpu", "--disable_tqdm", "true",
+]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------------------------
+
+def encode_files(paths, tokenizer, data_args, num_proc):
+    """Read and encode each file; returns (dataset, counts). Errors name the file and the line or record."""
+    import datasets
+
+    parts, counts = [], {"examples": 0, "truncated": 0, "dropped": 0}
+
+    def encode(batch, indices, path):
+        records = [dict(zip(batch, values)) for values in zip(*batch.values())]
+        try:
+            results = encode_sft_batch(records, tokenizer, data_args.max_len, data_args.overflow,
+                                       data_args.system_prompt, data_args.query_key, data_args.answer_key,
+                                       data_args.messages_key)
+        except DataError as e:  # "record i: ..." -> the file's own line number
+            where, _, problem = str(e).partition(": ")
+            raise DataError(f"{record_location(path, indices[int(where.split()[-1])])}: {problem}") from None
+        kept = [(enc, status) for enc, status in results if enc is not None]
+        return {"input_ids": [e["input_ids"] for e, _ in kept], "labels": [e["labels"] for e, _ in kept],
+                "length": [len(e["input_ids"]) for e, _ in kept],
+                "truncated": [s == "truncated" for _, s in kept]}
+
+    def check(record):
+        to_messages(record, data_args.system_prompt, data_args.query_key, data_args.answer_key,
+                    data_args.messages_key)
+
+    for path in paths:
+        raw = load_sft_file(path, check)
+        enc = raw.map(encode, batched=True, with_indices=True, fn_kwargs={"path": path}, num_proc=num_proc,
+                      remove_columns=raw.column_names, desc=f"encoding {os.path.basename(path)}")
+        counts["examples"] += len(raw)
+        counts["dropped"] += len(raw) - len(enc)
+        counts["truncated"] += sum(enc["truncated"])
+        parts.append(enc.remove_columns("truncated"))
+    return datasets.concatenate_datasets(parts), counts
+
+
+def show_example(example, tokenizer):
+    """Print one encoded example with the trained part inside ⟪ ⟫ so users can check their template's mask."""
+    ids, labels = example["input_ids"], example["labels"]
+    pieces, start = [], 0
+    for i in range(1, len(ids) + 1):
+        if i == len(ids) or (labels[i] == IGNORE_INDEX) != (labels[start] == IGNORE_INDEX):
+            text = tokenizer.decode(ids[start:i])
+            pieces.append(text if labels[start] == IGNORE_INDEX else f"⟪{text}⟫")
+            start = i
+    print(f"--- first training example ({len(ids)} tokens; loss only on the text inside ⟪ ⟫) ---")
+    print("".join(pieces))
+    print("---")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    start = time.time()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--demo" in argv:
+        argv = DEMO_ARGS + argv
+    parser = HfArgumentParser((ModelArguments, DataArguments, SFTArguments))
+    try:
+        model_args, data_args, args = parse_arguments(parser, argv)
+    except DataError as e:
+        fail(e)
+    if not data_args.train_file:
+        fail("--train_file is required (or --demo)")
+    is_main = args.process_index == 0
+    log = print if is_main else (lambda *a, **k: None)
+
+    if data_args.demo:
+        import shutil
+
+        import demo
+        with args.main_process_first(local=True, desc="building the demo"):
+            if args.local_process_index == 0:
+                shutil.rmtree(DEMO_DIR, ignore_errors=True)  # a fresh run, not a resume of the last demo
+                demo.build_sft_demo(DEMO_DIR)
+
+    # Data: the local main process encodes first and caches, the others then load that cache. A data error is
+    # raised on every rank (the others meet it too), so no rank is left waiting at a barrier.
+    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path,
+                                              trust_remote_code=model_args.trust_remote_code)
+    error = None
+    with args.main_process_first(local=True, desc="encoding the data"):
+        try:
+            train_ds, counts = encode_files(data_args.train_file, tokenizer, data_args,
+                                            data_args.preprocessing_num_workers)
+            eval_ds = None
+            if data_args.eval_file:
+                eval_ds, _ = encode_files(data_args.eval_file, tokenizer, data_args,
+                                          data_args.preprocessing_num_workers)
+            elif data_args.val_size > 0:
+                n = data_args.val_size if data_args.val_size >= 1 else data_args.val_size * len(train_ds)
+                split = train_ds.train_test_split(test_size=max(1, int(n)), seed=args.seed)
+                train_ds, eval_ds = split["train"], split["test"]
+        except DataError as e:
+            error = e
+    if error is not None:
+        fail(error)
+    log(f"data: {counts['examples']} examples read, {len(train_ds)} for training, {counts['truncated']} truncated, "
+        f"{counts['dropped']} dropped (max_len {data_args.max_len}, overflow {data_args.overflow})"
+        + (f"; {len(eval_ds)} for evaluation" if eval_ds is not None else ""))
+    if len(train_ds) == 0:
+        fail(f"{', '.join(data_args.train_file)}: every example was dropped (max_len {data_args.max_len})")
+    if is_main:
+        show_example(train_ds[0], tokenizer)
+
+    # Model: the training dtype is bf16 when training in bf16; fp16 mixed precision needs fp32 master weights.
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, dtype=dtype,
+                                                 attn_implementation=model_args.attn_implementation,
+                                                 trust_remote_code=model_args.trust_remote_code)
+    # Packed rows rely on position_ids to keep examples apart, which the model only does without a KV cache.
+    model.config.use_cache = False
+
+    pad_multiple = data_args.pad_to_multiple_of
+    if pad_multiple is None and not args.use_cpu and torch.cuda.is_available():
+        pad_multiple = 8
+    collator = sft_collator(tokenizer, data_args.padding_free, pad_multiple,
+                            flash_attn_kwargs=model_args.attn_implementation.startswith("flash"))
+    trainer = Trainer(model=model, args=args, data_collator=collator, train_dataset=train_ds, eval_dataset=eval_ds,
+                      processing_class=tokenizer)
+
+    # Resume: an explicit --resume_from_checkpoint wins, else the newest checkpoint-* in output_dir.
+    resume = args.resume_from_checkpoint
+    if resume is None and os.path.isdir(args.output_dir):
+        resume = get_last_checkpoint(args.output_dir)
+        if resume:
+            log(f"resuming from {resume}")
+    result = trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(args.output_dir)  # model + tokenizer, HF format
+    trainer.save_state()
+    metrics = dict(result.metrics)
+    if eval_ds is not None:
+        metrics.update(trainer.evaluate())
+    trainer.log_metrics("all", metrics)
+    trainer.save_metrics("all", metrics)
+    trainer.metrics = metrics  # for callers of main()
+
+    wall = time.time() - start
+    tokens = trainer.state.num_input_tokens_seen
+    log(f"summary: {len(train_ds)} examples used ({counts['truncated']} truncated, {counts['dropped']} dropped), "
+        f"{tokens} tokens trained in {trainer.state.global_step} steps, wall {wall:.1f}s, "
+        f"{tokens / max(metrics['train_runtime'], 1e-9):.0f} tokens/s, final train loss {metrics['train_loss']:.4f}"
+        + (f", eval loss {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else "")
+        + f"; model saved to {args.output_dir}")
+    return trainer
+
+
+if __name__ == "__main__":
+    main()

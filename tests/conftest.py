@@ -1,0 +1,34 @@
+"""Shared fixtures: tiny offline checkpoints built once per test session (see demo.py)."""
+
+import os
+import sys
+
+import pytest
+
+import demo
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the suite may reach a model hub
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def sft_demo(tmp_path_factory):
+    """(model_dir, train_file, eval_file) of the tiny Qwen2 + demo data."""
+    return demo.build_sft_demo(tmp_path_factory.mktemp("sft-demo"))
+
+
+@pytest.fixture(scope="session")
+def qwen2_tokenizer(sft_demo):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(sft_demo[0])
+
+
+def run_cli(args, env=None, timeout=300):
+    """Run a command from the repository root as a user would; returns CompletedProcess (text)."""
+    import subprocess
+
+    full_env = dict(os.environ, PYTHON=sys.executable, **(env or {}))
+    full_env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + full_env.get("PATH", "")
+    return subprocess.run(args, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
