@@ -78,7 +78,7 @@ class SFTArguments(TrainingArguments):
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule."})
     warmup_steps: float = field(default=0.03, metadata={"help": "Warmup: steps, or a share of all steps if < 1."})
     activation_checkpointing: bool = field(default=True, metadata={
-        "help": "Recompute activations in backward (gradient checkpointing): much less memory, ~20% slower."})
+        "help": "Recompute activations in backward (gradient checkpointing): much less memory, about 20%% slower."})
     bf16: bool = field(default=None, metadata={"help": "bf16 mixed precision (default: if the GPU supports it)."})
     fp16: bool = field(default=None, metadata={"help": "fp16 mixed precision (default: on GPUs without bf16)."})
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
