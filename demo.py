@@ -75,8 +75,12 @@ def build_tokenizer(vocab_size=400):
     return tok
 
 
-def build_tiny_qwen2(out_dir, seed=0, hidden_size=64, num_layers=2, vocab_size=None):
-    """Save a random-weight fp32 Qwen2 causal LM plus its tokenizer to `out_dir` and return the path."""
+def build_tiny_qwen2(out_dir, seed=0, hidden_size=64, num_layers=2, vocab_size=None, intermediate_size=None):
+    """Save a random-weight fp32 Qwen2 causal LM plus its tokenizer to `out_dir` and return the path.
+
+    `vocab_size` may exceed the tiny tokenizer's (benchmarks use Qwen2's real 151,936 so the output layer costs
+    what it costs in real runs); the extra rows are simply never produced by the tokenizer.
+    """
     import torch
     from transformers import AutoModelForCausalLM, Qwen2Config
 
@@ -84,7 +88,8 @@ def build_tiny_qwen2(out_dir, seed=0, hidden_size=64, num_layers=2, vocab_size=N
     tok = build_tokenizer()
     torch.manual_seed(seed)
     config = Qwen2Config(
-        vocab_size=vocab_size or len(tok), hidden_size=hidden_size, intermediate_size=hidden_size * 2,
+        vocab_size=vocab_size or len(tok), hidden_size=hidden_size,
+        intermediate_size=intermediate_size or hidden_size * 2,
         num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
         tie_word_embeddings=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
         bos_token_id=None,

@@ -33,7 +33,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, 
 from transformers.trainer_utils import get_last_checkpoint
 
 from collate import (IGNORE_INDEX, DataError, auto_precision, encode_sft_batch, fail, load_sft_file,
-                     parse_arguments, record_location, sft_collator, to_messages)
+                     parse_arguments, record_location, sft_collator, to_messages, use_lean_causal_lm_loss)
 
 
 @dataclass
@@ -84,6 +84,8 @@ class SFTArguments(TrainingArguments):
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
     save_total_limit: int = field(default=3, metadata={"help": "Keep this many checkpoints (plus the best)."})
     report_to: str = field(default="none", metadata={"help": "none, tensorboard, wandb, ..."})
+    prediction_loss_only: bool = field(default=True, metadata={
+        "help": "Evaluate the loss only (gathering 152k-wide logits of every eval token would exhaust memory)."})
     include_num_input_tokens_seen: str = field(default="non_padding", metadata={
         "help": "Count trained tokens (for the summary's tokens/s)."})
 
@@ -223,6 +225,8 @@ def main(argv=None):
                                                  trust_remote_code=model_args.trust_remote_code)
     # Packed rows rely on position_ids to keep examples apart, which the model only does without a KV cache.
     model.config.use_cache = False
+    if not args.use_liger_kernel:  # Liger brings its own fused linear + cross-entropy
+        use_lean_causal_lm_loss(model)  # logits only at answer tokens, in chunks: never (tokens x 152k) at once
 
     pad_multiple = data_args.pad_to_multiple_of
     if pad_multiple is None and not args.use_cpu and torch.cuda.is_available():

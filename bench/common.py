@@ -1,0 +1,59 @@
+"""Shared pieces of the benchmarks: the bench model, skewed synthetic SFT data, peak memory."""
+
+import json
+import os
+import resource
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+
+import demo  # noqa: E402
+
+QWEN2_VOCAB = 151_936  # the real Qwen2 vocabulary: the output layer and its loss dominate a step at this size
+_WORDS = ("ocean robot tea prime moon library river map leaves boat city lights bread calm simple quiet old "
+          "green small paper autumn mountain").split()
+
+
+def build_bench_model(out_dir, hidden_size=256, num_layers=4, vocab_size=QWEN2_VOCAB):
+    """Random-weight fp32 Qwen2-architecture model (tiny tokenizer, real-size vocabulary)."""
+    return demo.build_tiny_qwen2(out_dir, hidden_size=hidden_size, num_layers=num_layers, vocab_size=vocab_size,
+                                 intermediate_size=4 * hidden_size)
+
+
+def skewed_lengths(n, median=250, p99=2500, cap=4000, seed=0):
+    """Log-normal answer lengths in tokens: most answers short, a long tail (like real chat data)."""
+    rng = np.random.default_rng(seed)
+    sigma = np.log(p99 / median) / 2.326  # the 99th percentile of a normal is 2.326 sigma
+    return np.clip(rng.lognormal(np.log(median), sigma, n).round().astype(int), 8, cap)
+
+
+def make_records(tokenizer, n, seed=0, **length_kw):
+    """Single-turn records whose answers have (close to) the skewed token lengths of `skewed_lengths`."""
+    rng = np.random.default_rng(seed + 1)
+    cost = {w: len(tokenizer(" " + w, add_special_tokens=False)["input_ids"]) for w in _WORDS}
+    records = []
+    for target in skewed_lengths(n, seed=seed, **length_kw):
+        words, used = [], 0
+        while used < target:
+            w = _WORDS[rng.integers(len(_WORDS))]
+            words.append(w)
+            used += cost[w]
+        query = "Please write about " + " ".join(_WORDS[i] for i in rng.integers(0, len(_WORDS), rng.integers(4, 30)))
+        records.append({"query": query, "answer": " ".join(words)})
+    return records
+
+
+def peak_rss_gb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def emit(result):
+    """Children print one JSON line the parent reads (everything else they print is noise to it)."""
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def read_result(stdout):
+    lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+    return json.loads(lines[-1][len("RESULT "):]) if lines else None

@@ -1,0 +1,45 @@
+"""The chunked, labelled-positions-only causal-LM loss equals transformers' stock loss, values and gradients."""
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import demo
+from collate import chunked_linear_cross_entropy, encode_sft_batch, sft_collator, use_lean_causal_lm_loss
+
+
+def test_chunked_cross_entropy_matches_torch():
+    torch.manual_seed(0)
+    h = torch.randn(300, 32, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(1000, 32, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 1000, (300,))
+    ref = torch.nn.functional.cross_entropy(h @ w.T, t, reduction="sum")
+    gh, gw = torch.autograd.grad(ref * 3, (h, w))
+    out = chunked_linear_cross_entropy(h, w, t, chunk=64)  # 64 does not divide 300: a ragged last chunk
+    ch, cw = torch.autograd.grad(out * 3, (h, w))
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(ch, gh, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(cw, gw, rtol=1e-10, atol=1e-10)
+    with torch.no_grad():  # evaluation path: no gradient buffers
+        torch.testing.assert_close(chunked_linear_cross_entropy(h, w, t, chunk=64), ref, rtol=1e-12, atol=1e-9)
+
+
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_lean_model_loss_and_grads_equal_stock(sft_demo, qwen2_tokenizer, padding_free):
+    stock = AutoModelForCausalLM.from_pretrained(sft_demo[0], dtype=torch.float32)
+    lean = use_lean_causal_lm_loss(copy.deepcopy(stock), chunk=16)
+    feats = [e for e, _ in encode_sft_batch(demo.make_sft_records(4, seed=2), qwen2_tokenizer, 512)]
+    batch = sft_collator(qwen2_tokenizer, padding_free=padding_free)(feats)
+    for kwargs in ({}, {"num_items_in_batch": torch.tensor(1000)}):  # Trainer's gradient-accumulation contract
+        a = stock(**batch, use_cache=False, **kwargs).loss
+        b = lean(**batch, use_cache=False, **kwargs).loss
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+        ga = torch.autograd.grad(a, list(stock.parameters()))
+        gb = torch.autograd.grad(b, list(lean.parameters()))
+        for (name, _), x, y in zip(stock.named_parameters(), ga, gb):
+            torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-6, msg=name)
+    # without labels the model is untouched: logits for generation
+    ids = batch["input_ids"][:1, :8]
+    torch.testing.assert_close(lean(ids).logits, stock(ids).logits)
