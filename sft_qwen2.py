@@ -61,8 +61,10 @@ class DataArguments:
     query_key: str = field(default="query", metadata={"help": "Key of the question in {query, answer} records."})
     answer_key: str = field(default="answer", metadata={"help": "Key of the answer in {query, answer} records."})
     messages_key: str = field(default="messages", metadata={"help": "Key of the message list in chat records."})
-    padding_free: bool = field(default=False, metadata={
-        "help": "Pack each batch into one row without padding (exact: attention stays within each example)."})
+    padding_free: bool = field(default=None, metadata={
+        "help": "Pack each batch into one row without padding (exact: attention stays within each example). "
+                "Default: on with flash-attention, whose variable-length kernels make packing free; sdpa and "
+                "eager need a (tokens x tokens) mask for a packed row, so there it is opt-in."})
     pad_to_multiple_of: int = field(default=None, metadata={
         "help": "Pad batch length to a multiple of this (default: 8 on GPU for tensor cores, none on CPU)."})
     preprocessing_num_workers: int = field(default=None, metadata={"help": "Processes for encoding the data."})
@@ -86,8 +88,6 @@ class SFTArguments(TrainingArguments):
     report_to: str = field(default="none", metadata={"help": "none, tensorboard, wandb, ..."})
     prediction_loss_only: bool = field(default=True, metadata={
         "help": "Evaluate the loss only (gathering 152k-wide logits of every eval token would exhaust memory)."})
-    include_num_input_tokens_seen: str = field(default="non_padding", metadata={
-        "help": "Count trained tokens (for the summary's tokens/s)."})
 
     def __post_init__(self):
         if self.bf16 is None and self.fp16 is None:
@@ -162,6 +162,30 @@ def show_example(example, tokenizer):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Trainer
+# ---------------------------------------------------------------------------------------------------------------
+
+class TokenCountingTrainer(Trainer):
+    """Trainer that counts the real tokens it trains on, for the summary's tokens/s.
+
+    The stock counter (`include_num_input_tokens_seen`) gathers across ranks and calls `.item()` every step, a
+    host sync in the hot path; this one adds on the device and reads the total once, at the end.
+    """
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        mask = inputs.get("attention_mask")
+        n = mask.sum() if mask is not None else torch.tensor(inputs["input_ids"].numel(), device=self.args.device)
+        self._tokens = n if getattr(self, "_tokens", None) is None else self._tokens + n
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def tokens_trained(self):
+        """Real tokens trained in this run, summed over all ranks (a collective: call it on every rank)."""
+        local = getattr(self, "_tokens", None)
+        local = torch.tensor(0, device=self.args.device) if local is None else local
+        return int(self.accelerator.reduce(local.to(self.args.device), reduction="sum"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -231,9 +255,10 @@ def main(argv=None):
     pad_multiple = data_args.pad_to_multiple_of
     if pad_multiple is None and not args.use_cpu and torch.cuda.is_available():
         pad_multiple = 8
-    collator = sft_collator(tokenizer, data_args.padding_free, pad_multiple,
-                            flash_attn_kwargs=model_args.attn_implementation.startswith("flash"))
-    trainer = Trainer(model=model, args=args, data_collator=collator, train_dataset=train_ds, eval_dataset=eval_ds,
+    flash = model_args.attn_implementation.startswith("flash")
+    padding_free = flash if data_args.padding_free is None else data_args.padding_free
+    collator = sft_collator(tokenizer, padding_free, pad_multiple, flash_attn_kwargs=flash)
+    trainer = TokenCountingTrainer(model=model, args=args, data_collator=collator, train_dataset=train_ds, eval_dataset=eval_ds,
                       processing_class=tokenizer)
 
     # Resume: an explicit --resume_from_checkpoint wins, else the newest checkpoint-* in output_dir.
@@ -253,7 +278,7 @@ def main(argv=None):
     trainer.metrics = metrics  # for callers of main()
 
     wall = time.time() - start
-    tokens = trainer.state.num_input_tokens_seen
+    tokens = trainer.tokens_trained()
     log(f"summary: {len(train_ds)} examples used ({counts['truncated']} truncated, {counts['dropped']} dropped), "
         f"{tokens} tokens trained in {trainer.state.global_step} steps, wall {wall:.1f}s, "
         f"{tokens / max(metrics['train_runtime'], 1e-9):.0f} tokens/s, final train loss {metrics['train_loss']:.4f}"

@@ -30,6 +30,7 @@ def test_learns_a_repeated_batch_and_trains_every_parameter(sft_demo, tmp_path):
                                        "--lr_scheduler_type", "constant"))
     curve = losses(out)
     assert len(curve) == 20 and curve[20] < 0.5 * curve[1], curve
+    assert trainer.tokens_trained() == 20 * sum(trainer.train_dataset["length"])  # real tokens, padding excluded
 
     before = AutoModelForCausalLM.from_pretrained(sft_demo[0]).state_dict()
     saved = AutoModelForCausalLM.from_pretrained(out)
