@@ -15,7 +15,18 @@ ROLES = ("system", "user", "assistant")
 
 
 class DataError(ValueError):
-    """Bad user data (file, record or field). Scripts print it as one line and exit with code 2."""
+    """Bad user data (file, record or field). Scripts print it as one line and exit with code 2.
+
+    `index` is the position of the offending record in the batch being encoded, when there is one, so a script
+    can turn it into the file's own line number.
+    """
+
+    def __init__(self, problem, index=None):
+        super().__init__(problem, index)  # both in args: the error survives pickling out of map() workers
+        self.problem, self.index = problem, index
+
+    def __str__(self):
+        return self.problem if self.index is None else f"record {self.index}: {self.problem}"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -193,7 +204,7 @@ def encode_sft_batch(records, tokenizer, max_len=None, overflow="truncate", syst
         try:
             messages = to_messages(record, system_prompt, query_key, answer_key, messages_key)
         except DataError as e:
-            raise DataError(f"record {i}: {e}") from None
+            raise DataError(e.problem, index=i) from None
         convs.append(messages)
         answers = [j for j, m in enumerate(messages) if m["role"] == "assistant"]
         prompt_convs += [messages[:j] for j in answers]
@@ -211,7 +222,7 @@ def encode_sft_batch(records, tokenizer, max_len=None, overflow="truncate", syst
         try:
             spans = _answer_spans(prompts[k:k + n], turns[k:k + n], full, eos)
         except DataError as e:
-            raise DataError(f"record {i}: {e}") from None
+            raise DataError(e.problem, index=i) from None
         k += n
         ids, encoding = enc["input_ids"][i], enc.encodings[i]
         bounds = [_token_index(encoding, pos, len(ids), len(full)) for span in spans for pos in span]

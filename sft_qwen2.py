@@ -124,9 +124,8 @@ def encode_files(paths, tokenizer, data_args, num_proc):
             results = encode_sft_batch(records, tokenizer, data_args.max_len, data_args.overflow,
                                        data_args.system_prompt, data_args.query_key, data_args.answer_key,
                                        data_args.messages_key)
-        except DataError as e:  # "record i: ..." -> the file's own line number
-            where, _, problem = str(e).partition(": ")
-            raise DataError(f"{record_location(path, indices[int(where.split()[-1])])}: {problem}") from None
+        except DataError as e:  # record i of this batch -> the file's own line number
+            raise DataError(f"{record_location(path, indices[e.index])}: {e.problem}") from None
         kept = [(enc, status) for enc, status in results if enc is not None]
         return {"input_ids": [e["input_ids"] for e, _ in kept], "labels": [e["labels"] for e, _ in kept],
                 "length": [len(e["input_ids"]) for e, _ in kept],

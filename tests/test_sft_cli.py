@@ -69,3 +69,13 @@ def test_run_sh_passes_arguments_through_unchanged(tmp_path):
     res = run_cli(["bash", "run.sh", str(script), "a b", 'quote"d', "--flag=x y", ""], env={"NPROC_PER_NODE": "1"})
     assert res.returncode == 3  # the script's own exit code, not torchrun's
     assert json.loads(res.stdout.strip().splitlines()[0]) == ["1", ["a b", 'quote"d', "--flag=x y", ""]]
+
+
+def test_bad_record_found_by_a_worker_process_still_names_the_line(sft_demo, tmp_path, capsys):
+    good = json.dumps({"query": "q", "answer": "a"})
+    path = write(tmp_path / "late.jsonl", "\n".join([good] * 9 + [json.dumps({"query": "q", "answer": None})]) + "\n")
+    with pytest.raises(SystemExit) as exit_:
+        sft_qwen2.main(["--model_name_or_path", sft_demo[0], "--train_file", path, "--use_cpu",
+                        "--preprocessing_num_workers", "2", "--output_dir", str(tmp_path / "o")])
+    assert exit_.value.code == 2
+    assert "late.jsonl: line 10: missing key 'answer'" in capsys.readouterr().err.strip().splitlines()[-1]
