@@ -296,11 +296,16 @@ def sft_collator(tokenizer, padding_free=False, pad_to_multiple_of=None, flash_a
 # Helpers every script needs
 # ----------------------------------------------------------------------------------------------------------------
 
-def parse_arguments(parser, argv=None):
-    """Parse flags, or a single `.yaml`/`.yml`/`.json` config file given in their place (keys = flag names)."""
+def parse_arguments(parser, argv=None, demo_args=()):
+    """Parse flags, or a single `.yaml`/`.yml`/`.json` config file given in their place (keys = flag names).
+
+    With `--demo` among the flags, `demo_args` go first, so the user's own flags still win.
+    """
     import sys
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--demo" in argv:
+        argv = list(demo_args) + argv
     if len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")):
         path = os.path.abspath(argv[0])
         if not os.path.isfile(path):
@@ -408,3 +413,40 @@ def use_lean_causal_lm_loss(model, chunk=None):
 
     model.forward = forward
     return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Steps every training script takes the same way
+# ----------------------------------------------------------------------------------------------------------------
+
+def resolve_mixed_precision(args):
+    """Fill unset `args.bf16`/`args.fp16` (None) from the hardware, before TrainingArguments validates them."""
+    if args.bf16 is None and args.fp16 is None:
+        precision = "fp32" if args.use_cpu else auto_precision()
+        args.bf16, args.fp16 = precision == "bf16", precision == "fp16"
+    args.bf16, args.fp16 = bool(args.bf16), bool(args.fp16)
+
+
+def prepare_demo(args, demo_dir, build):
+    """Rebuild the demo's model and data in `demo_dir` (`build(demo_dir)`), once per node, other ranks waiting.
+
+    A fresh folder each time: a demo run is a new run, not a resume of the last one.
+    """
+    import shutil
+
+    with args.main_process_first(local=True, desc="building the demo"):
+        if args.local_process_index == 0:
+            shutil.rmtree(demo_dir, ignore_errors=True)
+            build(demo_dir)
+
+
+def last_checkpoint_to_resume(args, log=print):
+    """`--resume_from_checkpoint` if given, else the newest `checkpoint-*` in `output_dir` (None: start afresh)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    resume = args.resume_from_checkpoint
+    if resume is None and os.path.isdir(args.output_dir):
+        resume = get_last_checkpoint(args.output_dir)
+        if resume:
+            log(f"resuming from {resume}")
+    return resume

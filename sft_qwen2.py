@@ -23,17 +23,16 @@ A run that finds `checkpoint-*` folders in --output_dir resumes from the newest 
 """
 
 import os
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 
-from collate import (IGNORE_INDEX, DataError, auto_precision, encode_sft_batch, fail, load_sft_file,
-                     parse_arguments, record_location, sft_collator, to_messages, use_lean_causal_lm_loss)
+from collate import (IGNORE_INDEX, DataError, encode_sft_batch, fail, last_checkpoint_to_resume, load_sft_file,
+                     parse_arguments, prepare_demo, record_location, resolve_mixed_precision, sft_collator,
+                     to_messages, use_lean_causal_lm_loss)
 
 
 @dataclass
@@ -90,10 +89,7 @@ class SFTArguments(TrainingArguments):
         "help": "Evaluate the loss only (gathering 152k-wide logits of every eval token would exhaust memory)."})
 
     def __post_init__(self):
-        if self.bf16 is None and self.fp16 is None:
-            precision = "fp32" if self.use_cpu else auto_precision()
-            self.bf16, self.fp16 = precision == "bf16", precision == "fp16"
-        self.bf16, self.fp16 = bool(self.bf16), bool(self.fp16)
+        resolve_mixed_precision(self)
         super().__post_init__()
 
 
@@ -190,12 +186,9 @@ class TokenCountingTrainer(Trainer):
 
 def main(argv=None):
     start = time.time()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--demo" in argv:
-        argv = DEMO_ARGS + argv
     parser = HfArgumentParser((ModelArguments, DataArguments, SFTArguments))
     try:
-        model_args, data_args, args = parse_arguments(parser, argv)
+        model_args, data_args, args = parse_arguments(parser, argv, demo_args=DEMO_ARGS)
     except DataError as e:
         fail(e)
     if not data_args.train_file:
@@ -204,13 +197,8 @@ def main(argv=None):
     log = print if is_main else (lambda *a, **k: None)
 
     if data_args.demo:
-        import shutil
-
         import demo
-        with args.main_process_first(local=True, desc="building the demo"):
-            if args.local_process_index == 0:
-                shutil.rmtree(DEMO_DIR, ignore_errors=True)  # a fresh run, not a resume of the last demo
-                demo.build_sft_demo(DEMO_DIR)
+        prepare_demo(args, DEMO_DIR, demo.build_sft_demo)
 
     # Data: the local main process encodes first and caches, the others then load that cache. A data error is
     # raised on every rank (the others meet it too), so no rank is left waiting at a barrier.
@@ -260,13 +248,7 @@ def main(argv=None):
     trainer = TokenCountingTrainer(model=model, args=args, data_collator=collator, train_dataset=train_ds, eval_dataset=eval_ds,
                       processing_class=tokenizer)
 
-    # Resume: an explicit --resume_from_checkpoint wins, else the newest checkpoint-* in output_dir.
-    resume = args.resume_from_checkpoint
-    if resume is None and os.path.isdir(args.output_dir):
-        resume = get_last_checkpoint(args.output_dir)
-        if resume:
-            log(f"resuming from {resume}")
-    result = trainer.train(resume_from_checkpoint=resume)
+    result = trainer.train(resume_from_checkpoint=last_checkpoint_to_resume(args, log))
     trainer.save_model(args.output_dir)  # model + tokenizer, HF format
     trainer.save_state()
     metrics = dict(result.metrics)
