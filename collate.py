@@ -450,3 +450,163 @@ def last_checkpoint_to_resume(args, log=print):
         if resume:
             log(f"resuming from {resume}")
     return resume
+
+# ----------------------------------------------------------------------------------------------------------------
+# VL half: webdataset shards of multi-image samples -> one processor output per sample -> batches (train_scorer.py)
+# ----------------------------------------------------------------------------------------------------------------
+
+VL_IMAGE_PATCH_SIZE = 16  # Qwen3-VL's ViT patch; qwen_vl_utils defaults to Qwen2.5-VL's 14, which mis-sizes images
+_IMAGE_MEMBER = r"^(\d+)\.([a-z0-9]+)$"  # "0.jpg", "1.png", ...: the image's index, then its format
+
+
+def _split_top_level_commas(spec):
+    """Split "a,b{0,1}.tar" on the commas outside braces: ["a", "b{0,1}.tar"]."""
+    parts, depth, current = [], 0, ""
+    for ch in spec:
+        depth += (ch == "{") - (ch == "}")
+        if ch == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += ch
+    return [p.strip() for p in parts + [current] if p.strip()]
+
+
+def expand_shards(spec):
+    """The shard list a `--*_shards` value names, in order and without repeats.
+
+    `spec` mixes brace patterns (`data/train-{000000..000099}.tar`), globs (`data/*.tar`) and comma lists. Local
+    paths must exist; URLs (`pipe:...`, `http://...`) are passed through unchecked. An empty spec, a glob that matches
+    nothing, or a named file that does not exist raise DataError: none of them is a run anyone meant to start.
+    """
+    import glob
+
+    import braceexpand
+
+    items = _split_top_level_commas(spec or "")
+    if not items:
+        raise DataError("empty shard list")
+    shards = []
+    for item in items:
+        for path in braceexpand.braceexpand(item):
+            if "://" in path or path.startswith("pipe:"):
+                shards.append(path)
+            elif any(c in path for c in "*?["):
+                matches = sorted(glob.glob(path))
+                if not matches:
+                    raise DataError(f"{path}: pattern matches no file")
+                shards += matches
+            elif not os.path.isfile(path):
+                raise DataError(f"{path}: no such shard file")
+            else:
+                shards.append(path)
+    return list(dict.fromkeys(shards))
+
+
+def read_vl_sample(sample, num_types=None, with_labels=True):
+    """Check and decode one webdataset sample (`{"json": bytes, "0.jpg": bytes, ...}`).
+
+    Returns `(prompt, images, score, type)`: PIL RGB images in index order; score and type are None when
+    `with_labels` is False (prediction data needs no labels). Raises DataError naming the problem.
+    """
+    import io
+    import math
+    import re
+
+    from PIL import Image
+
+    if "json" not in sample:
+        raise DataError("no .json member")
+    try:
+        record = json.loads(sample["json"])
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DataError(f"malformed json: {e}") from None
+    if not isinstance(record, dict):
+        raise DataError(f"json: expected an object, got {type(record).__name__}")
+    fields = {"prompt": (str,)}
+    if with_labels:
+        fields.update(score=(int, float), type=(int,))
+    for name, types in fields.items():
+        value = record.get(name)
+        if value is None:
+            raise DataError(f"json: missing field '{name}'")
+        if not isinstance(value, types) or isinstance(value, bool):
+            raise DataError(f"json: field '{name}': expected {types[-1].__name__}, got {type(value).__name__}")
+    score = kind = None
+    if with_labels:
+        score, kind = float(record["score"]), record["type"]
+        if not math.isfinite(score):
+            raise DataError(f"json: field 'score' is {record['score']}")
+        if num_types is not None and not 0 <= kind < num_types:
+            raise DataError(f"json: field 'type' is {kind}, outside 0..{num_types - 1} (--num_types {num_types})")
+
+    members = {}
+    for name in sample:
+        m = re.match(_IMAGE_MEMBER, name)
+        if m:
+            index = int(m.group(1))
+            if index in members:
+                raise DataError(f"two files for image {index}: .{members[index]} and .{name}")
+            members[index] = name
+    if sorted(members) != list(range(len(members))):
+        missing = min(set(range(len(members) + 1)) - set(members))
+        raise DataError(f"image {missing} is missing (found {', '.join('.' + members[i] for i in sorted(members))})")
+    images = []
+    for index in range(len(members)):
+        try:
+            with Image.open(io.BytesIO(sample[members[index]])) as image:
+                images.append(image.convert("RGB"))  # convert() decodes the whole file: corrupt data fails here
+        except Exception as e:  # noqa: BLE001 - PIL raises many types for bad bytes
+            raise DataError(f"image .{members[index]}: cannot decode ({type(e).__name__}: {e})") from None
+    return record["prompt"], images, score, kind
+
+
+def vl_messages(images, prompt, min_pixels=None, max_pixels=None):
+    """One user turn: the images in order, then the prompt (each image carries its pixel bounds for qwen_vl_utils)."""
+    bounds = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
+    content = [{"type": "image", "image": image, **bounds} for image in images]
+    return [{"role": "user", "content": content + [{"type": "text", "text": prompt}]}]
+
+
+def encode_vl_example(images, prompt, processor, min_pixels=None, max_pixels=None):
+    """One sample's processor output (tensors with batch dim 1), as a scorer sees it.
+
+    The chat template ends with the generation prompt, so the last token is where the model would start its
+    answer: its hidden state summarises the images and the prompt. `process_vision_info` resizes each image to a
+    multiple of 32 px within the pixel bounds; the processor must then not resize again.
+    """
+    from qwen_vl_utils import process_vision_info
+
+    messages = vl_messages(images, prompt, min_pixels, max_pixels)
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    resized, _ = process_vision_info(messages, image_patch_size=VL_IMAGE_PATCH_SIZE)
+    return processor(text=[text], images=resized, do_resize=False, return_tensors="pt")
+
+
+def collate_vl(features, pad_token_id):
+    """Batch per-sample processor outputs exactly as one processor call over the batch would (left padding).
+
+    `input_ids` are left-padded with `pad_token_id`, `attention_mask` and `mm_token_type_ids` with 0, so every row
+    ends with a real token. `pixel_values` and `image_grid_thw` are concatenated along dim 0 in sample order (the
+    model walks one grid iterator over the whole batch; stacking breaks on different image sizes or counts);
+    text-only samples contribute none, and a batch without images has neither key. `score_labels` (float) and
+    `type_labels` (long) are stacked when every feature has them; `key`s come back as the list `keys`.
+    """
+    if not features:
+        raise ValueError("collate_vl needs at least one feature")
+    width = max(f["input_ids"].shape[-1] for f in features)
+    batch = {}
+    for name, pad in (("input_ids", pad_token_id), ("attention_mask", 0), ("mm_token_type_ids", 0)):
+        if all(name in f for f in features):
+            rows = [f[name].reshape(-1) for f in features]
+            batch[name] = torch.stack([torch.cat([row.new_full((width - len(row),), pad), row]) for row in rows])
+    with_images = [f for f in features if f.get("pixel_values") is not None]
+    if with_images:
+        batch["pixel_values"] = torch.cat([f["pixel_values"] for f in with_images])
+        batch["image_grid_thw"] = torch.cat([f["image_grid_thw"] for f in with_images])
+    for name, dtype in (("score_labels", torch.float32), ("type_labels", torch.long)):
+        if all(f.get(name) is not None for f in features):
+            batch[name] = torch.stack([torch.as_tensor(f[name], dtype=dtype).reshape(()) for f in features])
+    if all("key" in f for f in features):
+        batch["keys"] = [f["key"] for f in features]
+    return batch

@@ -143,3 +143,147 @@ def build_sft_demo(root, n_train=96, n_eval=16, seed=0):
     train = write_jsonl(root / "train.jsonl", make_sft_records(n_train, seed=seed))
     evalf = write_jsonl(root / "eval.jsonl", make_sft_records(n_eval, seed=seed + 1))
     return model_dir, train, evalf
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Qwen3-VL scorer: tiny checkpoint with its processor, and synthetic webdataset shards
+# ---------------------------------------------------------------------------------------------------------------
+
+# Qwen3-VL's chat template, reduced to what a scorer uses: ChatML turns whose content is a string or a list of
+# image/video/text items, images rendered as <|vision_start|><|image_pad|><|vision_end|> (the processor expands
+# the pad to one token per merged patch), no default system prompt, and the generation prompt.
+QWEN3_VL_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['content'] is string %}{{- message['content'] }}"
+    "{%- else %}{%- for item in message['content'] %}"
+    "{%- if item['type'] == 'image' or 'image' in item %}{{- '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{%- elif item['type'] == 'video' or 'video' in item %}{{- '<|vision_start|><|video_pad|><|vision_end|>' }}"
+    "{%- elif 'text' in item %}{{- item['text'] }}{%- endif %}"
+    "{%- endfor %}{%- endif %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def build_tiny_qwen3_vl(out_dir, seed=0):
+    """Save a random-weight fp32 Qwen3-VL (2-block ViT with deepstack, 2-layer LM) and its processor to `out_dir`.
+
+    Same layout as a real Qwen3-VL checkpoint (`Qwen3VLForConditionalGeneration` with an LM head, loadable with
+    `AutoProcessor` / `from_pretrained`); patch 16, merge 2, so images are resized to multiples of 32 px.
+    """
+    import torch
+    from transformers import (Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration,
+                              Qwen3VLProcessor)
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+    out_dir = Path(out_dir)
+    tok = build_tokenizer()
+    tok.chat_template = QWEN3_VL_CHAT_TEMPLATE
+    token_id = tok.convert_tokens_to_ids
+    config = Qwen3VLConfig(
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16,
+                           spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64,
+                           num_position_embeddings=64, deepstack_visual_indexes=[0]),
+        text_config=dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
+                         rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [2, 3, 3],
+                                          "mrope_interleaved": True},
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None),
+        image_token_id=token_id("<|image_pad|>"), video_token_id=token_id("<|video_pad|>"),
+        vision_start_token_id=token_id("<|vision_start|>"), vision_end_token_id=token_id("<|vision_end|>"),
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    Qwen3VLForConditionalGeneration(config).save_pretrained(out_dir)
+    vision = dict(patch_size=16, merge_size=2, temporal_patch_size=2)
+    processor = Qwen3VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**vision, min_pixels=32 * 32, max_pixels=512 * 512),
+        tokenizer=tok, video_processor=Qwen3VLVideoProcessor(**vision), chat_template=QWEN3_VL_CHAT_TEMPLATE)
+    processor.save_pretrained(out_dir)
+    return str(out_dir)
+
+
+def encode_image(image, fmt):
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format={"jpg": "JPEG"}.get(fmt, fmt.upper()))
+    return buf.getvalue()
+
+
+def vl_sample(key, prompt, images, score=None, kind=None, formats=("jpg", "png")):
+    """One sample as webdataset stores it: `{"__key__", "json", "0.jpg", "1.png", ...}` (values are bytes)."""
+    record = {"prompt": prompt}
+    if score is not None:
+        record.update(score=score, type=kind)
+    sample = {"__key__": key, "json": json.dumps(record).encode()}
+    for i, image in enumerate(images):
+        fmt = formats[i % len(formats)]
+        sample[f"{i}.{fmt}"] = encode_image(image, fmt)
+    return sample
+
+
+def make_vl_samples(n, seed=0, num_types=3, prefix="s", min_side=32, max_side=96):
+    """Synthetic scorer samples: 2 or 3 solid-colour images of random sizes (every fourth sample has 1) and an
+    English prompt. Both heads have something to learn from the pixels: `type` is the colour channel that dominates
+    every image of the sample (red, green, blue, then again), `score` is 10 x the images' mean brightness."""
+    from PIL import Image
+
+    rng = random.Random(seed)
+    samples = []
+    for i in range(n):
+        count = 2 + i % 2 if i % 4 else 1
+        kind = rng.randrange(num_types)
+        colours = []
+        for _ in range(count):
+            colour = [rng.randrange(128) for _ in range(3)]
+            colour[kind % 3] += 128
+            colours.append(tuple(colour))
+        images = [Image.new("RGB", (rng.randint(min_side, max_side), rng.randint(min_side, max_side)), c)
+                  for c in colours]
+        brightness = sum(sum(c) / 765 for c in colours) / count
+        prompt = f"Please {rng.choice(_EN_VERBS)} {rng.choice(_EN_TOPICS)}."
+        samples.append(vl_sample(f"{prefix}{i:05d}", prompt, images, round(10 * brightness, 3), kind))
+    return samples
+
+
+def write_shard(path, samples):
+    """Write samples (`vl_sample` dicts) to one .tar shard, members `KEY.EXT` in sample order."""
+    import io
+    import tarfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for sample in samples:
+            for ext, data in sample.items():
+                if ext == "__key__":
+                    continue
+                info = tarfile.TarInfo(f"{sample['__key__']}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def write_shards(root, name, samples, sizes):
+    """Split `samples` into shards `root/name-000000.tar`, ... of the given sizes; returns their paths."""
+    assert sum(sizes) == len(samples), (sizes, len(samples))
+    paths, start = [], 0
+    for i, size in enumerate(sizes):
+        paths.append(write_shard(Path(root) / f"{name}-{i:06d}.tar", samples[start:start + size]))
+        start += size
+    return paths
+
+
+def build_scorer_demo(root, seed=0, num_types=3):
+    """Tiny Qwen3-VL + train shards of uneven sizes (64 samples) and eval shards (14 samples) under `root`.
+
+    Returns (model_dir, train_pattern, eval_pattern) with brace patterns as the scorer's flags take them.
+    """
+    root = Path(root)
+    model_dir = build_tiny_qwen3_vl(root / "tiny-qwen3-vl", seed=seed)
+    write_shards(root, "train", make_vl_samples(64, seed, num_types, prefix="t"), [20, 14, 18, 12])
+    write_shards(root, "eval", make_vl_samples(14, seed + 1, num_types, prefix="e"), [9, 5])
+    return model_dir, f"{root}/train-{{000000..000003}}.tar", f"{root}/eval-{{000000..000001}}.tar"

@@ -32,3 +32,28 @@ def run_cli(args, env=None, timeout=300):
     full_env = dict(os.environ, PYTHON=sys.executable, **(env or {}))
     full_env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + full_env.get("PATH", "")
     return subprocess.run(args, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def scorer_demo(tmp_path_factory):
+    """(model_dir, train_pattern, eval_pattern) of the tiny Qwen3-VL + synthetic shards (64 train, 14 eval)."""
+    return demo.build_scorer_demo(tmp_path_factory.mktemp("scorer-demo"))
+
+
+@pytest.fixture(scope="session")
+def vl_processor(scorer_demo):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(scorer_demo[0])
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test's tiny-model math on one thread: faster than two for tensors this small, and immune to a busy
+    second core (waiting OpenMP threads made the same steps 10x slower on a loaded 2-core machine)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
