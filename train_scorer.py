@@ -55,7 +55,7 @@ from collate import (DataError, collate_vl, encode_vl_example, expand_shards, fa
 
 
 class AllRanksError(DataError):
-    """Bad input every rank has met at once: rank 0 reports it, the others just exit 2."""
+    """Bad input every rank knows about at the same step: rank 0 reports it, the others just exit 2."""
 
 
 @dataclass
@@ -88,7 +88,8 @@ class DataArguments:
         "help": "Samples per epoch across all ranks (default: counted from the training shards' tar headers)."})
     shuffle_buffer: int = field(default=256, metadata={"help": "Training samples shuffled in a buffer per worker."})
     on_bad_sample: str = field(default="skip", metadata={
-        "help": "skip (count and go on) or error (exit 2 naming the shard, key and problem).",
+        "help": "skip (count and go on) or error (exit 2 naming the shard, key and problem; in training at the "
+                "next logging step, when every rank stops together).",
         "choices": ["skip", "error"]})
     demo: bool = field(default=False, metadata={
         "help": "Build a tiny random Qwen3-VL and synthetic shards in a temporary folder; train, evaluate, predict."})
@@ -288,7 +289,8 @@ class ShardStream(torch.utils.data.IterableDataset):
     None): each slot yields its samples once, in order. Training mode: each slot cycles through its share,
     reshuffled every pass, and the workers of a rank yield `batches_per_epoch` full batches between them, so every
     rank runs the same number of steps. A batch is `collate_vl`'s dict plus `order` ((shard, index) per sample)
-    and `bad_samples` (dicts naming shard, key and problem) that the main process counts or turns into an error.
+    and `bad_samples` (dicts naming shard, key and problem) that the main process counts or turns into an error;
+    `stop_at_bad` ends an exact stream at its first bad sample (no point reading on when the run will stop).
     """
 
     def __init__(self, shards, encoder, batch_size, pad_token_id, rank=0, world_size=1, batches_per_epoch=None,
@@ -478,6 +480,10 @@ class _SetStreamEpoch(TrainerCallback):
         self.stream.set_epoch(state.global_step // self.steps_per_epoch)
 
 
+def _describe(bad):
+    return (f"{bad['shard']}: {bad['key']}: " if "shard" in bad else "") + bad["problem"]
+
+
 class ScorerTrainer(Trainer):
     """Trainer with the scorer's loaders, head learning rate, per-head loss logging, bad-sample accounting and an
     exact evaluation/prediction pass (each rank runs its own samples, then everything is gathered with its key)."""
@@ -488,6 +494,7 @@ class ScorerTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.head_lr, self.on_bad_sample = head_lr, on_bad_sample
         self.train_bad = set()  # (shard, key) skipped on this rank while training
+        self._train_error = None  # the first bad training sample in `error` mode
         self._head_sums, self._head_steps = torch.zeros(2, device=self.args.device), 0
 
     def get_train_dataloader(self):
@@ -509,20 +516,40 @@ class ScorerTrainer(Trainer):
             self.optimizer = optimizer_cls(params, **optimizer_kwargs)
         return self.optimizer
 
-    def _apply_policy(self, found, everywhere=False):
-        """--on_bad_sample for bad-sample records: raise for the first one in `error` mode (or when fatal), else
-        return their (shard, key) pairs to count. `everywhere`: every rank holds the same records."""
+    def _apply_policy(self, found):
+        """--on_bad_sample for the bad-sample records every rank holds (gathered): raise the first in `error` mode
+        (or when fatal), else return their (shard, key) pairs to count."""
         for bad in found:
             if bad.get("fatal") or self.on_bad_sample == "error":
-                where = f"{bad['shard']}: {bad['key']}: " if "shard" in bad else ""
-                raise (AllRanksError if everywhere else DataError)(where + bad["problem"])
+                raise AllRanksError(_describe(bad))
         return {(bad["shard"], bad["key"]) for bad in found}
+
+    def _note_train_bad(self, found):
+        """Bad samples met in a training batch: counted, or in `error` mode kept until every rank stops together at
+        the next logging step (a rank that stopped alone would leave the others waiting in a collective)."""
+        for bad in found:
+            if bad.get("fatal"):  # this rank's stream cannot go on
+                raise DataError(_describe(bad))
+            if self.on_bad_sample == "error":
+                self._train_error = self._train_error or bad
+            else:
+                self.train_bad.add((bad["shard"], bad["key"]))
+
+    def raise_train_error(self):
+        """Stop every rank with the first training error any rank met (every rank calls this at the same step)."""
+        errors = [self._train_error] if self._train_error else []
+        if self.args.world_size > 1:
+            from accelerate.utils import gather_object
+
+            errors = gather_object(errors)
+        if errors:
+            raise AllRanksError(_describe(errors[0]))
 
     def _model_inputs(self, batch):
         return {k: v for k, v in batch.items() if k not in self.META}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        self.train_bad |= self._apply_policy(inputs.get("bad_samples", []))
+        self._note_train_bad(inputs.get("bad_samples", []))
         outputs = model(**self._model_inputs(inputs))
         if model.training:  # window sums of the per-head losses, logged as means across ranks by log()
             self._head_sums += torch.stack([outputs.loss_score, outputs.loss_type])
@@ -531,6 +558,7 @@ class ScorerTrainer(Trainer):
 
     def log(self, logs, start_time=None):
         if "loss" in logs:  # a training log: every rank is here at the same step
+            self.raise_train_error()
             means = self.accelerator.reduce(self._head_sums / max(self._head_steps, 1), reduction="mean")
             logs["loss_score"], logs["loss_type"] = means.tolist()
             self._head_sums.zero_()
@@ -573,7 +601,7 @@ class ScorerTrainer(Trainer):
             else:
                 first[r["key"]] = r["order"]
                 unique.append(r)
-        return unique, self._apply_policy(found, everywhere=True)
+        return unique, self._apply_policy(found)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         start = time.time()
@@ -624,6 +652,7 @@ def stop(error):
     finally:
         if shared:
             dist.barrier()
+            dist.destroy_process_group()  # left to interpreter exit, gloo aborts when a peer is already gone
 
 
 def main(argv=None):
@@ -670,7 +699,7 @@ def main(argv=None):
         encoder = SampleEncoder(processor, num_types, name != "predict", data_args.min_pixels, data_args.max_pixels,
                                 data_args.max_len)
         return ShardStream(shards[name], encoder, batch_size, pad_id, args.process_index, args.world_size,
-                           stop_at_bad=data_args.on_bad_sample == "error", seed=args.seed, **kw)
+                           stop_at_bad=data_args.on_bad_sample == "error" and name != "train", seed=args.seed, **kw)
 
     train_stream = eval_stream = None
     callbacks = []
@@ -703,6 +732,7 @@ def main(argv=None):
             if recorded and recorded != model.config.scorer_base_model:
                 fail(f"{resume}: its heads were trained on {recorded}, not on {model.config.scorer_base_model}")
             result = trainer.train(resume_from_checkpoint=resume)
+            trainer.raise_train_error()  # a bad sample met after the last logging step
             trainer.save_model(args.output_dir)  # heads-only when the backbone is frozen, else everything
             trainer.save_state()
             metrics.update(result.metrics)

@@ -82,15 +82,19 @@ def test_two_processes_uneven_shards_text_only_batches_exact_eval_and_predict(sc
     check_logs_add_up(out)
 
 
-def test_two_processes_bad_sample_error_exits_2_with_one_line(scorer_demo, tmp_path):
-    samples = demo.make_vl_samples(5, seed=8, prefix="ok")
+@pytest.mark.parametrize("phase", ["train", "eval"])
+def test_two_processes_bad_sample_error_exits_2_with_one_line(scorer_demo, tmp_path, phase):
+    """The bad sample sits in one rank's share: that rank alone meets it, yet the run ends cleanly everywhere."""
+    samples = demo.make_vl_samples(6, seed=8, prefix="ok")
     samples[3]["json"] = b'{"prompt": "p", "score": 1.0}'
-    shard = demo.write_shard(tmp_path / "eval.tar", samples)
+    demo.write_shard(tmp_path / "data-000000.tar", demo.make_vl_samples(6, seed=9, prefix="fine"))
+    shard = demo.write_shard(tmp_path / "data-000001.tar", samples)
     result = run_cli(["bash", "run.sh", "train_scorer.py", "--model_name_or_path", scorer_demo[0], "--num_types",
-                      "3", "--eval_shards", shard, "--on_bad_sample", "error", "--output_dir", str(tmp_path / "o"),
+                      "3", f"--{phase}_shards", f"{tmp_path}/data-*.tar", "--on_bad_sample", "error",
+                      "--output_dir", str(tmp_path / "o"), "--max_steps", "6", "--logging_steps", "2",
+                      "--per_device_train_batch_size", "2", "--save_strategy", "no", "--disable_tqdm", "true",
                       "--min_pixels", "1024", "--max_pixels", "4096", "--dataloader_num_workers", "0", "--use_cpu"],
                      env=TWO, timeout=120)
     assert result.returncode == 2, result.stderr[-3000:]
     assert f"error: {shard}: ok00003: json: missing field 'type'" in result.stderr.splitlines()
-    assert "Traceback" not in result.stderr and result.stderr.count("error: ") == 1
-
+    assert "Traceback" not in result.stderr and result.stderr.count("error: ") == 1, result.stderr[-3000:]
