@@ -36,7 +36,6 @@ A run that finds `checkpoint-*` folders in --output_dir resumes from the newest 
 import json
 import math
 import os
-import random
 import sys
 import tempfile
 import time
@@ -50,8 +49,8 @@ from transformers import (AutoConfig, AutoProcessor, HfArgumentParser, Trainer, 
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLModel, Qwen3VLPreTrainedModel
 
-from collate import (DataError, collate_vl, encode_vl_example, expand_shards, fail, last_checkpoint_to_resume,
-                     parse_arguments, prepare_demo, read_vl_sample, resolve_mixed_precision)
+from collate import (DataError, SampleEncoder, ShardStream, count_samples, expand_shards, fail,
+                     last_checkpoint_to_resume, parse_arguments, prepare_demo, resolve_mixed_precision)
 
 
 class AllRanksError(DataError):
@@ -256,161 +255,16 @@ def load_scorer(model_args, dtype):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Data: shards split over ranks and DataLoader workers
+# Data: collate.ShardStream deals the shards out to ranks and workers; each worker decodes and encodes its samples
 # ---------------------------------------------------------------------------------------------------------------
 
-class SampleEncoder:
-    """Raw webdataset sample -> one processor output + labels + key (runs in the DataLoader workers)."""
-
-    def __init__(self, processor, num_types, with_labels, min_pixels, max_pixels, max_len):
-        self.processor, self.num_types, self.with_labels = processor, num_types, with_labels
-        self.min_pixels, self.max_pixels, self.max_len = min_pixels, max_pixels, max_len
-
-    def __call__(self, sample):
-        prompt, images, score, kind = read_vl_sample(sample, self.num_types, self.with_labels)
-        try:
-            feature = dict(encode_vl_example(images, prompt, self.processor, self.min_pixels, self.max_pixels))
-        except (ValueError, OSError) as e:  # e.g. qwen_vl_utils refuses extreme aspect ratios
-            raise DataError(f"cannot encode: {e}") from None
-        if feature["input_ids"].shape[-1] > self.max_len:
-            raise DataError(f"{feature['input_ids'].shape[-1]} tokens, more than --max_len {self.max_len}")
-        return {**feature, "score_labels": score, "type_labels": kind, "key": sample["__key__"]}
-
-
-def _as_is(batch):
+def _as_is(batch):  # streams yield whole batches; the default would turn their tuples into lists
     return batch
 
 
-class ShardStream(torch.utils.data.IterableDataset):
-    """Batches from webdataset shards, split over `world_size` ranks x DataLoader workers ("slots").
-
-    With at least as many shards as slots, each slot reads its own shards; with fewer, every slot reads all of them
-    and keeps every n-th sample, so even one shard splits exactly over two ranks. Exact mode (`batches_per_epoch`
-    None): each slot yields its samples once, in order. Training mode: each slot cycles through its share,
-    reshuffled every pass, and the workers of a rank yield `batches_per_epoch` full batches between them, so every
-    rank runs the same number of steps. A batch is `collate_vl`'s dict plus `order` ((shard, index) per sample)
-    and `bad_samples` (dicts naming shard, key and problem) that the main process counts or turns into an error;
-    `stop_at_bad` ends an exact stream at its first bad sample (no point reading on when the run will stop).
-    """
-
-    def __init__(self, shards, encoder, batch_size, pad_token_id, rank=0, world_size=1, batches_per_epoch=None,
-                 seed=0, shuffle_buffer=0, stop_at_bad=False):
-        super().__init__()
-        self.shards, self.encoder, self.batch_size, self.pad_token_id = shards, encoder, batch_size, pad_token_id
-        self.rank, self.world_size, self.batches_per_epoch = rank, world_size, batches_per_epoch
-        self.seed, self.shuffle_buffer, self.stop_at_bad, self.epoch = seed, shuffle_buffer, stop_at_bad, 0
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-
-    def __len__(self):  # batches per rank per epoch; exact streams have no length known in advance
-        if self.batches_per_epoch is None:
-            raise TypeError("an exact stream has no length")
-        return self.batches_per_epoch
-
-    def _raw(self, shard_ids, slot, slots, sample_level):
-        """(shard id, index in shard, raw sample) of this slot, shards in the given order."""
-        from webdataset.tariterators import tarfile_samples
-
-        n = 0
-        for sid in shard_ids:
-            try:
-                for i, sample in enumerate(tarfile_samples([{"url": self.shards[sid]}])):
-                    if not sample_level or n % slots == slot:
-                        yield sid, i, sample
-                    n += 1
-            except Exception as e:  # noqa: BLE001 - a truncated or foreign file: tarfile and gopen raise many types
-                raise DataError(f"{self.shards[sid]}: cannot read as a tar shard ({type(e).__name__}: {e})") from None
-
-    def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        workers, worker = (info.num_workers, info.id) if info else (1, 0)
-        slots, slot = self.world_size * workers, self.rank * workers + worker
-        ids = list(range(len(self.shards)))
-        if self.batches_per_epoch is not None:
-            random.Random(f"{self.seed}/{self.epoch}").shuffle(ids)  # the same permutation in every slot
-        sample_level = len(ids) < slots
-        mine = ids if sample_level else ids[slot::slots]
-        if self.batches_per_epoch is None:
-            return self._batches(self._raw(mine, slot, slots, sample_level), None)
-        quota = len(range(worker, self.batches_per_epoch, workers))  # batch j of the epoch comes from worker j % n
-        return self._batches(self._cycle(mine, slot, slots, sample_level), quota) if quota else iter(())
-
-    def _cycle(self, mine, slot, slots, sample_level):
-        """Endless training samples of one slot: pass after pass over its share, each pass in a new order.
-
-        Slots split by sample keep the epoch's shard order in every pass: the n-th sample then always belongs to the
-        same slot, so the ranks' shares stay disjoint even when one rank wraps around before another.
-        """
-        rng = random.Random(f"{self.seed}/{self.epoch}/{slot}")
-        for n_pass in range(sys.maxsize):
-            order = list(mine)
-            if not sample_level:
-                random.Random(f"{self.seed}/{self.epoch}/{slot}/{n_pass}").shuffle(order)
-            yield from _shuffled(self._raw(order, slot, slots, sample_level), self.shuffle_buffer, rng)
-            yield None, mine, None  # end of a pass: no shard, the pass's shard ids, no sample
-
-    def _batches(self, items, quota):
-        features, order, bad, made, good_in_pass = [], [], [], 0, 0
-        try:
-            for sid, index, sample in items:
-                if sample is None:  # a training pass over this slot's share ended; `index` holds its shard ids
-                    if not good_in_pass:
-                        raise DataError(f"{', '.join(self.shards[i] for i in index) or 'training shards'}: no usable "
-                                        f"sample for rank {self.rank} (all bad, or fewer than ranks x workers)")
-                    good_in_pass = 0
-                    continue
-                try:
-                    features.append(self.encoder(sample))
-                    order.append((sid, index))
-                    good_in_pass += 1
-                except DataError as e:
-                    bad.append({"shard": self.shards[sid], "key": sample.get("__key__"), "problem": str(e)})
-                    if self.stop_at_bad:
-                        break
-                if len(features) == self.batch_size:
-                    yield {**collate_vl(features, self.pad_token_id), "order": order, "bad_samples": bad}
-                    features, order, bad, made = [], [], [], made + 1
-                    if made == quota:
-                        return
-        except DataError as e:  # unreadable shard or no samples at all: fatal whatever the policy
-            bad.append({"problem": str(e), "fatal": True})
-        if features or bad:
-            yield {**(collate_vl(features, self.pad_token_id) if features else {}), "order": order, "bad_samples": bad}
-
-
-def _shuffled(items, size, rng):
-    """Shuffle a stream through a buffer of `size` items."""
-    buffer = []
-    for item in items:
-        buffer.append(item)
-        if len(buffer) >= size:
-            yield buffer.pop(rng.randrange(len(buffer)))
-    rng.shuffle(buffer)
-    yield from buffer
-
-
-def count_samples(shards):
-    """Samples in local shards, from their tar headers (no image is decoded)."""
-    import tarfile
-
-    from webdataset.tariterators import base_plus_ext
-
-    total = 0
-    for shard in shards:
-        if not os.path.isfile(shard):
-            raise DataError(f"{shard}: not a local file, so its samples cannot be counted (pass --epoch_samples)")
-        try:
-            with tarfile.open(shard) as tar:
-                keys = [base_plus_ext(m.name)[0] for m in tar if m.isreg()]
-        except tarfile.TarError as e:
-            raise DataError(f"{shard}: cannot read as a tar shard ({e})") from None
-        keys = [k for k in keys if k is not None]
-        total += sum(1 for i, k in enumerate(keys) if i == 0 or k != keys[i - 1])
-    return total
-
-
 def make_loader(stream, args):
+    """A DataLoader over a ShardStream, not accelerator.prepare()d: each rank reads its own shards (no batches
+    dispatched from rank 0, whose slicing would also break the concatenated pixel_values)."""
     workers = args.dataloader_num_workers
     return torch.utils.data.DataLoader(
         stream, batch_size=None, collate_fn=_as_is, num_workers=workers,
@@ -498,7 +352,6 @@ class ScorerTrainer(Trainer):
         self._head_sums, self._head_steps = torch.zeros(2, device=self.args.device), 0
 
     def get_train_dataloader(self):
-        # Not accelerator.prepare()d: each rank reads its own shards (no dispatching from rank 0, no re-slicing).
         return make_loader(self.train_dataset, self.args)
 
     def create_optimizer(self, model=None):

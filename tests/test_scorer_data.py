@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 
 import demo
-from collate import (DataError, collate_vl, encode_vl_example, expand_shards, read_vl_sample, vl_messages,
-                     VL_IMAGE_PATCH_SIZE)
-from train_scorer import ShardStream, count_samples, make_loader, scorer_metrics
+from collate import (VL_IMAGE_PATCH_SIZE, DataError, ShardStream, collate_vl, count_samples, encode_vl_example,
+                     expand_shards, read_vl_sample, vl_messages)
+from train_scorer import make_loader, scorer_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
