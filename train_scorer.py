@@ -160,8 +160,9 @@ HEADS = ("score_head.", "type_head.")  # parameter-name prefixes of the heads
 class Qwen3VLScorer(Qwen3VLPreTrainedModel):
     """Qwen3-VL backbone (no LM head) + fp32 `score` and `type` heads on the last real token.
 
-    `config` is the Qwen3-VL config plus `num_types`, `score_weight`, `type_weight` and `scorer_base_model`: set when
-    the backbone is frozen, saves then hold only the heads and `from_pretrained` rebuilds the backbone from there.
+    `config` is the Qwen3-VL config plus `num_types`, `score_weight`, `type_weight`, `scorer_trains` (what trained)
+    and `scorer_base_model`: set when the backbone is frozen, saves then hold only the heads and `from_pretrained`
+    rebuilds the backbone from there.
     """
 
     _keep_in_fp32_modules_strict = ["score_head", "type_head"]  # fp32 even on a bf16 backbone
@@ -200,6 +201,7 @@ class Qwen3VLScorer(Qwen3VLPreTrainedModel):
         self.score_head.requires_grad_(True)
         self.type_head.requires_grad_(True)
         self.config.scorer_base_model = base_record if freeze_backbone else None
+        self.config.scorer_trains = "heads" if freeze_backbone else "llm+heads" if freeze_vision else "all"
         self._keys_to_ignore_on_save = {k for k in self.state_dict() if not k.startswith(HEADS)} \
             if freeze_backbone else set()
 
@@ -581,9 +583,13 @@ def main(argv=None):
     try:
         if train_stream is not None:
             resume = last_checkpoint_to_resume(args, log)
-            recorded = resume and getattr(AutoConfig.from_pretrained(resume), "scorer_base_model", None)
-            if recorded and recorded != model.config.scorer_base_model:
-                fail(f"{resume}: its heads were trained on {recorded}, not on {model.config.scorer_base_model}")
+            if resume:  # its optimizer state fits only the same trainable parameters on the same base
+                saved = AutoConfig.from_pretrained(resume)
+                for key in ("scorer_trains", "scorer_base_model"):
+                    if getattr(saved, key, None) != getattr(model.config, key):
+                        fail(f"{resume}: saved with {key} = {getattr(saved, key, None)}, this run has "
+                             f"{getattr(model.config, key)}; use the same model and freezing flags to resume, "
+                             f"or another --output_dir")
             result = trainer.train(resume_from_checkpoint=resume)
             trainer.raise_train_error()  # a bad sample met after the last logging step
             trainer.save_model(args.output_dir)  # heads-only when the backbone is frozen, else everything

@@ -228,3 +228,16 @@ def test_unusable_shard_lists_exit_2(scorer_demo, tmp_path, capsys, spec, messag
         train_scorer.main(base_args(scorer_demo, tmp_path / "o", train=spec.format(d=tmp_path)))
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == "error: " + message.format(d=tmp_path)
+
+
+def test_resume_refuses_a_checkpoint_of_another_mode(scorer_demo, tmp_path, capsys):
+    """A heads-only checkpoint cannot resume a run that trains the language model (nor the other way round): its
+    optimizer state covers other parameters."""
+    out = tmp_path / "o"
+    args = ["--max_steps", "2", "--save_strategy", "steps", "--save_steps", "2"]
+    train_scorer.main(base_args(scorer_demo, out, *args, "--freeze_backbone"))
+    with pytest.raises(SystemExit) as exit_info:
+        train_scorer.main(base_args(scorer_demo, out, *args, "--max_steps", "4", "--freeze_vision"))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: {out / 'checkpoint-2'}: saved with scorer_trains = heads, this run has llm+heads")
