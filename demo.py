@@ -51,8 +51,9 @@ def _corpus():
     return lines
 
 
-def build_tokenizer(vocab_size=400):
-    """A Qwen2Tokenizer with a tiny byte-level BPE, Qwen's special tokens and Qwen2-Instruct's chat template."""
+def build_tokenizer(vocab_size=400, corpus=None):
+    """A Qwen2Tokenizer with a tiny byte-level BPE, Qwen's special tokens and Qwen2-Instruct's chat template.
+    `corpus` (an iterable of texts) and `vocab_size` can make it a real-size one (the speed benchmarks do)."""
     from tokenizers import Tokenizer, Regex, models, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
 
@@ -63,7 +64,7 @@ def build_tokenizer(vocab_size=400):
     ])
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
-    bpe.train_from_iterator(_corpus(), trainer)
+    bpe.train_from_iterator(_corpus() if corpus is None else corpus, trainer)
     state = json.loads(bpe.to_str())["model"]
     vocab = dict(state["vocab"])
     for tok in QWEN_SPECIAL_TOKENS:
