@@ -75,7 +75,7 @@ class StatsArguments:
     plot: str = field(default=None, metadata={"help": "Write a histogram + CDF of the lengths to this .png file."})
     output: str = field(default=None, metadata={"help": "Write one JSON line of lengths per example to this file."})
     num_proc: int = field(default=None, metadata={"help": "Worker processes (default: all cores)."})
-    batch_size: int = field(default=1000, metadata={"help": "Examples per tokenizer call (per job of a worker)."})
+    batch_size: int = field(default=500, metadata={"help": "Examples per tokenizer call (one job of a worker)."})
     trust_remote_code: bool = field(default=False, metadata={
         "help": "Run code from the tokenizer's/processor's repo (Qwen does not need it)."})
     demo: bool = field(default=False, metadata={
@@ -233,14 +233,14 @@ def _run_jobs(fn, jobs, num_proc, sizes, unit):
     from tqdm import tqdm
 
     pool = None
-    if num_proc > 1 and len(jobs) > 1 and "fork" in multiprocessing.get_all_start_methods():
+    if workers(num_proc, len(jobs)) > 1:
         # One single-threaded tokenizer per worker: the workers already fill the cores (and a Rust thread pool
         # used before a fork is disabled in the child, with a warning). gc.disable: workers build only acyclic
         # lists and dicts, and the collector's walks over them cost ~2% of their time for nothing.
         saved = os.environ.get("TOKENIZERS_PARALLELISM")
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
         try:
-            pool = multiprocessing.get_context("fork").Pool(min(num_proc, len(jobs)), initializer=gc.disable)
+            pool = multiprocessing.get_context("fork").Pool(workers(num_proc, len(jobs)), initializer=gc.disable)
         finally:
             _restore_env("TOKENIZERS_PARALLELISM", saved)
     results = pool.imap(fn, jobs) if pool else map(fn, jobs)
@@ -252,6 +252,13 @@ def _run_jobs(fn, jobs, num_proc, sizes, unit):
         finally:
             if pool:
                 pool.terminate()
+
+
+def workers(num_proc, n_jobs):
+    """How many processes _run_jobs uses: forked workers need the fork start method (not on Windows)."""
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return 1
+    return max(1, min(num_proc, n_jobs))
 
 
 def _restore_env(name, value):
@@ -384,10 +391,11 @@ def print_table(report, speed):
         out.append(f"  tokens: {r['total_tokens']:,} in all, {r['prompt_tokens']:,} prompt (masked), "
                    f"{r['answer_tokens']:,} answer (trained, {r['answer_share']:.1%})")
         t, d = over["truncate"], over["drop"]
-        out.append(f"  max_len {r['max_len']:,}: {over['examples']:,} examples longer ({over['share']:.2%}); "
-                   f"--overflow truncate: {t['truncated']:,} truncated + {t['dropped']:,} dropped, "
-                   f"{t['token_share_lost']:.2%} of tokens and {t['answer_token_share_lost']:.2%} of answer tokens "
-                   f"lost; --overflow drop: {d['token_share_lost']:.2%} of tokens and "
+        out.append(f"  max_len {r['max_len']:,}: {over['examples']:,} examples longer ({over['share']:.2%})")
+        out.append(f"    --overflow truncate: {t['truncated']:,} truncated, {t['dropped']:,} dropped (no answer token "
+                   f"left); {t['token_share_lost']:.2%} of tokens, {t['answer_token_share_lost']:.2%} of answer "
+                   f"tokens lost")
+        out.append(f"    --overflow drop: {d['dropped']:,} dropped; {d['token_share_lost']:.2%} of tokens, "
                    f"{d['answer_token_share_lost']:.2%} of answer tokens lost")
     else:
         out.append(f"  tokens: {r['total_tokens']:,} in all, {r['text_tokens']:,} text, {r['image_tokens']:,} image "
@@ -475,7 +483,9 @@ def measure_sft(args, num_proc):
                 name = json.dumps(args.data[f], ensure_ascii=False)
                 out.writelines(f'{{"file": {name}, "index": {i}, "total": {t}, "prompt": {t - a}, "answer": {a}}}\n'
                                for i, (t, a) in enumerate(part[:, :2].tolist(), first))
-    return sft_report(np.concatenate(parts), args)
+    report, lengths = sft_report(np.concatenate(parts), args)
+    report["num_proc"] = workers(num_proc, len(jobs))
+    return report, lengths
 
 
 def measure_scorer(args, num_proc):
@@ -490,7 +500,9 @@ def measure_scorer(args, num_proc):
                 out.writelines(json.dumps({"shard": shard, "key": key, "total": text + sum(images), "text": text,
                                            "images": len(images), "image_tokens": images}) + "\n"
                                for key, text, images in part)
-    return scorer_report(rows, args, shards)
+    report, lengths = scorer_report(rows, args, shards)
+    report["num_proc"] = workers(num_proc, len(shards))
+    return report, lengths
 
 
 def main(argv=None):
@@ -524,7 +536,8 @@ def main(argv=None):
     except OSError as e:  # an output path that cannot be written, etc.
         fail(f"{e.filename or args.output}: {e.strerror or e}")
     seconds = time.time() - t0
-    report.update(num_proc=num_proc, seconds=round(seconds, 3), examples_per_s=round(report["count"] / seconds, 1),
+    num_proc = report["num_proc"]
+    report.update(seconds=round(seconds, 3), examples_per_s=round(report["count"] / seconds, 1),
                   wall_seconds=round(time.time() - start, 3))
     if args.plot:
         write_plot(args.plot, lengths, report)
