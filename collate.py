@@ -189,38 +189,60 @@ def encode_sft_batch(records, tokenizer, max_len=None, overflow="truncate", syst
     """Encode many records at once. Returns a list of `(encoded | None, status)` with status in
     {"ok", "truncated", "dropped"}; `encoded` is `{"input_ids", "labels"}` (labels -100 outside answers).
 
-    Each conversation is rendered once, plus once per answer prefix (see _answer_spans), then cut at the answer
-    spans into segments: prompt, answer, prompt, answer, ..., tail; ONE tokenizer call encodes every segment of
-    the batch and an example's ids are its segments' ids in order. Tokenizing the prompt alone and the answer
-    alone is what the model sees at inference, and it gives the same ids as tokenizing the whole conversation
-    except where an answer's first characters would merge with the end of its prompt into one token (an answer
-    starting with a newline after "assistant\n"): there the prompt keeps its inference tokens.
+    Each conversation is rendered once, plus once per answer prefix (see _answer_spans), then cut where each answer
+    starts into segments (prompt | answer + what follows up to the next answer | ...); ONE tokenizer call encodes
+    every segment of the batch and an example's ids are its segments' ids in order. Tokenizing the prompt apart
+    from the answer is what the model sees at inference, and it gives the same ids as tokenizing the whole
+    conversation except where an answer's first characters would merge with the end of its prompt into one token
+    (an answer starting with a newline after "assistant\n"): there the prompt keeps its inference tokens.
+    Each answer ends with the eos token (<|im_end|>), a special token, so the text after it tokenizes the same in
+    or out of the segment and its end is found by counting eos tokens (_answer_end).
     `max_len=None` keeps every example whole (token_stats measures untruncated lengths).
     Raises DataError naming the record index, key and problem.
     """
     if overflow not in ("truncate", "drop"):
         raise ValueError(f"overflow must be 'truncate' or 'drop', not {overflow!r}")
     render, eos = chat_renderer(tokenizer), tokenizer.eos_token
-    segments, n_segments = [], []
+    segments, conversations = [], []
     for i, record in enumerate(records):
         try:
             messages = to_messages(record, system_prompt, query_key, answer_key, messages_key)
             full = render(messages, False)
-            cuts = [0] + [pos for span in _answer_spans(messages, full, render, eos) for pos in span] + [len(full)]
+            spans = _answer_spans(messages, full, render, eos)
         except DataError as e:
             raise DataError(f"record {i}: {e}") from None
+        cuts = [0] + [start for start, _ in spans] + [len(full)]
         segments += [full[a:b] for a, b in zip(cuts, cuts[1:])]
-        n_segments.append(len(cuts) - 1)
+        conversations.append((full, spans, cuts))
 
     pieces, results = iter(_token_ids(tokenizer, segments)), []
-    for n in n_segments:
-        ids, labels = [], []
-        for j in range(n):  # segments alternate prompt, answer, prompt, answer, ..., tail
+    for full, spans, cuts in conversations:
+        ids = next(pieces)
+        labels = [IGNORE_INDEX] * len(ids)
+        for (start, end), stop in zip(spans, cuts[2:]):
             piece = next(pieces)
+            split = _answer_end(piece, full, start, end, stop, eos, tokenizer.eos_token_id)
+            if split is None:  # rare: tokenize the answer and what follows it apart
+                answer, rest = _token_ids(tokenizer, [full[start:end], full[end:stop]])
+                piece, split = answer + rest, len(answer)
             ids += piece
-            labels += piece if j % 2 else [IGNORE_INDEX] * len(piece)
+            labels += piece[:split] + [IGNORE_INDEX] * (len(piece) - split)
         results.append(_apply_overflow(ids, labels, max_len, overflow))
     return results
+
+
+def _answer_end(piece, full, start, end, stop, eos, eos_id):
+    """Number of tokens of `piece` (the ids of full[start:stop]) that belong to the answer full[start:end], which
+    ends with the m-th `eos` of the segment; None when that cannot be read off the ids: no eos at the answer's end,
+    or the segment's eos strings and eos tokens do not correspond one to one (e.g. split_special_tokens)."""
+    m = full.count(eos, start, end)
+    if (eos_id is None or m == 0 or not full.endswith(eos, start, end) or piece.count(eos_id) != full.count(eos, start, stop)
+            or any(eos[:k] == eos[-k:] for k in range(1, len(eos)))):  # a self-overlapping eos would miscount
+        return None
+    at = -1
+    for _ in range(m):
+        at = piece.index(eos_id, at + 1)
+    return at + 1
 
 
 def _token_ids(tokenizer, texts):

@@ -190,7 +190,7 @@ def main(argv=None):
     parser.add_argument("--examples", type=int, default=50_000)
     parser.add_argument("--vocab_size", type=int, default=151_643, help="BPE entries (Qwen2: 151,643)")
     parser.add_argument("--corpus_docs", type=int, default=20_000, help="generated texts the BPE is trained on")
-    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds; the best time of each side counts")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; the best time of each side counts")
     parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), f"token-stats-bench-{os.getuid()}"))
     args = parser.parse_args(argv)
     os.makedirs(args.cache, exist_ok=True)

@@ -328,3 +328,28 @@ def test_benchmark_smoke(tmp_path):
     assert "all exact: True" in r.stdout
     ratio = re.search(r"^token_stats_speedup_vs_loop: ([\d.]+)$", r.stdout, re.M)
     assert ratio and math.isfinite(float(ratio.group(1)))
+
+
+@pytest.mark.parametrize("split_special_tokens", [False, True])
+def test_encoding_equals_tokenizing_each_segment(qwen2_tokenizer, split_special_tokens):
+    """encode_sft_batch's one-call encoding == the plain definition: the rendered conversation cut at every answer
+    edge, each piece through tokenizer(); labels on the answer pieces. With split_special_tokens the eos string is
+    not one token, which sends every answer through the fallback path."""
+    import copy
+
+    tok = copy.deepcopy(qwen2_tokenizer)
+    tok.split_special_tokens = split_special_tokens
+    records = demo.make_sft_records(40, seed=5) + [{"query": "x", "answer": "\n\nfoo <|im_end|> bar"}]
+    for record, (enc, _) in zip(records, encode_sft_batch(records, tok)):
+        messages = __import__("collate").to_messages(record)
+        full = tok.apply_chat_template(messages, tokenize=False)
+        edges, pos = [0], 0
+        for j, m in enumerate(messages):
+            if m["role"] == "assistant":
+                start = len(tok.apply_chat_template(messages[:j], tokenize=False, add_generation_prompt=True))
+                pos = full.index(m["content"] + "<|im_end|>", start) + len(m["content"]) + len("<|im_end|>")
+                edges += [start, pos]
+        edges.append(len(full))
+        pieces = [tok(full[a:b], add_special_tokens=False)["input_ids"] for a, b in zip(edges, edges[1:])]
+        assert enc["input_ids"] == [t for p in pieces for t in p]
+        assert enc["labels"] == [t if k % 2 else IGNORE_INDEX for k, p in enumerate(pieces) for t in p]
