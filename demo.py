@@ -51,8 +51,9 @@ def _corpus():
     return lines
 
 
-def build_tokenizer(vocab_size=400):
-    """A Qwen2Tokenizer with a tiny byte-level BPE, Qwen's special tokens and Qwen2-Instruct's chat template."""
+def build_tokenizer(vocab_size=400, corpus=None):
+    """A Qwen2Tokenizer with a tiny byte-level BPE, Qwen's special tokens and Qwen2-Instruct's chat template.
+    `corpus` (an iterable of texts) and `vocab_size` can make it a real-size one (the speed benchmarks do)."""
     from tokenizers import Tokenizer, Regex, models, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
 
@@ -63,7 +64,7 @@ def build_tokenizer(vocab_size=400):
     ])
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
-    bpe.train_from_iterator(_corpus(), trainer)
+    bpe.train_from_iterator(_corpus() if corpus is None else corpus, trainer)
     state = json.loads(bpe.to_str())["model"]
     vocab = dict(state["vocab"])
     for tok in QWEN_SPECIAL_TOKENS:
@@ -143,3 +144,71 @@ def build_sft_demo(root, n_train=96, n_eval=16, seed=0):
     train = write_jsonl(root / "train.jsonl", make_sft_records(n_train, seed=seed))
     evalf = write_jsonl(root / "eval.jsonl", make_sft_records(n_eval, seed=seed + 1))
     return model_dir, train, evalf
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Scorer side (Qwen3-VL): a tiny processor and webdataset shards, for token_stats' tests
+# ----------------------------------------------------------------------------------------------------------------
+
+# Qwen3-VL-Instruct's chat template, reduced to what scorer samples use (system/user/assistant messages whose
+# content is a string or a list of image and text items); the same text for those messages.
+QWEN3VL_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\n' }}"
+    "{%- if message['content'] is string %}{{- message['content'] }}"
+    "{%- else %}{%- for item in message['content'] %}"
+    "{%- if item['type'] == 'image' or 'image' in item or 'image_url' in item %}"
+    "{{- '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{%- elif 'text' in item %}{{- item['text'] }}{%- endif %}"
+    "{%- endfor %}{%- endif %}"
+    "{{- '<|im_end|>\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
+)
+
+
+def build_tiny_qwen3vl_processor(out_dir=None, patch_size=16, merge_size=2, min_pixels=32 * 32, max_pixels=4096 * 32 * 32):
+    """A Qwen3VLProcessor (Qwen2-VL image processor, Qwen3-VL video processor, the tiny BPE tokenizer) with Qwen3-VL's
+    patch (16), merge (2) and temporal patch (2) sizes; saved to `out_dir` when given. Returns the processor."""
+    from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+    size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
+    processor = Qwen3VLProcessor(
+        image_processor=Qwen2VLImageProcessor(patch_size=patch_size, merge_size=merge_size, temporal_patch_size=2,
+                                              size=size),
+        tokenizer=build_tokenizer(),
+        video_processor=Qwen3VLVideoProcessor(patch_size=patch_size, merge_size=merge_size, temporal_patch_size=2,
+                                              size=size),
+        chat_template=QWEN3VL_CHAT_TEMPLATE)
+    if out_dir is not None:
+        processor.save_pretrained(out_dir)
+    return processor
+
+
+def write_scorer_shard(path, samples):
+    """A webdataset shard: per sample `KEY.json` ({prompt, score, type}) then its images `KEY.0.EXT`, `KEY.1.EXT`, ...
+    `samples` is a list of (key, record, [PIL image or (extension, raw bytes), ...])."""
+    import io
+    import tarfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def add(tar, name, data):
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+
+    with tarfile.open(path, "w") as tar:
+        for key, record, images in samples:
+            add(tar, f"{key}.json", json.dumps(record, ensure_ascii=False).encode())
+            for i, image in enumerate(images):
+                if isinstance(image, tuple):
+                    ext, data = image
+                else:
+                    ext, buf = "png", io.BytesIO()
+                    image.save(buf, format="PNG")
+                    data = buf.getvalue()
+                add(tar, f"{key}.{i}.{ext}", data)
+    return str(path)
