@@ -51,8 +51,9 @@ def _corpus():
     return lines
 
 
-def build_tokenizer(vocab_size=400):
-    """A Qwen2Tokenizer with a tiny byte-level BPE, Qwen's special tokens and Qwen2-Instruct's chat template."""
+def build_tokenizer(vocab_size=400, corpus=None):
+    """A Qwen2Tokenizer with a tiny byte-level BPE, Qwen's special tokens and Qwen2-Instruct's chat template.
+    `corpus` (an iterable of texts) and `vocab_size` can make it a real-size one (the speed benchmarks do)."""
     from tokenizers import Tokenizer, Regex, models, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
 
@@ -63,7 +64,7 @@ def build_tokenizer(vocab_size=400):
     ])
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
-    bpe.train_from_iterator(_corpus(), trainer)
+    bpe.train_from_iterator(_corpus() if corpus is None else corpus, trainer)
     state = json.loads(bpe.to_str())["model"]
     vocab = dict(state["vocab"])
     for tok in QWEN_SPECIAL_TOKENS:
@@ -145,27 +146,62 @@ def build_sft_demo(root, n_train=96, n_eval=16, seed=0):
     return model_dir, train, evalf
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Qwen3-VL scorer: tiny checkpoint with its processor, and synthetic webdataset shards
-# ---------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------------
+# Scorer side (Qwen3-VL): a tiny processor and webdataset shards, for token_stats' tests
+# ----------------------------------------------------------------------------------------------------------------
 
-# Qwen3-VL's chat template, reduced to what a scorer uses: ChatML turns whose content is a string or a list of
-# image/video/text items, images rendered as <|vision_start|><|image_pad|><|vision_end|> (the processor expands
-# the pad to one token per merged patch), no default system prompt, and the generation prompt.
-QWEN3_VL_CHAT_TEMPLATE = (
+# Qwen3-VL-Instruct's chat template, reduced to what scorer samples use (system/user/assistant messages whose
+# content is a string or a list of image and text items); the same text for those messages.
+QWEN3VL_CHAT_TEMPLATE = (
     "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' }}"
+    "{{- '<|im_start|>' + message['role'] + '\n' }}"
     "{%- if message['content'] is string %}{{- message['content'] }}"
     "{%- else %}{%- for item in message['content'] %}"
-    "{%- if item['type'] == 'image' or 'image' in item %}{{- '<|vision_start|><|image_pad|><|vision_end|>' }}"
-    "{%- elif item['type'] == 'video' or 'video' in item %}{{- '<|vision_start|><|video_pad|><|vision_end|>' }}"
+    "{%- if item['type'] == 'image' or 'image' in item or 'image_url' in item %}"
+    "{{- '<|vision_start|><|image_pad|><|vision_end|>' }}"
     "{%- elif 'text' in item %}{{- item['text'] }}{%- endif %}"
     "{%- endfor %}{%- endif %}"
-    "{{- '<|im_end|>\\n' }}"
+    "{{- '<|im_end|>\n' }}"
     "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
 )
 
+
+def build_tiny_qwen3vl_processor(out_dir=None, patch_size=16, merge_size=2, min_pixels=32 * 32, max_pixels=4096 * 32 * 32):
+    """A Qwen3VLProcessor (Qwen2-VL image processor, Qwen3-VL video processor, the tiny BPE tokenizer) with Qwen3-VL's
+    patch (16), merge (2) and temporal patch (2) sizes; saved to `out_dir` when given. Returns the processor."""
+    from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+    size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
+    processor = Qwen3VLProcessor(
+        image_processor=Qwen2VLImageProcessor(patch_size=patch_size, merge_size=merge_size, temporal_patch_size=2,
+                                              size=size),
+        tokenizer=build_tokenizer(),
+        video_processor=Qwen3VLVideoProcessor(patch_size=patch_size, merge_size=merge_size, temporal_patch_size=2,
+                                              size=size),
+        chat_template=QWEN3VL_CHAT_TEMPLATE)
+    if out_dir is not None:
+        processor.save_pretrained(out_dir)
+    return processor
+
+
+def write_scorer_shard(path, samples):
+    """A webdataset shard: per sample `KEY.json` ({prompt, score, type}) then its images `KEY.0.EXT`, `KEY.1.EXT`, ...
+    `samples` is a list of (key, record, [PIL image or (extension, raw bytes), ...])."""
+    shard = []
+    for key, record, images in samples:
+        sample = {"__key__": key, "json": json.dumps(record, ensure_ascii=False).encode()}
+        for i, image in enumerate(images):
+            ext, data = image if isinstance(image, tuple) else ("png", encode_image(image, "png"))
+            sample[f"{i}.{ext}"] = data
+        shard.append(sample)
+    return write_shard(path, shard)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Scorer training (train_scorer.py): a tiny Qwen3-VL checkpoint with that processor, synthetic shards
+# ----------------------------------------------------------------------------------------------------------------
 
 def build_tiny_qwen3_vl(out_dir, seed=0):
     """Save a random-weight fp32 Qwen3-VL (2-block ViT with deepstack, 2-layer LM) and its processor to `out_dir`.
@@ -174,13 +210,12 @@ def build_tiny_qwen3_vl(out_dir, seed=0):
     `AutoProcessor` / `from_pretrained`); patch 16, merge 2, so images are resized to multiples of 32 px.
     """
     import torch
-    from transformers import (Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration,
-                              Qwen3VLProcessor)
-    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
     out_dir = Path(out_dir)
-    tok = build_tokenizer()
-    tok.chat_template = QWEN3_VL_CHAT_TEMPLATE
+    processor = build_tiny_qwen3vl_processor()
+    tok = processor.tokenizer
+    tok.chat_template = QWEN3VL_CHAT_TEMPLATE  # the saved tokenizer and processor then agree
     token_id = tok.convert_tokens_to_ids
     config = Qwen3VLConfig(
         vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16,
@@ -197,10 +232,6 @@ def build_tiny_qwen3_vl(out_dir, seed=0):
     )
     torch.manual_seed(seed)
     Qwen3VLForConditionalGeneration(config).save_pretrained(out_dir)
-    vision = dict(patch_size=16, merge_size=2, temporal_patch_size=2)
-    processor = Qwen3VLProcessor(
-        image_processor=Qwen2VLImageProcessor(**vision, min_pixels=32 * 32, max_pixels=512 * 512),
-        tokenizer=tok, video_processor=Qwen3VLVideoProcessor(**vision), chat_template=QWEN3_VL_CHAT_TEMPLATE)
     processor.save_pretrained(out_dir)
     return str(out_dir)
 

@@ -1,0 +1,559 @@
+"""Token-length statistics of a dataset, computed with exactly the encoding training uses, to choose max_len.
+
+SFT data (the files, formats and keys of sft_qwen2.py): every example is encoded by `collate.encode_sft_batch`, the
+function sft_qwen2.py trains with (chat template + answer mask), without truncation, so the lengths are the tokens
+training sees. Scorer shards (the webdataset shards of train_scorer.py): per sample, text tokens plus image tokens,
+the image tokens computed from each image's size after `process_vision_info`'s resize (--min_pixels/--max_pixels),
+without decoding pixels or running a model.
+
+Reports count, min/max/mean/std, percentiles, total and answer tokens, what --max_len would truncate or drop, a
+suggested max_len (the smallest multiple of 64 covering --coverage of the examples) and the speed achieved.
+
+  # the sample data shipped in data/ with Qwen2-7B-Instruct's tokenizer
+  python token_stats.py
+
+  # offline: the tiny demo tokenizer and demo data
+  python token_stats.py --demo
+
+  # your data: a table and a text histogram; a JSON object instead; a histogram + CDF plot; per-example lengths
+  python token_stats.py --data data/train.jsonl --tokenizer Qwen/Qwen2-7B-Instruct --max_len 4096
+  python token_stats.py --data data/train.jsonl --format json > stats.json
+  python token_stats.py --data data/train.jsonl --plot lengths.png --output lengths.jsonl
+
+  # scorer shards
+  python token_stats.py --shards 'shards/train-{000..063}.tar' --processor Qwen/Qwen3-VL-8B-Instruct --max_pixels 1003520
+"""
+
+import gc
+import glob
+import json
+import math
+import multiprocessing
+import os
+import sys
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from transformers import HfArgumentParser
+
+from collate import (DataError, _apply_overflow, encode_sft_batch, fail, load_sft_file, parse_arguments,
+                     record_location, to_messages)
+
+SAMPLE_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "sample_sft.jsonl")
+PERCENTILES = (50, 90, 95, 99, 99.9)
+
+
+@dataclass
+class StatsArguments:
+    data: list[str] = field(default_factory=lambda: [SAMPLE_DATA], metadata={
+        "help": "SFT files (.jsonl/.json/.parquet/.csv) or datasets folders, as sft_qwen2.py --train_file."})
+    tokenizer: str = field(default="Qwen/Qwen2-7B-Instruct", metadata={
+        "help": "Hub id or local folder of the tokenizer (the model you will fine-tune)."})
+    system_prompt: str = field(default=None, metadata={
+        "help": "System prompt for records without one (default: the chat template's own), as in sft_qwen2.py."})
+    query_key: str = field(default="query", metadata={"help": "Key of the question in {query, answer} records."})
+    answer_key: str = field(default="answer", metadata={"help": "Key of the answer in {query, answer} records."})
+    messages_key: str = field(default="messages", metadata={"help": "Key of the message list in chat records."})
+    shards: str = field(default=None, metadata={
+        "help": "Scorer webdataset shards instead of SFT data: a glob and/or brace pattern, e.g. 'train-{000..063}.tar'."})
+    processor: str = field(default="Qwen/Qwen3-VL-8B-Instruct", metadata={
+        "help": "Hub id or local folder of the Qwen3-VL processor (with --shards)."})
+    min_pixels: int = field(default=None, metadata={
+        "help": "Smallest image area after resizing, as train_scorer.py (default: qwen_vl_utils' own bound)."})
+    max_pixels: int = field(default=None, metadata={
+        "help": "Largest image area after resizing, as train_scorer.py (default: qwen_vl_utils' own bound)."})
+    max_len: int = field(default=8192, metadata={
+        "help": "The max_len you plan to train with: how many examples and tokens it would truncate or drop."})
+    coverage: float = field(default=0.99, metadata={
+        "help": "Share of examples the suggested max_len must hold whole (0 < coverage <= 1)."})
+    format: str = field(default="table", metadata={
+        "help": "table: a readable table and a text histogram; json: one JSON object on stdout.",
+        "choices": ["table", "json"]})
+    plot: str = field(default=None, metadata={"help": "Write a histogram + CDF of the lengths to this .png file."})
+    output: str = field(default=None, metadata={"help": "Write one JSON line of lengths per example to this file."})
+    num_proc: int = field(default=None, metadata={"help": "Worker processes (default: all cores)."})
+    batch_size: int = field(default=500, metadata={"help": "Examples per tokenizer call (one job of a worker)."})
+    trust_remote_code: bool = field(default=False, metadata={
+        "help": "Run code from the tokenizer's/processor's repo (Qwen does not need it)."})
+    demo: bool = field(default=False, metadata={
+        "help": "Measure the demo data with the tiny offline demo tokenizer (built in a temporary folder)."})
+
+
+DEMO_DIR = os.path.join(tempfile.gettempdir(), f"token-stats-demo-{os.getuid()}")
+
+
+def build_demo():
+    """The tiny demo tokenizer and 2,000 demo records under DEMO_DIR (built once; later runs reuse them)."""
+    import shutil
+
+    import demo
+
+    if os.path.isfile(os.path.join(DEMO_DIR, "train.jsonl")):
+        return
+    tmp = tempfile.mkdtemp(prefix="token-stats-demo-")
+    demo.build_tokenizer().save_pretrained(os.path.join(tmp, "tokenizer"))
+    demo.write_jsonl(os.path.join(tmp, "train.jsonl"), demo.make_sft_records(2000, seed=0))
+    try:
+        os.replace(tmp, DEMO_DIR)
+    except OSError:  # another run built it meanwhile
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Workers. A job is a slice of one input; it returns lengths only, so memory stays flat in the number of examples.
+# Workers are forked after the inputs are opened (Arrow files are memory-mapped, nothing is copied) and
+# find them in _STATE.
+# ---------------------------------------------------------------------------------------------------------------
+
+_STATE = {}
+
+
+def _sft_job(job):
+    """Encode records [start, stop) of input `f` as sft_qwen2.py does; returns an int64 array (n, 5): total tokens,
+    answer tokens, and under --overflow truncate at --max_len: status (0 whole, 1 truncated, 2 dropped), tokens
+    lost, answer tokens lost."""
+    f, start, stop = job
+    args, path, ds = _STATE["args"], _STATE["paths"][f], _STATE["inputs"][f]
+    columns = ds[start:stop]
+    records = [dict(zip(columns, values)) for values in zip(*columns.values())]
+    try:
+        results = encode_sft_batch(records, _STATE["tokenizer"], None, "truncate", args.system_prompt,
+                                   args.query_key, args.answer_key, args.messages_key)
+    except DataError as e:  # "record i: ..." -> the file's own line number
+        where, _, problem = str(e).partition(": ")
+        raise DataError(f"{record_location(path, start + int(where.split()[-1]))}: {problem}") from None
+    out = np.zeros((len(results), 5), dtype=np.int64)
+    for i, (enc, _) in enumerate(results):
+        ids, labels = enc["input_ids"], enc["labels"]
+        answer = len(labels) - labels.count(-100)
+        out[i, :2] = len(ids), answer
+        if len(ids) > args.max_len:  # the very rule sft_qwen2.py applies (collate._apply_overflow)
+            kept, status = _apply_overflow(ids, labels, args.max_len, "truncate")
+            if kept is None:
+                out[i, 2:] = 2, len(ids), answer
+            else:
+                out[i, 2:] = 1, len(ids) - args.max_len, answer - (args.max_len - kept["labels"].count(-100))
+    return out
+
+
+def _scorer_job(shard):
+    """All samples of one shard: a list of (key, text tokens, [image tokens of each image])."""
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+    processor, args = _STATE["processor"], _STATE["args"]
+    keys, texts, image_tokens = [], [], []
+    try:
+        with open(shard, "rb") as f:
+            files = ({**member, "__url__": shard} for member in tar_file_iterator(f))
+            for sample in group_by_keys(files):
+                key = sample["__key__"]
+                try:
+                    prompt, images = _scorer_sample(sample)
+                    texts.append(processor.apply_chat_template(scorer_messages(prompt, [None] * len(images)),
+                                                               tokenize=False))
+                    image_tokens.append([_image_tokens(image, processor, args) for image in images])
+                except DataError as e:
+                    raise DataError(f"{shard}: sample {key!r}: {e}") from None
+                keys.append(key)
+    except DataError:
+        raise
+    except (OSError, EOFError, ValueError, tarfile.TarError) as e:  # a truncated or foreign file
+        raise DataError(f"{shard}: not a readable tar shard ({str(e).splitlines()[0]})") from None
+    if not keys:
+        raise DataError(f"{shard}: no samples")
+    ids = processor.tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    # each image is one <|image_pad|> in the rendered text; the processor expands it to that image's tokens
+    return [(key, len(t) - len(n), n) for key, t, n in zip(keys, ids, image_tokens)]
+
+
+def _scorer_sample(sample):
+    """(prompt, [image bytes in index order]) of one webdataset sample: KEY.json + KEY.0.jpg, KEY.1.png, ..."""
+    if "json" not in sample:
+        raise DataError("no .json member")
+    try:
+        record = json.loads(sample["json"])
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f".json: malformed JSON: {e}") from None
+    if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+        raise DataError(".json: key 'prompt': expected a string")
+    images = {}
+    for suffix, data in sample.items():
+        index, _, ext = suffix.partition(".")
+        if ext and index.isdigit():
+            images[int(index)] = (suffix, data)
+    return record["prompt"], [images[i] for i in sorted(images)]
+
+
+def scorer_messages(prompt, images, min_pixels=None, max_pixels=None):
+    """One scorer sample as chat messages: every image, in index order, then the prompt, in ONE user message.
+    `images` are what process_vision_info reads (PIL images, paths), or None to render the template only."""
+    content = []
+    for image in images:
+        item = {"type": "image"} if image is None else {"type": "image", "image": image}
+        if min_pixels is not None:
+            item["min_pixels"] = min_pixels
+        if max_pixels is not None:
+            item["max_pixels"] = max_pixels
+        content.append(item)
+    return [{"role": "user", "content": content + [{"type": "text", "text": prompt}]}]
+
+
+def _image_tokens(image, processor, args):
+    """Tokens of one image: its size after qwen_vl_utils' resize (header only, no pixel decode), in patches merged
+    by the processor's merge size. The same numbers as process_vision_info + processor(do_resize=False)."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+    from qwen_vl_utils.vision_process import IMAGE_MAX_TOKEN_NUM, IMAGE_MIN_TOKEN_NUM, SPATIAL_MERGE_SIZE, smart_resize
+
+    suffix, data = image
+    try:
+        width, height = Image.open(io.BytesIO(data)).size
+    except (UnidentifiedImageError, OSError) as e:
+        raise DataError(f"image .{suffix}: cannot be read as an image ({e})") from None
+    ip = processor.image_processor
+    factor = ip.patch_size * SPATIAL_MERGE_SIZE  # what process_vision_info(image_patch_size=patch_size) resizes to
+    min_pixels = IMAGE_MIN_TOKEN_NUM * factor ** 2 if args.min_pixels is None else args.min_pixels
+    max_pixels = IMAGE_MAX_TOKEN_NUM * factor ** 2 if args.max_pixels is None else args.max_pixels
+    try:
+        h, w = smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+    except ValueError as e:  # e.g. an aspect ratio over 200
+        raise DataError(f"image .{suffix} ({width}x{height}): {e}") from None
+    if h <= 0 or w <= 0:  # process_vision_info fails on these too ("height and width must be > 0")
+        raise DataError(f"image .{suffix} ({width}x{height}) resizes to {w}x{h} within max_pixels {max_pixels}")
+    return (h // ip.patch_size) * (w // ip.patch_size) // ip.merge_size ** 2
+
+
+def _run_jobs(fn, jobs, num_proc, sizes, unit):
+    """Yield fn(job) in job order, from `num_proc` forked workers (or in this process when 1); `sizes[i]` advances
+    the progress bar (stderr, shown on a terminal) when job i is done."""
+    from tqdm import tqdm
+
+    pool = None
+    if workers(num_proc, len(jobs)) > 1:
+        # One single-threaded tokenizer per worker: the workers already fill the cores (and a Rust thread pool
+        # used before a fork is disabled in the child, with a warning). gc.disable: workers build only acyclic
+        # lists and dicts, and the collector's walks over them cost ~2% of their time for nothing.
+        saved = os.environ.get("TOKENIZERS_PARALLELISM")
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        try:
+            pool = multiprocessing.get_context("fork").Pool(workers(num_proc, len(jobs)), initializer=gc.disable)
+        finally:
+            _restore_env("TOKENIZERS_PARALLELISM", saved)
+    results = pool.imap(fn, jobs) if pool else map(fn, jobs)
+    with tqdm(total=sum(sizes), unit=unit, file=sys.stderr, disable=None, mininterval=0.5) as bar:
+        try:
+            for result, size in zip(results, sizes):
+                yield result
+                bar.update(size)
+        finally:
+            if pool:
+                pool.terminate()
+
+
+def workers(num_proc, n_jobs):
+    """How many processes _run_jobs uses: forked workers need the fork start method (not on Windows)."""
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return 1
+    return max(1, min(num_proc, n_jobs))
+
+
+def _restore_env(name, value):
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+
+
+def guard_tokenizers_parallelism():
+    """Undo the datasets trap: `Dataset.map(num_proc>=1)` sets TOKENIZERS_PARALLELISM=false at the OS level and then
+    hides it from os.environ, which silently halves batched tokenizer speed for the rest of the process. Unless
+    the user set it (os.environ shows it), clear it at the OS level too."""
+    if "TOKENIZERS_PARALLELISM" not in os.environ:
+        os.unsetenv("TOKENIZERS_PARALLELISM")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Statistics
+# ---------------------------------------------------------------------------------------------------------------
+
+def summary(values):
+    """count, min, max, mean, std (population) and percentiles (numpy's default linear interpolation)."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.size == 0:
+        return {"count": 0}
+    return {"count": int(v.size), "min": int(v.min()), "max": int(v.max()), "mean": float(v.mean()),
+            "std": float(v.std()),
+            "percentiles": {f"p{p:g}": float(x) for p, x in zip(PERCENTILES, np.percentile(v, PERCENTILES))}}
+
+
+def suggested_max_len(lengths, coverage, multiple=64):
+    """The smallest multiple of `multiple` that holds at least `coverage` of the examples whole."""
+    s = np.sort(np.asarray(lengths))
+    k = max(1, math.ceil(coverage * len(s) - 1e-9))
+    return int(math.ceil(s[k - 1] / multiple) * multiple)
+
+
+def sft_report(rows, args):
+    total, answer, status, lost, answer_lost = rows.T
+    n, tokens, answer_tokens = len(total), int(total.sum()), int(answer.sum())
+    over = total > args.max_len
+
+    def share(a, b):
+        return float(a / b) if b else 0.0
+
+    report = {"kind": "sft", "inputs": args.data, "tokenizer": args.tokenizer, **summary(total),
+              "total_tokens": tokens, "prompt_tokens": tokens - answer_tokens, "answer_tokens": answer_tokens,
+              "answer_share": share(answer_tokens, tokens),
+              "prompt": summary(total - answer), "answer": summary(answer),
+              "max_len": args.max_len,
+              "over_max_len": {
+                  "examples": int(over.sum()), "share": share(int(over.sum()), n),
+                  "truncate": {"truncated": int((status == 1).sum()), "dropped": int((status == 2).sum()),
+                               "tokens_lost": int(lost.sum()), "token_share_lost": share(int(lost.sum()), tokens),
+                               "answer_tokens_lost": int(answer_lost.sum()),
+                               "answer_token_share_lost": share(int(answer_lost.sum()), answer_tokens)},
+                  "drop": {"dropped": int(over.sum()), "tokens_lost": int(total[over].sum()),
+                           "token_share_lost": share(int(total[over].sum()), tokens),
+                           "answer_tokens_lost": int(answer[over].sum()),
+                           "answer_token_share_lost": share(int(answer[over].sum()), answer_tokens)}},
+              "coverage": args.coverage, "suggested_max_len": suggested_max_len(total, args.coverage)}
+    return report, total
+
+
+def scorer_report(rows, args, shards):
+    text = np.array([r[1] for r in rows], dtype=np.int64)
+    per_image = np.array([t for r in rows for t in r[2]], dtype=np.int64)
+    image = np.array([sum(r[2]) for r in rows], dtype=np.int64)
+    count = np.array([len(r[2]) for r in rows], dtype=np.int64)
+    total = text + image
+    tokens = int(total.sum())
+    over = total > args.max_len
+    beyond = int((total[over] - args.max_len).sum())
+    report = {"kind": "scorer", "inputs": shards, "processor": args.processor, "min_pixels": args.min_pixels,
+              "max_pixels": args.max_pixels, **summary(total), "total_tokens": tokens,
+              "text_tokens": int(text.sum()), "image_tokens": int(image.sum()), "text": summary(text),
+              "images": {"total": int(count.sum()), "per_sample": summary(count)},
+              "image_tokens_per_image": summary(per_image),
+              "max_len": args.max_len,
+              "over_max_len": {"examples": int(over.sum()), "share": float(over.mean()), "tokens_beyond": beyond,
+                               "token_share_beyond": beyond / tokens if tokens else 0.0},
+              "coverage": args.coverage, "suggested_max_len": suggested_max_len(total, args.coverage)}
+    return report, total
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------------------------------------------
+
+def text_histogram(lengths, marks, bins=20, width=50):
+    """Lines of a horizontal bar chart of `lengths` from 0 to the longest; `marks` ({name: value}) are noted on the
+    bin holding them, or after the chart when they lie beyond the longest example."""
+    lengths = np.asarray(lengths)
+    step = max(1, math.ceil((int(lengths.max()) + 1) / bins))
+    counts = np.bincount(lengths // step, minlength=bins)
+    top = int(counts.max())
+    lines = []
+    for b, c in enumerate(counts):
+        lo = b * step
+        note = "  ".join(f"<- {name} {v:,}" for name, v in marks.items() if lo <= v < lo + step)
+        bar = "#" * math.ceil(width * c / top) if c else ""
+        lines.append(f"  {lo:>7,} - {lo + step - 1:<7,} {bar:<{width}} {c:>9,} {note}".rstrip())
+    beyond = [f"{name} {v:,}" for name, v in marks.items() if v >= len(counts) * step]
+    if beyond:
+        lines.append(f"  (beyond the longest example, {int(lengths.max()):,}: {', '.join(beyond)})")
+    return lines
+
+
+def print_table(report, speed):
+    r, p = report, report["percentiles"]
+    over = r["over_max_len"]
+    out = [f"token lengths of {r['count']:,} {'examples' if r['kind'] == 'sft' else 'samples'} "
+           f"({', '.join(r['inputs'][:3])}{' ...' if len(r['inputs']) > 3 else ''})"]
+    if r["kind"] == "sft":
+        out.append(f"  tokenizer {r['tokenizer']}: chat template + answer mask exactly as sft_qwen2.py trains")
+        cols = [("total", r), ("prompt", r["prompt"]), ("answer", r["answer"])]
+    else:
+        bounds = ", ".join(f"{k} {r[k]:,}" for k in ("min_pixels", "max_pixels") if r[k] is not None)
+        out.append(f"  processor {r['processor']}: text + image tokens, images resized as train_scorer.py "
+                   f"({bounds or 'qwen_vl_utils default pixel bounds'})")
+        cols = [("total", r), ("text", r["text"]), ("img/image", r["image_tokens_per_image"]),
+                ("images", r["images"]["per_sample"])]
+    out.append(f"  {'':8}" + "".join(f"{name:>12}" for name, _ in cols))
+    for stat in ("min", *p, "max", "mean", "std"):
+        cells = [s.get(stat, s.get("percentiles", {}).get(stat)) for _, s in cols]
+        out.append(f"  {stat:8}" + "".join(f"{'-' if c is None else f'{c:,.1f}' if stat in ('mean', 'std') else f'{c:,.0f}':>12}"
+                                           for c in cells))
+    if r["kind"] == "sft":
+        out.append(f"  tokens: {r['total_tokens']:,} in all, {r['prompt_tokens']:,} prompt (masked), "
+                   f"{r['answer_tokens']:,} answer (trained, {r['answer_share']:.1%})")
+        t, d = over["truncate"], over["drop"]
+        out.append(f"  max_len {r['max_len']:,}: {over['examples']:,} examples longer ({over['share']:.2%})")
+        out.append(f"    --overflow truncate: {t['truncated']:,} truncated, {t['dropped']:,} dropped (no answer token "
+                   f"left); {t['token_share_lost']:.2%} of tokens, {t['answer_token_share_lost']:.2%} of answer "
+                   f"tokens lost")
+        out.append(f"    --overflow drop: {d['dropped']:,} dropped; {d['token_share_lost']:.2%} of tokens, "
+                   f"{d['answer_token_share_lost']:.2%} of answer tokens lost")
+    else:
+        out.append(f"  tokens: {r['total_tokens']:,} in all, {r['text_tokens']:,} text, {r['image_tokens']:,} image "
+                   f"({r['images']['total']:,} images)")
+        out.append(f"  max_len {r['max_len']:,}: {over['examples']:,} samples longer ({over['share']:.2%}), "
+                   f"{over['tokens_beyond']:,} tokens beyond it ({over['token_share_beyond']:.2%})")
+    out.append(f"  suggested max_len: {r['suggested_max_len']:,} (smallest multiple of 64 holding "
+               f"{r['coverage']:.1%} of the {'examples' if r['kind'] == 'sft' else 'samples'} whole)")
+    out.append(f"  speed: {speed}")
+    print("\n".join(out))
+
+
+def write_plot(path, lengths, report):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = np.sort(lengths)
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    ax.hist(lengths, bins=min(100, max(10, len(s) // 20)), color="#4c72b0")
+    ax.set_xlabel("tokens per example")
+    ax.set_ylabel("examples")
+    cdf = ax.twinx()
+    cdf.step(s, np.arange(1, len(s) + 1) / len(s), where="post", color="#222222", linewidth=1.2, label="CDF")
+    cdf.set_ylim(0, 1.01)
+    cdf.set_ylabel("share of examples with at most this many tokens")
+    right = 1.04 * max(s[-1], report["suggested_max_len"])
+    for x, label, style in ((report["suggested_max_len"], f"suggested max_len {report['suggested_max_len']:,}", "--"),
+                            (report["max_len"], f"--max_len {report['max_len']:,}", ":")):
+        if x <= right:
+            ax.axvline(x, color="#c44e52", linestyle=style, label=label)
+        else:  # far beyond the data: an arrow at the right edge rather than an axis squashing every bar
+            ax.annotate(f"{label} ->", xy=(1, 0.5), xycoords="axes fraction", ha="right", color="#c44e52")
+    ax.set_xlim(0, right)
+    handles = ax.get_legend_handles_labels()[0] + cdf.get_legend_handles_labels()[0]
+    ax.legend(handles=handles, loc="center right")
+    ax.set_title(f"{report['count']:,} examples: p50 {report['percentiles']['p50']:.0f}, "
+                 f"p99 {report['percentiles']['p99']:.0f}, max {report['max']:,}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------------------------
+
+def load_pretrained(kind, name, trust_remote_code, flag):
+    """AutoTokenizer/AutoProcessor.from_pretrained, or exit 2 with one line saying how to point at a local copy."""
+    import transformers
+
+    loader = getattr(transformers, kind)
+    try:
+        return loader.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - not found, offline, no access: the user needs the same advice
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        fail(f"cannot load the {kind[4:].lower()} {name!r} ({reason}); pass a local copy with {flag} PATH"
+             + (" (or run --demo)" if flag == "--tokenizer" else ""))
+
+
+def expand_shards(pattern):
+    import braceexpand
+
+    paths = sorted({p for part in braceexpand.braceexpand(pattern) for p in (glob.glob(part) or [])})
+    if not paths:
+        raise DataError(f"{pattern}: no shard matches this pattern")
+    return paths
+
+
+def measure_sft(args, num_proc):
+    """Lengths of every SFT example (rows of _sft_job), written to --output as they come."""
+    def check(record):
+        to_messages(record, args.system_prompt, args.query_key, args.answer_key, args.messages_key)
+
+    _STATE.update(paths=args.data, inputs=[load_sft_file(p, check) for p in args.data])
+    jobs = [(f, i, min(i + args.batch_size, len(ds))) for f, ds in enumerate(_STATE["inputs"])
+            for i in range(0, len(ds), args.batch_size)]
+    parts = []
+    with open(args.output or os.devnull, "w", encoding="utf-8") as out:
+        for (f, first, stop), part in zip(jobs, _run_jobs(_sft_job, jobs, num_proc, [b - a for _, a, b in jobs],
+                                                          "ex")):
+            parts.append(part)
+            if args.output:
+                name = json.dumps(args.data[f], ensure_ascii=False)
+                out.writelines(f'{{"file": {name}, "index": {i}, "total": {t}, "prompt": {t - a}, "answer": {a}}}\n'
+                               for i, (t, a) in enumerate(part[:, :2].tolist(), first))
+    report, lengths = sft_report(np.concatenate(parts), args)
+    report["num_proc"] = workers(num_proc, len(jobs))
+    return report, lengths
+
+
+def measure_scorer(args, num_proc):
+    """Lengths of every scorer sample (rows of _scorer_job), written to --output as they come."""
+    shards = expand_shards(args.shards)
+    rows = []
+    with open(args.output or os.devnull, "w", encoding="utf-8") as out:
+        sizes = [os.path.getsize(s) for s in shards]
+        for shard, part in zip(shards, _run_jobs(_scorer_job, shards, num_proc, sizes, "B")):
+            rows += part
+            if args.output:
+                out.writelines(json.dumps({"shard": shard, "key": key, "total": text + sum(images), "text": text,
+                                           "images": len(images), "image_tokens": images}) + "\n"
+                               for key, text, images in part)
+    report, lengths = scorer_report(rows, args, shards)
+    report["num_proc"] = workers(num_proc, len(shards))
+    return report, lengths
+
+
+def main(argv=None):
+    start = time.time()
+    guard_tokenizers_parallelism()
+    parser = HfArgumentParser(StatsArguments)
+    try:
+        (args,) = parse_arguments(parser, argv)
+    except DataError as e:
+        fail(e)
+    if args.max_len < 1 or args.batch_size < 1 or (args.num_proc is not None and args.num_proc < 1):
+        fail("--max_len, --batch_size and --num_proc must be positive")
+    if not 0 < args.coverage <= 1:
+        fail(f"--coverage must be in (0, 1], not {args.coverage}")
+    num_proc = args.num_proc or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    if args.demo:
+        build_demo()
+        args.tokenizer, args.data = os.path.join(DEMO_DIR, "tokenizer"), [os.path.join(DEMO_DIR, "train.jsonl")]
+
+    if args.shards:
+        _STATE.update(args=args, processor=load_pretrained("AutoProcessor", args.processor, args.trust_remote_code,
+                                                           "--processor"))
+    else:
+        _STATE.update(args=args, tokenizer=load_pretrained("AutoTokenizer", args.tokenizer, args.trust_remote_code,
+                                                           "--tokenizer"))
+    t0 = time.time()
+    try:
+        report, lengths = (measure_scorer if args.shards else measure_sft)(args, num_proc)
+    except DataError as e:
+        fail(e)
+    except OSError as e:  # an output path that cannot be written, etc.
+        fail(f"{e.filename or args.output}: {e.strerror or e}")
+    seconds = time.time() - t0
+    num_proc = report["num_proc"]
+    report.update(seconds=round(seconds, 3), examples_per_s=round(report["count"] / seconds, 1),
+                  wall_seconds=round(time.time() - start, 3))
+    if args.plot:
+        write_plot(args.plot, lengths, report)
+    if args.format == "json":
+        print(json.dumps(report, ensure_ascii=False))
+    else:
+        unit = "examples" if report["kind"] == "sft" else "samples"
+        print_table(report, f"{report['count']:,} {unit} in {seconds:.1f} s = {report['examples_per_s']:,.0f} "
+                            f"{unit}/s with {num_proc} process{'es' if num_proc > 1 else ''} (reading + exact encoding)")
+        print(f"histogram ({unit} per length bin):")
+        print("\n".join(text_histogram(lengths, {"max_len": report["max_len"],
+                                                 "suggested": report["suggested_max_len"]})))
+        if args.plot:
+            print(f"plot written to {args.plot}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
