@@ -25,7 +25,6 @@ suggested max_len (the smallest multiple of 64 covering --coverage of the exampl
 """
 
 import gc
-import glob
 import json
 import math
 import multiprocessing
@@ -39,8 +38,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from transformers import HfArgumentParser
 
-from collate import (DataError, _apply_overflow, encode_sft_batch, fail, load_sft_file, parse_arguments,
-                     record_location, to_messages)
+from collate import (DataError, _apply_overflow, encode_sft_batch, expand_shards, fail, load_sft_file,
+                     parse_arguments, record_location, to_messages, vl_messages)
 
 SAMPLE_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "sample_sft.jsonl")
 PERCENTILES = (50, 90, 95, 99, 99.9)
@@ -152,8 +151,9 @@ def _scorer_job(shard):
                 key = sample["__key__"]
                 try:
                     prompt, images = _scorer_sample(sample)
-                    texts.append(processor.apply_chat_template(scorer_messages(prompt, [None] * len(images)),
-                                                               tokenize=False))
+                    # the text train_scorer.py encodes: collate.encode_vl_example's messages and generation prompt
+                    texts.append(processor.apply_chat_template(vl_messages([None] * len(images), prompt),
+                                                               tokenize=False, add_generation_prompt=True))
                     image_tokens.append([_image_tokens(image, processor, args) for image in images])
                 except DataError as e:
                     raise DataError(f"{shard}: sample {key!r}: {e}") from None
@@ -185,20 +185,6 @@ def _scorer_sample(sample):
         if ext and index.isdigit():
             images[int(index)] = (suffix, data)
     return record["prompt"], [images[i] for i in sorted(images)]
-
-
-def scorer_messages(prompt, images, min_pixels=None, max_pixels=None):
-    """One scorer sample as chat messages: every image, in index order, then the prompt, in ONE user message.
-    `images` are what process_vision_info reads (PIL images, paths), or None to render the template only."""
-    content = []
-    for image in images:
-        item = {"type": "image"} if image is None else {"type": "image", "image": image}
-        if min_pixels is not None:
-            item["min_pixels"] = min_pixels
-        if max_pixels is not None:
-            item["max_pixels"] = max_pixels
-        content.append(item)
-    return [{"role": "user", "content": content + [{"type": "text", "text": prompt}]}]
 
 
 def _image_tokens(image, processor, args):
@@ -455,15 +441,6 @@ def load_pretrained(kind, name, trust_remote_code, flag):
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         fail(f"cannot load the {kind[4:].lower()} {name!r} ({reason}); pass a local copy with {flag} PATH"
              + (" (or run --demo)" if flag == "--tokenizer" else ""))
-
-
-def expand_shards(pattern):
-    import braceexpand
-
-    paths = sorted({p for part in braceexpand.braceexpand(pattern) for p in (glob.glob(part) or [])})
-    if not paths:
-        raise DataError(f"{pattern}: no shard matches this pattern")
-    return paths
 
 
 def measure_sft(args, num_proc):

@@ -167,16 +167,13 @@ def vl_setup(tmp_path_factory):
 
 
 def processor_length(processor, prompt, images, min_pixels, max_pixels):
-    """What the scorer feeds its model: process_vision_info resizes, the processor expands each image pad."""
+    """What the scorer feeds its model: train_scorer.py's own per-sample encoding (collate.encode_vl_example)."""
     import io
 
-    from qwen_vl_utils import process_vision_info
+    from collate import encode_vl_example
 
-    pil = [Image.open(io.BytesIO(im[1])) if isinstance(im, tuple) else im for im in images]
-    messages = token_stats.scorer_messages(prompt, pil, min_pixels, max_pixels)
-    text = processor.apply_chat_template(messages, tokenize=False)
-    vision, _ = process_vision_info(messages, image_patch_size=processor.image_processor.patch_size)
-    batch = processor(text=[text], images=vision, do_resize=False, return_tensors="pt")
+    pil = [Image.open(io.BytesIO(im[1])).convert("RGB") if isinstance(im, tuple) else im for im in images]
+    batch = encode_vl_example(pil, prompt, processor, min_pixels, max_pixels)
     n_image_tokens = int((batch["input_ids"] == processor.image_token_id).sum())
     return batch["input_ids"].shape[1], n_image_tokens
 
@@ -240,7 +237,7 @@ def test_vl_bad_shards(vl_setup, tmp_path, capsys):
     assert exit_2_message(capsys, "--shards", thin, "--processor", processor, "--max_pixels", "9216").startswith(
         f"error: {thin}: sample 's1': image .0.png (33x500) resizes to 0x352")
     assert exit_2_message(capsys, "--shards", str(tmp_path / "none-*.tar"), "--processor", processor).endswith(
-        "no shard matches this pattern")
+        "pattern matches no file")
     not_tar = tmp_path / "junk-000.tar"
     not_tar.write_bytes(b"this is not a tar file" * 50)
     assert "not a readable tar shard" in exit_2_message(capsys, "--shards", str(not_tar), "--processor", processor)
