@@ -203,21 +203,13 @@ def write_scorer_shard(path, samples):
 # Scorer training (train_scorer.py): a tiny Qwen3-VL checkpoint with that processor, synthetic shards
 # ----------------------------------------------------------------------------------------------------------------
 
-def build_tiny_qwen3_vl(out_dir, seed=0):
-    """Save a random-weight fp32 Qwen3-VL (2-block ViT with deepstack, 2-layer LM) and its processor to `out_dir`.
+def tiny_qwen3_vl_config(tok):
+    """The tiny Qwen3-VL config (2-block ViT with deepstack, 2-layer LM; patch 16, merge 2), token ids from the
+    tokenizer `tok`."""
+    from transformers import Qwen3VLConfig
 
-    Same layout as a real Qwen3-VL checkpoint (`Qwen3VLForConditionalGeneration` with an LM head, loadable with
-    `AutoProcessor` / `from_pretrained`); patch 16, merge 2, so images are resized to multiples of 32 px.
-    """
-    import torch
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
-
-    out_dir = Path(out_dir)
-    processor = build_tiny_qwen3vl_processor()
-    tok = processor.tokenizer
-    tok.chat_template = QWEN3VL_CHAT_TEMPLATE  # the saved tokenizer and processor then agree
     token_id = tok.convert_tokens_to_ids
-    config = Qwen3VLConfig(
+    return Qwen3VLConfig(
         vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16,
                            spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64,
                            num_position_embeddings=64, deepstack_visual_indexes=[0]),
@@ -230,8 +222,23 @@ def build_tiny_qwen3_vl(out_dir, seed=0):
         vision_start_token_id=token_id("<|vision_start|>"), vision_end_token_id=token_id("<|vision_end|>"),
         tie_word_embeddings=False,
     )
+
+
+def build_tiny_qwen3_vl(out_dir, seed=0):
+    """Save a random-weight fp32 Qwen3-VL (`tiny_qwen3_vl_config`) and its processor to `out_dir`.
+
+    Same layout as a real Qwen3-VL checkpoint (`Qwen3VLForConditionalGeneration` with an LM head, loadable with
+    `AutoProcessor` / `from_pretrained`); patch 16, merge 2, so images are resized to multiples of 32 px.
+    """
+    import torch
+    from transformers import Qwen3VLForConditionalGeneration
+
+    out_dir = Path(out_dir)
+    processor = build_tiny_qwen3vl_processor()
+    tok = processor.tokenizer
+    tok.chat_template = QWEN3VL_CHAT_TEMPLATE  # the saved tokenizer and processor then agree
     torch.manual_seed(seed)
-    Qwen3VLForConditionalGeneration(config).save_pretrained(out_dir)
+    Qwen3VLForConditionalGeneration(tiny_qwen3_vl_config(tok)).save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     return str(out_dir)
 

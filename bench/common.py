@@ -1,4 +1,5 @@
-"""Shared pieces of the benchmarks: the bench model, skewed synthetic SFT data, peak memory."""
+"""Shared pieces of the benchmarks: the bench model, skewed synthetic SFT data, peak memory, the child-result
+protocol, device sync and the measured matmul peak (the MFU denominator)."""
 
 import json
 import os
@@ -57,3 +58,34 @@ def emit(result):
 def read_result(stdout):
     lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
     return json.loads(lines[-1][len("RESULT "):]) if lines else None
+
+
+def importable(name):
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def sync(device):
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak_tflops(device, dtype):
+    """Measured dense matmul throughput of this device (the MFU denominator)."""
+    import time
+
+    import torch
+
+    n, reps = (8192, 20) if device == "cuda" else (1024, 5)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e12

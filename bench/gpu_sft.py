@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 
-from common import QWEN2_VOCAB, emit, read_result, skewed_lengths
+from common import QWEN2_VOCAB, emit, importable, matmul_peak_tflops, read_result, skewed_lengths, sync
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIGS = {  # from the released checkpoints' config.json
@@ -39,29 +39,6 @@ def flops_per_token(cfg, mean_len):
     kv = h // cfg["num_attention_heads"] * cfg["num_key_value_heads"]
     per_layer = h * h * 2 + h * kv * 2 + 3 * h * cfg["intermediate_size"]  # q, o, k, v, gate/up/down
     return 6 * (layers * per_layer + h * cfg["vocab_size"]) + 12 * layers * h * mean_len
-
-
-def matmul_peak_tflops(device, dtype):
-    """Measured dense matmul throughput of this device (the MFU denominator)."""
-    import torch
-
-    n, reps = (8192, 20) if device == "cuda" else (1024, 5)
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    sync(device)
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e12
-
-
-def sync(device):
-    import torch
-
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def make_batches(n_batches, batch, max_len, vocab, seed=0):
@@ -127,12 +104,6 @@ def child(a):
     emit({"tokens_per_s": tokens / elapsed, "samples_per_s": samples / elapsed, "loss": float(loss),
           "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan"),
           "flops_per_token": flops_per_token(cfg, mean_len)})
-
-
-def importable(name):
-    import importlib.util
-
-    return importlib.util.find_spec(name) is not None
 
 
 def main():

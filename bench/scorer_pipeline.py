@@ -1,0 +1,211 @@
+"""The scorer's input pipeline on CPU: samples/s of shard read, image decode, process_vision_info, processor and
+collate_vl (collate.ShardStream through train_scorer.make_loader) with 0, 1 and 2 DataLoader workers, against the
+background post's approach (one processor call per sample, then torch.stack of pixel_values), in one run.
+
+    python bench/scorer_pipeline.py            # the full bench (about 2-3 minutes on 2 cores)
+    python bench/scorer_pipeline.py --quick    # a smoke run (fewer, smaller images)
+
+Data: generated webdataset shards (4 per set), 2-3 JPEG images per sample, and the scorer's default pixel bounds
+(64-1024 visual tokens per image). Two sets: "mixed" (each side 256-1024 px, drawn independently, so images differ
+in size within a sample and a batch) and "same" (every image 512 x 512 px, 2 per sample). torch.stack needs every
+sample to have the same number of patches, so the baseline can only run on the same-size set; the bench shows its
+error on the mixed set. Our pipeline runs on both, so the same-size rows compare the two at equal work.
+Per-step collate time is reported as a share of one training step (forward + backward + AdamW) of the tiny
+Qwen3-VL scorer on the same batch. Ends with `scorer_pipeline_samples_per_s: N`, the best of our rows.
+"""
+
+import argparse
+import itertools
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from types import SimpleNamespace
+
+import common  # noqa: F401 - puts the repository root on sys.path
+
+import demo
+from collate import SampleEncoder, ShardStream, collate_vl, encode_vl_example, read_vl_sample
+from train_scorer import DataArguments, ModelArguments, load_scorer, make_loader
+
+NUM_TYPES = 3
+SHARDS = 4
+_WORDS = "rate this photo for its light colour framing subject detail and mood please".split()
+
+
+def make_sample(key, rng, sides, count):
+    """One scorer sample: `count` smooth random JPEG images (a random 8 x 8 colour field upscaled), each with
+    (width, height) from `sides()`, and a prompt of 5-40 words."""
+    from PIL import Image
+
+    images = []
+    for _ in range(count):
+        field = Image.frombytes("RGB", (8, 8), bytes(rng.randrange(256) for _ in range(8 * 8 * 3)))
+        images.append(field.resize(sides(), Image.BICUBIC))
+    prompt = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(5, 40)))
+    return demo.vl_sample(key, prompt, images, round(rng.uniform(0, 10), 3), rng.randrange(NUM_TYPES),
+                          formats=("jpg",))
+
+
+def write_set(root, name, n, sides, counts, seed):
+    rng = random.Random(seed)
+    samples = [make_sample(f"{name}{i:05d}", rng, lambda: sides(rng), rng.choice(counts)) for i in range(n)]
+    sizes = [len(range(i, n, SHARDS)) for i in range(SHARDS)]
+    return demo.write_shards(root, name, samples, sizes)
+
+
+def loader_args(workers):
+    return SimpleNamespace(dataloader_num_workers=workers, dataloader_pin_memory=False,
+                           dataloader_prefetch_factor=2 if workers else None,
+                           dataloader_multiprocessing_context=None)
+
+
+def time_ours(shards, encoder, batch, pad_id, workers):
+    """Samples/s of ShardStream (read, decode, encode, collate_vl per batch) through make_loader, worker start
+    included."""
+    start, n = time.perf_counter(), 0
+    for b in make_loader(ShardStream(shards, encoder, batch, pad_id), loader_args(workers)):
+        if b["bad_samples"]:
+            raise RuntimeError(f"bad samples: {b['bad_samples'][:2]}")
+        n += len(b["keys"])
+    return n / (time.perf_counter() - start), n
+
+
+def stack_collate(features):
+    """The background post's collate: per-sample processor outputs stacked; text right-padded."""
+    import torch
+    from torch.nn.utils.rnn import pad_sequence
+
+    batch = {name: pad_sequence([f[name][0] for f in features], batch_first=True)
+             for name in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    batch["pixel_values"] = torch.stack([f["pixel_values"] for f in features])
+    batch["image_grid_thw"] = torch.stack([f["image_grid_thw"] for f in features])
+    return batch
+
+
+class PerSample:
+    """The post's per-sample step: decode the sample, one processor call (through process_vision_info)."""
+
+    def __init__(self, processor, min_pixels, max_pixels):
+        self.processor, self.min_pixels, self.max_pixels = processor, min_pixels, max_pixels
+
+    def __call__(self, sample):
+        prompt, images, _, _ = read_vl_sample(sample, NUM_TYPES)
+        return dict(encode_vl_example(images, prompt, self.processor, self.min_pixels, self.max_pixels))
+
+
+def baseline_loader(shards, per_sample, batch, workers):
+    import torch
+    import webdataset as wds
+
+    dataset = wds.WebDataset(shards, shardshuffle=False, workersplitter=wds.split_by_worker,
+                             empty_check=False).map(per_sample)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch, collate_fn=stack_collate, num_workers=workers)
+
+
+def time_baseline(shards, per_sample, batch, workers):
+    start, n = time.perf_counter(), 0
+    for b in baseline_loader(shards, per_sample, batch, workers):
+        n += b["input_ids"].shape[0]
+    return n / (time.perf_counter() - start), n
+
+
+def median_time(fn, reps):
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="smoke run: 16 samples per set, sides 256-384 px, 256 px same")
+    p.add_argument("--samples", type=int, default=48, help="samples per set")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--min_side", type=int, default=256)
+    p.add_argument("--max_side", type=int, default=1024)
+    p.add_argument("--same_side", type=int, default=512)
+    p.add_argument("--workers", default="0,1,2", help="DataLoader worker counts to time")
+    a = p.parse_args()
+    if a.quick:
+        a.samples, a.max_side, a.same_side = 16, 384, 256
+    import torch
+
+    data_defaults = DataArguments()
+    min_px, max_px = data_defaults.min_pixels, data_defaults.max_pixels
+    tmp = tempfile.TemporaryDirectory(prefix="scorer-pipeline-")
+    model_dir = demo.build_tiny_qwen3_vl(os.path.join(tmp.name, "tiny-qwen3-vl"))
+    processor = demo.build_tiny_qwen3vl_processor()
+    pad_id = processor.tokenizer.pad_token_id
+    mixed = write_set(tmp.name, "mixed", a.samples, lambda r: (r.randint(a.min_side, a.max_side),
+                                                                r.randint(a.min_side, a.max_side)), (2, 3), seed=0)
+    same = write_set(tmp.name, "same", a.samples, lambda r: (a.same_side, a.same_side), (2,), seed=1)
+    encoder = SampleEncoder(processor, NUM_TYPES, True, min_px, max_px, max_len=1 << 20)
+    per_sample = PerSample(processor, min_px, max_px)
+    workers = [int(w) for w in a.workers.split(",")]
+    print(f"{a.samples} samples per set in {SHARDS} shards, batch {a.batch}, JPEG; mixed: 2-3 images, sides "
+          f"{a.min_side}-{a.max_side} px; same: 2 images of {a.same_side} x {a.same_side} px; "
+          f"pixel bounds {min_px}-{max_px}; {os.cpu_count()} CPUs; torch runs 1 thread per process for the pipeline "
+          f"rows (DataLoader workers always do; 2 threads made the processor ~8x slower on 2 shared cores)")
+    print(f"\n{'pipeline':<34}{'images':<8}{'workers':>8}{'samples/s':>11}{'vs stack':>10}")
+    ours_best, base = 0.0, {}
+    rows = [("stack (background post)", "same", w) for w in workers] + \
+           [("collate_vl (ours)", "same", w) for w in workers] + [("collate_vl (ours)", "mixed", w) for w in workers]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    for name, images, w in rows:
+        shards = same if images == "same" else mixed
+        if name.startswith("stack"):
+            rate, n = time_baseline(shards, per_sample, a.batch, w)
+            base[w] = rate
+        else:
+            rate, n = time_ours(shards, encoder, a.batch, pad_id, w)
+            ours_best = max(ours_best, rate)
+        assert n == a.samples, (name, images, w, n)
+        ratio = f"{rate / base[w]:.2f}x" if images == "same" and w in base else "-"
+        print(f"{name:<34}{images:<8}{w:>8}{rate:>11.2f}{ratio:>10}", flush=True)
+    try:
+        next(iter(baseline_loader(mixed, per_sample, a.batch, 0)))
+        print("\nstack on mixed sizes: ran (unexpected)")
+    except RuntimeError as e:
+        print(f"\nstack on mixed sizes fails: RuntimeError: {str(e).splitlines()[0]}")
+
+    torch.set_num_threads(threads)
+
+    # One batch: collate time vs a tiny-model training step on it
+    import webdataset as wds
+
+    raw = list(itertools.islice(wds.WebDataset(mixed[:1], shardshuffle=False), a.batch))
+    features = [encoder(s) for s in raw]
+    batch = collate_vl(features, pad_id)
+    model = load_scorer(ModelArguments(model_name_or_path=model_dir, num_types=NUM_TYPES), torch.float32)
+    model.train()
+    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
+    inputs = {k: v for k, v in batch.items() if k != "keys"}
+
+    def step():
+        model(**inputs).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # warm-up
+    step_s = median_time(step, 3)
+    collate_s = median_time(lambda: collate_vl(features, pad_id), 50)
+    encode_s = median_time(lambda: [encoder(s) for s in raw], 1)
+    tokens, patches = int(batch["attention_mask"].sum()), batch["pixel_values"].shape[0]
+    print(f"\none mixed batch of {a.batch} ({tokens} tokens, {patches} patches), tiny Qwen3-VL scorer, full training:")
+    print(f"  training step (forward + backward + AdamW)  {step_s * 1e3:9.1f} ms")
+    print(f"  collate_vl                                  {collate_s * 1e3:9.2f} ms  ({collate_s / step_s:.2%} of "
+          f"the step)")
+    print(f"  read + decode + encode, in the main process {encode_s * 1e3:9.1f} ms  ({encode_s / step_s:.0%} of "
+          f"the step; workers take it off the training loop)")
+    print(f"scorer_collate_share_of_step: {collate_s / step_s:.4%}")
+    print(f"scorer_pipeline_samples_per_s: {ours_best:.2f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
