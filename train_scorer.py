@@ -407,7 +407,7 @@ class ScorerTrainer(Trainer):
         self._note_train_bad(inputs.get("bad_samples", []))
         outputs = model(**self._model_inputs(inputs))
         if model.training:  # window sums of the per-head losses, logged as means across ranks by log()
-            self._head_sums += torch.stack([outputs.loss_score, outputs.loss_type])
+            self._head_sums += torch.stack([outputs.loss_score, outputs.loss_type]).detach()  # no graph kept
             self._head_steps += 1
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
@@ -437,11 +437,14 @@ class ScorerTrainer(Trainer):
                 inputs = self._prepare_inputs({k: v for k, v in inputs.items() if not k.endswith("_labels")})
                 with self.accelerator.autocast():
                     out = model(**inputs)
+                # one device-to-host copy per batch, not one sync per sample
+                scores, logits = out.score.float().tolist(), out.type_logits.float().tolist()
+                n = len(batch["keys"])
+                score_labels = batch["score_labels"].tolist() if "score_labels" in batch else [None] * n
+                type_labels = batch["type_labels"].tolist() if "type_labels" in batch else [None] * n
                 for i, key in enumerate(batch["keys"]):
-                    rows.append({"order": batch["order"][i], "key": key, "score": out.score[i].item(),
-                                 "type_logits": out.type_logits[i].tolist(),
-                                 "score_label": batch["score_labels"][i].item() if "score_labels" in batch else None,
-                                 "type_label": batch["type_labels"][i].item() if "type_labels" in batch else None})
+                    rows.append({"order": batch["order"][i], "key": key, "score": scores[i], "type_logits": logits[i],
+                                 "score_label": score_labels[i], "type_label": type_labels[i]})
         model.train(was_training)
         if self.args.world_size > 1:
             from accelerate.utils import gather_object
