@@ -250,7 +250,9 @@ def _token_ids(tokenizer, texts):
     - ONE batched call of the Rust backend, without character offsets (nothing here needs them) and without the
       per-text conversion into a BatchEncoding; a call of the tokenizer on "" first puts the backend in the
       state that call would (no truncation, no padding, its special-token handling);
-    - texts already in NFC skip an NFC normalizer (Qwen's), which would only copy them unchanged.
+    - texts already in NFC skip an NFC normalizer (Qwen's), which would only copy them unchanged. The backend's
+      normalizer is switched off for that call and restored after it, so the tokenizer must not be used by
+      another thread meanwhile (datasets.map and DataLoader workers are processes: unaffected).
     """
     import unicodedata
 
