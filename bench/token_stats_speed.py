@@ -117,13 +117,14 @@ def make_records(maker, n, seed):
         pairs = []
         for _ in range(turns):
             q = rng.uniform(0.1, 0.5)
-            pairs.append((maker.text(rng, lang, int(total / turns * q)), maker.text(rng, lang, int(total / turns * (1 - q)))))
+            n = total / turns
+            pairs.append((maker.text(rng, lang, int(n * q)), maker.text(rng, lang, int(n * (1 - q)))))
         if turns == 1 and rng.random() < 0.6:
             yield {"query": pairs[0][0], "answer": pairs[0][1]}
             continue
         messages = []
         if rng.random() < 0.4:
-            system = "You are a careful assistant." if lang == "en" else "你是一个乐于助人的助手，请用中文回答。"
+            system = {"en": "You are a careful assistant.", "zh": "你是一个乐于助人的助手，请用中文回答。"}[lang]
             messages.append({"role": "system", "content": system})
         for q, a in pairs:
             messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
