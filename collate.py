@@ -206,8 +206,9 @@ def encode_sft_batch(records, tokenizer, max_len=None, overflow="truncate", syst
     from the answer is what the model sees at inference, and it gives the same ids as tokenizing the whole
     conversation except where an answer's first characters would merge with the end of its prompt into one token
     (an answer starting with a newline after "assistant\n"): there the prompt keeps its inference tokens.
-    Each answer ends with the eos token (<|im_end|>), a special token, so the text after it tokenizes the same in
-    or out of the segment and its end is found by counting eos tokens (_answer_end).
+    Each answer ends with the eos token (<|im_end|>), a special token: the answer ends on a token boundary, the text
+    after it tokenizes as it does in the whole conversation, and the end is found by counting eos tokens
+    (_answer_end).
     `max_len=None` keeps every example whole (token_stats measures untruncated lengths).
     Raises DataError naming the record index, key and problem.
     """
@@ -247,7 +248,8 @@ def _answer_end(piece, full, start, end, stop, eos, eos_id):
     ends with the m-th `eos` of the segment; None when that cannot be read off the ids: no eos at the answer's end,
     or the segment's eos strings and eos tokens do not correspond one to one (e.g. split_special_tokens)."""
     m = full.count(eos, start, end)
-    if (eos_id is None or m == 0 or not full.endswith(eos, start, end) or piece.count(eos_id) != full.count(eos, start, stop)
+    if (eos_id is None or m == 0 or not full.endswith(eos, start, end)
+            or piece.count(eos_id) != full.count(eos, start, stop)
             or any(eos[:k] == eos[-k:] for k in range(1, len(eos)))):  # a self-overlapping eos would miscount
         return None
     at = -1
@@ -261,7 +263,9 @@ def _token_ids(tokenizer, texts):
     - ONE batched call of the Rust backend, without character offsets (nothing here needs them) and without the
       per-text conversion into a BatchEncoding; a call of the tokenizer on "" first puts the backend in the
       state that call would (no truncation, no padding, its special-token handling);
-    - texts already in NFC skip an NFC normalizer (Qwen's), which would only copy them unchanged.
+    - texts already in NFC skip an NFC normalizer (Qwen's), which would only copy them unchanged. The backend's
+      normalizer is switched off for that call and restored after it, so the tokenizer must not be used by
+      another thread meanwhile (datasets.map and DataLoader workers are processes: unaffected).
     """
     import unicodedata
 

@@ -167,7 +167,8 @@ QWEN3VL_CHAT_TEMPLATE = (
 )
 
 
-def build_tiny_qwen3vl_processor(out_dir=None, patch_size=16, merge_size=2, min_pixels=32 * 32, max_pixels=4096 * 32 * 32):
+def build_tiny_qwen3vl_processor(out_dir=None, patch_size=16, merge_size=2, min_pixels=32 * 32,
+                                 max_pixels=4096 * 32 * 32):
     """A Qwen3VLProcessor (Qwen2-VL image processor, Qwen3-VL video processor, the tiny BPE tokenizer) with Qwen3-VL's
     patch (16), merge (2) and temporal patch (2) sizes; saved to `out_dir` when given. Returns the processor."""
     from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor

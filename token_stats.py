@@ -21,7 +21,8 @@ suggested max_len (the smallest multiple of 64 covering --coverage of the exampl
   python token_stats.py --data data/train.jsonl --plot lengths.png --output lengths.jsonl
 
   # scorer shards
-  python token_stats.py --shards 'shards/train-{000..063}.tar' --processor Qwen/Qwen3-VL-8B-Instruct --max_pixels 1003520
+  python token_stats.py --shards 'shards/train-{000..063}.tar' --processor Qwen/Qwen3-VL-8B-Instruct \
+      --max_pixels 1003520
 """
 
 import gc
@@ -57,7 +58,7 @@ class StatsArguments:
     answer_key: str = field(default="answer", metadata={"help": "Key of the answer in {query, answer} records."})
     messages_key: str = field(default="messages", metadata={"help": "Key of the message list in chat records."})
     shards: str = field(default=None, metadata={
-        "help": "Scorer webdataset shards instead of SFT data: a glob and/or brace pattern, e.g. 'train-{000..063}.tar'."})
+        "help": "Scorer webdataset shards instead of SFT data: a glob and/or brace pattern ('train-{000..063}.tar')."})
     processor: str = field(default="Qwen/Qwen3-VL-8B-Instruct", metadata={
         "help": "Hub id or local folder of the Qwen3-VL processor (with --shards)."})
     min_pixels: int = field(default=None, metadata={
@@ -371,8 +372,8 @@ def print_table(report, speed):
     out.append(f"  {'':8}" + "".join(f"{name:>12}" for name, _ in cols))
     for stat in ("min", *p, "max", "mean", "std"):
         cells = [s.get(stat, s.get("percentiles", {}).get(stat)) for _, s in cols]
-        out.append(f"  {stat:8}" + "".join(f"{'-' if c is None else f'{c:,.1f}' if stat in ('mean', 'std') else f'{c:,.0f}':>12}"
-                                           for c in cells))
+        fmt = ",.1f" if stat in ("mean", "std") else ",.0f"
+        out.append(f"  {stat:8}" + "".join(f"{'-' if c is None else format(c, fmt):>12}" for c in cells))
     if r["kind"] == "sft":
         out.append(f"  tokens: {r['total_tokens']:,} in all, {r['prompt_tokens']:,} prompt (masked), "
                    f"{r['answer_tokens']:,} answer (trained, {r['answer_share']:.1%})")
@@ -523,7 +524,8 @@ def main(argv=None):
     else:
         unit = "examples" if report["kind"] == "sft" else "samples"
         print_table(report, f"{report['count']:,} {unit} in {seconds:.1f} s = {report['examples_per_s']:,.0f} "
-                            f"{unit}/s with {num_proc} process{'es' if num_proc > 1 else ''} (reading + exact encoding)")
+                            f"{unit}/s with {num_proc} process{'es' if num_proc > 1 else ''} "
+                            "(reading + exact encoding)")
         print(f"histogram ({unit} per length bin):")
         print("\n".join(text_histogram(lengths, {"max_len": report["max_len"],
                                                  "suggested": report["suggested_max_len"]})))

@@ -13,7 +13,8 @@ Data: mixed English/Chinese text over a large synthetic vocabulary, lengths log-
 to ~4,000), a fifth multi-turn, some with system prompts. Tokenizer: Qwen2's pipeline (NFC, Qwen's pre-tokenizer
 regex, byte-level BPE, Qwen's special tokens and chat template) with a 151,643-token BPE trained on that text, so
 per-token cost is that of the real Qwen2 tokenizer, which cannot be downloaded here.
-Ends with `token_stats_speedup_vs_loop: X`.
+Ends with `token_stats_speedup_vs_loop: X` (wall-clock examples/s ratio). The cpu-s column (all processes) shows
+whether other load on the machine skewed a round: token_stats needs every core to itself for its ratio.
 """
 
 import argparse
@@ -116,13 +117,14 @@ def make_records(maker, n, seed):
         pairs = []
         for _ in range(turns):
             q = rng.uniform(0.1, 0.5)
-            pairs.append((maker.text(rng, lang, int(total / turns * q)), maker.text(rng, lang, int(total / turns * (1 - q)))))
+            n = total / turns
+            pairs.append((maker.text(rng, lang, int(n * q)), maker.text(rng, lang, int(n * (1 - q)))))
         if turns == 1 and rng.random() < 0.6:
             yield {"query": pairs[0][0], "answer": pairs[0][1]}
             continue
         messages = []
         if rng.random() < 0.4:
-            system = "You are a careful assistant." if lang == "en" else "你是一个乐于助人的助手，请用中文回答。"
+            system = {"en": "You are a careful assistant.", "zh": "你是一个乐于助人的助手，请用中文回答。"}[lang]
             messages.append({"role": "system", "content": system})
         for q, a in pairs:
             messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
@@ -185,6 +187,14 @@ def run_token_stats(data_file, tokenizer_path, out_file):
         shutil.rmtree(cache, ignore_errors=True)
 
 
+def cpu_seconds():
+    """CPU time of this process and its finished children (token_stats' workers), user + system."""
+    import resource
+
+    return sum(x.ru_utime + x.ru_stime for x in (resource.getrusage(resource.RUSAGE_SELF),
+                                                resource.getrusage(resource.RUSAGE_CHILDREN)))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=50_000)
@@ -206,15 +216,18 @@ def main(argv=None):
           f"tokenizer: Qwen2 pipeline with a {args.vocab_size:,}-token byte-level BPE trained on the generated text")
 
     out_file = os.path.join(args.cache, "lengths.jsonl")
-    loop_s, ours_s = [], []
+    loop_s, ours_s, loop_cpu, ours_cpu = [], [], [], []
     for r in range(args.rounds):
-        t = time.time()
+        t, c = time.time(), cpu_seconds()
         loop_lengths = post_loop(data_file, tokenizer_path)
         loop_s.append(time.time() - t)
-        t = time.time()
+        loop_cpu.append(cpu_seconds() - c)
+        t, c = time.time(), cpu_seconds()
         report = run_token_stats(data_file, tokenizer_path, out_file)
         ours_s.append(time.time() - t)
-        print(f"round {r + 1}: loop {loop_s[-1]:.1f} s, token_stats {ours_s[-1]:.1f} s", flush=True)
+        ours_cpu.append(cpu_seconds() - c)
+        print(f"round {r + 1}: loop {loop_s[-1]:.1f} s ({loop_cpu[-1]:.1f} cpu-s), token_stats {ours_s[-1]:.1f} s "
+              f"({ours_cpu[-1]:.1f} cpu-s in all processes); machine load {os.getloadavg()[0]:.1f}", flush=True)
 
     # Agreement. The loop's length leaves out the closing "<|im_end|>\n" of the last answer, which the training
     # encoding has; so for every example, token_stats' total must be the loop's + 2, and for single-turn ones its
@@ -236,10 +249,11 @@ def main(argv=None):
     p = report["percentiles"]
     print(f"data: {n:,} examples ({sum(single):,} single-turn query/answer), tokens per example: median "
           f"{p['p50']:.0f}, p99 {p['p99']:.0f}, max {report['max']:,}, {report['total_tokens']:,} in all")
-    print(f"{'':34}{'seconds':>10}{'examples/s':>14}")
-    print(f"{'post loop (format + encode)':34}{min(loop_s):>10.2f}{loop_rate:>14,.0f}")
-    print(f"{'token_stats.py (exact encoding)':34}{min(ours_s):>10.2f}{ours_rate:>14,.0f}"
-          f"   ({report['num_proc']} processes)")
+    print(f"{'':34}{'seconds':>10}{'examples/s':>14}{'cpu-s':>10}")
+    print(f"{'post loop (format + encode)':34}{min(loop_s):>10.2f}{loop_rate:>14,.0f}{min(loop_cpu):>10.1f}")
+    print(f"{'token_stats.py (exact encoding)':34}{min(ours_s):>10.2f}{ours_rate:>14,.0f}{min(ours_cpu):>10.1f}"
+          f"   ({report['num_proc']} process{'es' if report['num_proc'] > 1 else ''}; best of {args.rounds} "
+          f"round{'s' if args.rounds > 1 else ''} each)")
     print(f"agreement with the loop: count {report['count']:,} vs {n:,}; total = loop's + 2 (the closing "
           f"<|im_end|>\\n) for {total_ok:,}/{n:,}; single-turn prompt = loop's prompt ids + 1 (the final \\n) and "
           f"answer = answer ids + 1 (<|im_end|>) for {split_ok:,}/{sum(single):,}; all exact: {agree}")

@@ -295,7 +295,8 @@ def test_sample_data_is_valid(qwen2_tokenizer):
 
 @pytest.mark.parametrize("content, message", [
     ('{"query": "q", "answer": "a"}\n{"query": "q"}\n', "line 2: missing key 'answer'"),
-    ('{"query": "q", "answer": "a"}\n\n{"messages": [{"role": "bot", "content": "x"}]}\n', "line 3: key 'messages[0]': unknown role 'bot'"),
+    ('{"query": "q", "answer": "a"}\n\n{"messages": [{"role": "bot", "content": "x"}]}\n',
+     "line 3: key 'messages[0]': unknown role 'bot'"),
     ('{"query": "q", "answer": "a"}\n{"query": "q", "answer": \n', "line 2: malformed JSON"),
 ])
 def test_bad_sft_data_exits_2_naming_file_and_line(sft_demo, tmp_path, content, message):
@@ -318,8 +319,8 @@ def test_bad_arguments_exit_2(sft_demo, tmp_path, capsys, monkeypatch):
 def test_benchmark_smoke(tmp_path):
     """bench/token_stats_speed.py end to end on a small tokenizer and few examples: its agreement check holds and
     it prints the ratio line (the speed itself is measured by the full run, not here)."""
-    r = run_cli(["python", "bench/token_stats_speed.py", "--examples", "400", "--vocab_size", "1000", "--corpus_docs", "500",
-                 "--rounds", "1",
+    r = run_cli(["python", "bench/token_stats_speed.py", "--examples", "400", "--vocab_size", "1000",
+                 "--corpus_docs", "500", "--rounds", "1",
                  "--cache", str(tmp_path)], timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "all exact: True" in r.stdout
