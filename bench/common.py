@@ -60,6 +60,19 @@ def read_result(stdout):
     return json.loads(lines[-1][len("RESULT "):]) if lines else None
 
 
+def run_child(cmd, **kwargs):
+    """Run one benchmark child process; returns (its emitted result, None) or (None, the last line it printed to
+    stderr: the error that stopped it)."""
+    import subprocess
+
+    proc = subprocess.run(cmd, capture_output=True, text=True, **kwargs)
+    result = read_result(proc.stdout)
+    if result is not None:
+        return result, None
+    err = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    return None, err[-1] if err else f"exit code {proc.returncode}"
+
+
 def importable(name):
     import importlib.util
 

@@ -21,11 +21,10 @@ peak measured on the same GPU in the same run.
 import argparse
 import itertools
 import os
-import subprocess
 import sys
 import time
 
-from common import QWEN2_VOCAB, emit, importable, matmul_peak_tflops, read_result, sync
+from common import QWEN2_VOCAB, emit, importable, matmul_peak_tflops, run_child, sync
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 _TOKENS = dict(image_token_id=151_655, video_token_id=151_656, vision_start_token_id=151_652,
@@ -212,12 +211,10 @@ def main():
                "--max_side", str(a.max_side), "--warmup", str(a.warmup), "--steps", str(a.steps)]
         if a.tiny:
             cmd.append("--tiny")
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        r = read_result(proc.stdout)
+        r, error = run_child(cmd)
         row = f"{model:<13}{mode:<8}{attn:<20}{ckpt:<6}"
         if r is None:
-            err = [line for line in proc.stderr.strip().splitlines() if line.strip()]
-            print(row + f"  failed: {(err[-1] if err else proc.returncode)!s:.120}", flush=True)
+            print(row + f"  failed: {error:.120}", flush=True)
             continue
         mfu = r["flops_per_s"] / (peak * 1e12)
         print(row + f"{r['tokens_per_s']:>10.0f}{r['samples_per_s']:>11.2f}{r['peak_mem_gb']:>9.1f}{mfu:>7.1%}"

@@ -17,11 +17,10 @@ layer even where we skip it) over the bf16 matmul peak measured on the same GPU 
 import argparse
 import itertools
 import os
-import subprocess
 import sys
 import time
 
-from common import QWEN2_VOCAB, emit, importable, matmul_peak_tflops, read_result, skewed_lengths, sync
+from common import QWEN2_VOCAB, emit, importable, matmul_peak_tflops, run_child, skewed_lengths, sync
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIGS = {  # from the released checkpoints' config.json
@@ -148,12 +147,10 @@ def main():
                "--max_len", str(a.max_len), "--warmup", str(a.warmup), "--steps", str(a.steps)]
         if a.tiny:
             cmd.append("--tiny")
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        r = read_result(proc.stdout)
+        r, error = run_child(cmd)
         row = f"{model:<12}{attn:<20}{pf:<8}{liger:<7}{ckpt:<6}"
         if r is None:
-            err = [line for line in proc.stderr.strip().splitlines() if line.strip()]
-            print(row + f"  failed: {(err[-1] if err else proc.returncode)!s:.120}", flush=True)
+            print(row + f"  failed: {error:.120}", flush=True)
             continue
         mfu = r["tokens_per_s"] * r["flops_per_token"] / (peak * 1e12)
         print(row + f"{r['tokens_per_s']:>10.0f}{r['samples_per_s']:>11.2f}{r['peak_mem_gb']:>9.1f}{mfu:>7.1%}",

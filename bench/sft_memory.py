@@ -15,11 +15,10 @@ Ends with `sft_peak_rss_gb: M` (ours, batch 4) and `sft_memory_ratio_vs_stock: R
 import argparse
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 
-from common import build_bench_model, emit, peak_rss_gb, read_result
+from common import build_bench_model, emit, peak_rss_gb, run_child
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CAP_GB = 20  # of the machine's 24 GB; what a side needs beyond this it cannot have
@@ -64,12 +63,8 @@ def run_side(side, batch, a, model, data, workdir):
 
     cmd = [sys.executable, os.path.join(HERE, "sft_memory.py"), "--child", side, "--batch", str(batch),
            "--max_len", str(a.max_len), "--model", model, "--data", data, "--workdir", workdir]
-    proc = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=cap)
-    res = read_result(proc.stdout)
-    if res is None:
-        err = [line for line in proc.stderr.strip().splitlines() if line.strip()]
-        return {"error": err[-1][:200] if err else f"exit code {proc.returncode}"}
-    return res
+    res, error = run_child(cmd, preexec_fn=cap)
+    return res if res is not None else {"error": error[:200]}
 
 
 def main():

@@ -23,12 +23,11 @@ best TRL setting that runs).
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 import time
 
-from common import build_bench_model, emit, make_records, peak_rss_gb, read_result
+from common import build_bench_model, emit, make_records, peak_rss_gb, run_child
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OURS = ("dynamic", "grouped", "packed")
@@ -162,12 +161,10 @@ def main():
         cmd = [sys.executable, os.path.join(HERE, "sft_throughput.py"), "--child", variant, "--workdir", workdir,
                "--model", model, "--data", data, "--examples", str(a.examples), "--batch", str(a.batch),
                "--max_len", str(a.max_len)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        res = read_result(proc.stdout)
-        if proc.returncode != 0 or res is None:
-            err = [line for line in proc.stderr.strip().splitlines() if line.strip()]
-            results[variant] = {"error": err[-1] if err else f"exit code {proc.returncode}"}
-            print(f"{variant}: FAILED ({results[variant]['error']})", flush=True)
+        res, error = run_child(cmd)
+        if res is None:
+            results[variant] = {"error": error}
+            print(f"{variant}: FAILED ({error})", flush=True)
             continue
         res["tokens_per_s"] = res["real_tokens"] / res["runtime_s"]
         res["padding_share"] = 1 - res["real_tokens"] / res["total_tokens"]
