@@ -138,7 +138,8 @@ def write_jsonl(path, records):
 
 
 def build_sft_demo(root, n_train=96, n_eval=16, seed=0):
-    """Tiny model + train/eval JSON Lines under `root`; returns (model_dir, train_file, eval_file)."""
+    """Tiny model (with its tokenizer) + train/eval JSON Lines under `root`; returns (model_dir, train_file,
+    eval_file). The SFT demo, the tests and `token_stats.py --demo` all start from it."""
     root = Path(root)
     model_dir = build_tiny_qwen2(root / "tiny-qwen2", seed=seed)
     train = write_jsonl(root / "train.jsonl", make_sft_records(n_train, seed=seed))
@@ -147,7 +148,7 @@ def build_sft_demo(root, n_train=96, n_eval=16, seed=0):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Scorer side (Qwen3-VL): a tiny processor and webdataset shards, for token_stats' tests
+# Scorer side (Qwen3-VL): a tiny processor and checkpoint, webdataset shards
 # ----------------------------------------------------------------------------------------------------------------
 
 # Qwen3-VL-Instruct's chat template, reduced to what scorer samples use (system/user/assistant messages whose
@@ -186,23 +187,6 @@ def build_tiny_qwen3vl_processor(out_dir=None, patch_size=16, merge_size=2, min_
         processor.save_pretrained(out_dir)
     return processor
 
-
-def write_scorer_shard(path, samples):
-    """A webdataset shard: per sample `KEY.json` ({prompt, score, type}) then its images `KEY.0.EXT`, `KEY.1.EXT`, ...
-    `samples` is a list of (key, record, [PIL image or (extension, raw bytes), ...])."""
-    shard = []
-    for key, record, images in samples:
-        sample = {"__key__": key, "json": json.dumps(record, ensure_ascii=False).encode()}
-        for i, image in enumerate(images):
-            ext, data = image if isinstance(image, tuple) else ("png", encode_image(image, "png"))
-            sample[f"{i}.{ext}"] = data
-        shard.append(sample)
-    return write_shard(path, shard)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Scorer training (train_scorer.py): a tiny Qwen3-VL checkpoint with that processor, synthetic shards
-# ----------------------------------------------------------------------------------------------------------------
 
 def tiny_qwen3_vl_config(tok):
     """The tiny Qwen3-VL config (2-block ViT with deepstack, 2-layer LM; patch 16, merge 2), token ids from the
@@ -252,15 +236,14 @@ def encode_image(image, fmt):
     return buf.getvalue()
 
 
-def vl_sample(key, prompt, images, score=None, kind=None, formats=("jpg", "png")):
-    """One sample as webdataset stores it: `{"__key__", "json", "0.jpg", "1.png", ...}` (values are bytes)."""
-    record = {"prompt": prompt}
-    if score is not None:
-        record.update(score=score, type=kind)
-    sample = {"__key__": key, "json": json.dumps(record).encode()}
+def vl_sample(key, record, images, formats=("jpg", "png")):
+    """One sample as webdataset stores it: `{"__key__", "json", "0.jpg", "1.png", ...}` (values are bytes).
+    `record` is KEY.json's object; an image is a PIL image (saved as formats[i % len(formats)]) or (extension,
+    bytes)."""
+    sample = {"__key__": key, "json": json.dumps(record, ensure_ascii=False).encode()}
     for i, image in enumerate(images):
-        fmt = formats[i % len(formats)]
-        sample[f"{i}.{fmt}"] = encode_image(image, fmt)
+        ext = image[0] if isinstance(image, tuple) else formats[i % len(formats)]
+        sample[f"{i}.{ext}"] = image[1] if isinstance(image, tuple) else encode_image(image, ext)
     return sample
 
 
@@ -284,7 +267,8 @@ def make_vl_samples(n, seed=0, num_types=3, prefix="s", min_side=32, max_side=96
                   for c in colours]
         brightness = sum(sum(c) / 765 for c in colours) / count
         prompt = f"Please {rng.choice(_EN_VERBS)} {rng.choice(_EN_TOPICS)}."
-        samples.append(vl_sample(f"{prefix}{i:05d}", prompt, images, round(10 * brightness, 3), kind))
+        samples.append(vl_sample(f"{prefix}{i:05d}", {"prompt": prompt, "score": round(10 * brightness, 3),
+                                                      "type": kind}, images))
     return samples
 
 

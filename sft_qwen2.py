@@ -22,6 +22,7 @@ Every assistant answer (content + the closing <|im_end|>) is trained; system, us
 A run that finds `checkpoint-*` folders in --output_dir resumes from the newest one.
 """
 
+import functools
 import os
 import tempfile
 import time
@@ -30,9 +31,10 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments
 
-from collate import (IGNORE_INDEX, DataError, encode_sft_batch, fail, last_checkpoint_to_resume, load_sft_file,
-                     parse_arguments, prepare_demo, record_location, resolve_mixed_precision, sft_collator,
-                     to_messages, use_lean_causal_lm_loss)
+from collate import IGNORE_INDEX, ChatFormat, DataError, encode_sft_batch, sft_collator, to_messages
+from data import load_sft_file, record_location
+from lean_loss import use_lean_causal_lm_loss
+from plumbing import fail, last_checkpoint_to_resume, log, parse_arguments, prepare_demo, resolve_mixed_precision
 
 
 @dataclass
@@ -46,7 +48,7 @@ class ModelArguments:
 
 
 @dataclass
-class DataArguments:
+class DataArguments(ChatFormat):  # --system_prompt, --query_key, --answer_key, --messages_key
     train_file: list[str] = field(default=None, metadata={"help": "One or more training files or datasets folders."})
     eval_file: list[str] = field(default=None, metadata={"help": "Evaluation files (else see --val_size)."})
     val_size: float = field(default=0.0, metadata={
@@ -55,11 +57,6 @@ class DataArguments:
     overflow: str = field(default="truncate", metadata={
         "help": "Longer examples: 'truncate' (cut from the right, dropped if no answer token is left) or 'drop'.",
         "choices": ["truncate", "drop"]})
-    system_prompt: str = field(default=None, metadata={
-        "help": "System prompt for records without one (default: the chat template's own)."})
-    query_key: str = field(default="query", metadata={"help": "Key of the question in {query, answer} records."})
-    answer_key: str = field(default="answer", metadata={"help": "Key of the answer in {query, answer} records."})
-    messages_key: str = field(default="messages", metadata={"help": "Key of the message list in chat records."})
     padding_free: bool = field(default=None, metadata={
         "help": "Pack each batch into one row without padding (exact: attention stays within each example). "
                 "Default: on with flash-attention, whose variable-length kernels make packing free; sdpa and "
@@ -87,6 +84,10 @@ class SFTArguments(TrainingArguments):
     report_to: str = field(default="none", metadata={"help": "none, tensorboard, wandb, ..."})
     prediction_loss_only: bool = field(default=True, metadata={
         "help": "Evaluate the loss only (gathering 152k-wide logits of every eval token would exhaust memory)."})
+    include_num_input_tokens_seen: str = field(default="non_padding", metadata={
+        "help": "Count the tokens trained, for the logs and the summary's tokens/s: non_padding (real tokens), all, "
+                "or no (one small all-gather per step, negligible next to a real step).",
+        "choices": ["non_padding", "all", "no"]})
 
     def __post_init__(self):
         resolve_mixed_precision(self)
@@ -109,7 +110,11 @@ DEMO_ARGS = [
 # ---------------------------------------------------------------------------------------------------------------
 
 def encode_files(paths, tokenizer, data_args, num_proc):
-    """Read and encode each file; returns (dataset, counts). Errors name the file and the line or record."""
+    """Read and encode each file; returns (dataset, counts). Errors name the file and the line or record.
+
+    Your data: records become chat messages in `collate.to_messages` (keys from --query_key, --answer_key,
+    --messages_key); another record layout is one change there.
+    """
     import datasets
 
     parts, counts = [], {"examples": 0, "truncated": 0, "dropped": 0}
@@ -117,9 +122,7 @@ def encode_files(paths, tokenizer, data_args, num_proc):
     def encode(batch, indices, path):
         records = [dict(zip(batch, values)) for values in zip(*batch.values())]
         try:
-            results = encode_sft_batch(records, tokenizer, data_args.max_len, data_args.overflow,
-                                       data_args.system_prompt, data_args.query_key, data_args.answer_key,
-                                       data_args.messages_key)
+            results = encode_sft_batch(records, tokenizer, data_args.max_len, data_args.overflow, data_args)
         except DataError as e:  # record i of this batch -> the file's own line number
             raise DataError(f"{record_location(path, indices[e.index])}: {e.problem}") from None
         kept = [(enc, status) for enc, status in results if enc is not None]
@@ -127,12 +130,8 @@ def encode_files(paths, tokenizer, data_args, num_proc):
                 "length": [len(e["input_ids"]) for e, _ in kept],
                 "truncated": [s == "truncated" for _, s in kept]}
 
-    def check(record):
-        to_messages(record, data_args.system_prompt, data_args.query_key, data_args.answer_key,
-                    data_args.messages_key)
-
     for path in paths:
-        raw = load_sft_file(path, check)
+        raw = load_sft_file(path, functools.partial(to_messages, fmt=data_args))
         enc = raw.map(encode, batched=True, with_indices=True, fn_kwargs={"path": path}, num_proc=num_proc,
                       remove_columns=raw.column_names, desc=f"encoding {os.path.basename(path)}")
         counts["examples"] += len(raw)
@@ -143,7 +142,7 @@ def encode_files(paths, tokenizer, data_args, num_proc):
 
 
 def show_example(example, tokenizer):
-    """Print one encoded example with the trained part inside ⟪ ⟫ so users can check their template's mask."""
+    """One encoded example with the trained part inside ⟪ ⟫, so users can check their template's mask."""
     ids, labels = example["input_ids"], example["labels"]
     pieces, start = [], 0
     for i in range(1, len(ids) + 1):
@@ -151,54 +150,23 @@ def show_example(example, tokenizer):
             text = tokenizer.decode(ids[start:i])
             pieces.append(text if labels[start] == IGNORE_INDEX else f"⟪{text}⟫")
             start = i
-    print(f"--- first training example ({len(ids)} tokens; loss only on the text inside ⟪ ⟫) ---")
-    print("".join(pieces))
-    print("---")
+    return (f"--- first training example ({len(ids)} tokens; loss only on the text inside ⟪ ⟫) ---\n"
+            + "".join(pieces) + "\n---")
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Trainer
-# ---------------------------------------------------------------------------------------------------------------
-
-class TokenCountingTrainer(Trainer):
-    """Trainer that counts the real tokens it trains on, for the summary's tokens/s.
-
-    The stock counter (`include_num_input_tokens_seen`) gathers across ranks and calls `.item()` every step, a
-    host sync in the hot path; this one adds on the device and reads the total once, at the end.
-    """
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        mask = inputs.get("attention_mask")
-        n = mask.sum() if mask is not None else torch.tensor(inputs["input_ids"].numel(), device=self.args.device)
-        self._tokens = n if getattr(self, "_tokens", None) is None else self._tokens + n
-        return super().training_step(model, inputs, num_items_in_batch)
-
-    def tokens_trained(self):
-        """Real tokens trained in this run, summed over all ranks (a collective: call it on every rank)."""
-        local = getattr(self, "_tokens", None)
-        local = torch.tensor(0, device=self.args.device) if local is None else local
-        return int(self.accelerator.reduce(local.to(self.args.device), reduction="sum"))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Main
+# Main: data -> model -> trainer (the stock one; the collator and the loss hook are ours) -> run -> summary
 # ---------------------------------------------------------------------------------------------------------------
 
 def main(argv=None):
     start = time.time()
     parser = HfArgumentParser((ModelArguments, DataArguments, SFTArguments))
-    try:
-        model_args, data_args, args = parse_arguments(parser, argv, demo_args=DEMO_ARGS)
-    except DataError as e:
-        fail(e)
+    model_args, data_args, args = parse_arguments(parser, argv, demo_args=DEMO_ARGS)
     if not data_args.train_file:
         fail("--train_file is required (or --demo)")
-    is_main = args.process_index == 0
-    log = print if is_main else (lambda *a, **k: None)
-
     if data_args.demo:
         import demo
-        prepare_demo(args, DEMO_DIR, demo.build_sft_demo)
+        prepare_demo(DEMO_DIR, demo.build_sft_demo, args)
 
     # Data: the local main process encodes first and caches, the others then load that cache. A data error is
     # raised on every rank (the others meet it too), so no rank is left waiting at a barrier.
@@ -226,8 +194,7 @@ def main(argv=None):
         + (f"; {len(eval_ds)} for evaluation" if eval_ds is not None else ""))
     if len(train_ds) == 0:
         fail(f"{', '.join(data_args.train_file)}: every example was dropped (max_len {data_args.max_len})")
-    if is_main:
-        show_example(train_ds[0], tokenizer)
+    log(show_example(train_ds[0], tokenizer))
 
     # Model: the training dtype is bf16 when training in bf16; fp16 mixed precision needs fp32 master weights.
     dtype = torch.bfloat16 if args.bf16 else torch.float32
@@ -239,16 +206,18 @@ def main(argv=None):
     if not args.use_liger_kernel:  # Liger brings its own fused linear + cross-entropy
         use_lean_causal_lm_loss(model)  # logits only at answer tokens, in chunks: never (tokens x 152k) at once
 
+    # Trainer
     pad_multiple = data_args.pad_to_multiple_of
     if pad_multiple is None and not args.use_cpu and torch.cuda.is_available():
         pad_multiple = 8
     flash = model_args.attn_implementation.startswith("flash")
     padding_free = flash if data_args.padding_free is None else data_args.padding_free
     collator = sft_collator(tokenizer, padding_free, pad_multiple, flash_attn_kwargs=flash)
-    trainer = TokenCountingTrainer(model=model, args=args, data_collator=collator, train_dataset=train_ds, eval_dataset=eval_ds,
+    trainer = Trainer(model=model, args=args, data_collator=collator, train_dataset=train_ds, eval_dataset=eval_ds,
                       processing_class=tokenizer)
 
-    result = trainer.train(resume_from_checkpoint=last_checkpoint_to_resume(args, log))
+    # Run: train (resuming from the newest checkpoint in output_dir), save, evaluate
+    result = trainer.train(resume_from_checkpoint=last_checkpoint_to_resume(args))
     trainer.save_model(args.output_dir)  # model + tokenizer, HF format
     trainer.save_state()
     metrics = dict(result.metrics)
@@ -258,11 +227,13 @@ def main(argv=None):
     trainer.save_metrics("all", metrics)
     trainer.metrics = metrics  # for callers of main()
 
-    wall = time.time() - start
-    tokens = trainer.tokens_trained()
+    # Summary: the Trainer's own token counts (all ranks; tokens/s of this run, as of the last log)
+    speed = next((h["train_tokens_per_second"] for h in reversed(trainer.state.log_history)
+                  if "train_tokens_per_second" in h), None)
     log(f"summary: {len(train_ds)} examples used ({counts['truncated']} truncated, {counts['dropped']} dropped), "
-        f"{tokens} tokens trained in {trainer.state.global_step} steps, wall {wall:.1f}s, "
-        f"{tokens / max(metrics['train_runtime'], 1e-9):.0f} tokens/s, final train loss {metrics['train_loss']:.4f}"
+        f"{trainer.state.num_input_tokens_seen} tokens trained in {trainer.state.global_step} steps, "
+        f"wall {time.time() - start:.1f}s, " + (f"{speed:.0f} tokens/s, " if speed else "")
+        + f"final train loss {metrics['train_loss']:.4f}"
         + (f", eval loss {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else "")
         + f"; model saved to {args.output_dir}")
     return trainer

@@ -25,13 +25,13 @@ suggested max_len (the smallest multiple of 64 covering --coverage of the exampl
       --max_pixels 1003520
 """
 
+import functools
 import gc
 import json
 import math
 import multiprocessing
 import os
 import sys
-import tarfile
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -39,24 +39,21 @@ from dataclasses import dataclass, field
 import numpy as np
 from transformers import HfArgumentParser
 
-from collate import (DataError, _apply_overflow, encode_sft_batch, expand_shards, fail, load_sft_file,
-                     parse_arguments, record_location, to_messages, vl_messages)
+from collate import (ChatFormat, DataError, apply_overflow, encode_sft_batch, open_image, parse_vl_sample, resized_size,
+                     to_messages, vl_text)
+from data import BadSample, expand_shards, load_sft_file, record_location, shard_samples
+from plumbing import fail, parse_arguments, prepare_demo
 
 SAMPLE_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "sample_sft.jsonl")
 PERCENTILES = (50, 90, 95, 99, 99.9)
 
 
 @dataclass
-class StatsArguments:
+class StatsArguments(ChatFormat):  # --system_prompt, --query_key, --answer_key, --messages_key, as sft_qwen2.py
     data: list[str] = field(default_factory=lambda: [SAMPLE_DATA], metadata={
         "help": "SFT files (.jsonl/.json/.parquet/.csv) or datasets folders, as sft_qwen2.py --train_file."})
     tokenizer: str = field(default="Qwen/Qwen2-7B-Instruct", metadata={
         "help": "Hub id or local folder of the tokenizer (the model you will fine-tune)."})
-    system_prompt: str = field(default=None, metadata={
-        "help": "System prompt for records without one (default: the chat template's own), as in sft_qwen2.py."})
-    query_key: str = field(default="query", metadata={"help": "Key of the question in {query, answer} records."})
-    answer_key: str = field(default="answer", metadata={"help": "Key of the answer in {query, answer} records."})
-    messages_key: str = field(default="messages", metadata={"help": "Key of the message list in chat records."})
     shards: str = field(default=None, metadata={
         "help": "Scorer webdataset shards instead of SFT data: a glob and/or brace pattern ('train-{000..063}.tar')."})
     processor: str = field(default="Qwen/Qwen3-VL-8B-Instruct", metadata={
@@ -65,6 +62,10 @@ class StatsArguments:
         "help": "Smallest image area after resizing, as train_scorer.py (default: qwen_vl_utils' own bound)."})
     max_pixels: int = field(default=None, metadata={
         "help": "Largest image area after resizing, as train_scorer.py (default: qwen_vl_utils' own bound)."})
+    num_types: int = field(default=None, metadata={
+        "help": "With --shards: a 'type' outside 0..num_types-1 is a bad sample, as in train_scorer.py."})
+    with_labels: bool = field(default=True, metadata={
+        "help": "With --shards: check the labels as training does (false for prediction shards: prompt and images)."})
     max_len: int = field(default=8192, metadata={
         "help": "The max_len you plan to train with: how many examples and tokens it would truncate or drop."})
     coverage: float = field(default=0.99, metadata={
@@ -85,23 +86,6 @@ class StatsArguments:
 DEMO_DIR = os.path.join(tempfile.gettempdir(), f"token-stats-demo-{os.getuid()}")
 
 
-def build_demo():
-    """The tiny demo tokenizer and 2,000 demo records under DEMO_DIR (built once; later runs reuse them)."""
-    import shutil
-
-    import demo
-
-    if os.path.isfile(os.path.join(DEMO_DIR, "train.jsonl")):
-        return
-    tmp = tempfile.mkdtemp(prefix="token-stats-demo-")
-    demo.build_tokenizer().save_pretrained(os.path.join(tmp, "tokenizer"))
-    demo.write_jsonl(os.path.join(tmp, "train.jsonl"), demo.make_sft_records(2000, seed=0))
-    try:
-        os.replace(tmp, DEMO_DIR)
-    except OSError:  # another run built it meanwhile
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Workers. A job is a slice of one input; it returns lengths only, so memory stays flat in the number of examples.
 # Workers are forked after the inputs are opened (Arrow files are memory-mapped, nothing is copied) and
@@ -120,18 +104,16 @@ def _sft_job(job):
     columns = ds[start:stop]
     records = [dict(zip(columns, values)) for values in zip(*columns.values())]
     try:
-        results = encode_sft_batch(records, _STATE["tokenizer"], None, "truncate", args.system_prompt,
-                                   args.query_key, args.answer_key, args.messages_key)
-    except DataError as e:  # "record i: ..." -> the file's own line number
-        where, _, problem = str(e).partition(": ")
-        raise DataError(f"{record_location(path, start + int(where.split()[-1]))}: {problem}") from None
+        results = encode_sft_batch(records, _STATE["tokenizer"], None, "truncate", args)
+    except DataError as e:  # record i of this job -> the file's own line number
+        raise DataError(f"{record_location(path, start + e.index)}: {e.problem}") from None
     out = np.zeros((len(results), 5), dtype=np.int64)
     for i, (enc, _) in enumerate(results):
         ids, labels = enc["input_ids"], enc["labels"]
         answer = len(labels) - labels.count(-100)
         out[i, :2] = len(ids), answer
-        if len(ids) > args.max_len:  # the very rule sft_qwen2.py applies (collate._apply_overflow)
-            kept, status = _apply_overflow(ids, labels, args.max_len, "truncate")
+        if len(ids) > args.max_len:  # the very rule sft_qwen2.py applies
+            kept, status = apply_overflow(ids, labels, args.max_len, "truncate")
             if kept is None:
                 out[i, 2:] = 2, len(ids), answer
             else:
@@ -140,29 +122,18 @@ def _sft_job(job):
 
 
 def _scorer_job(shard):
-    """All samples of one shard: a list of (key, text tokens, [image tokens of each image])."""
-    from webdataset.tariterators import group_by_keys, tar_file_iterator
-
+    """All samples of one shard: a list of (key, text tokens, [image tokens of each image]). A sample training
+    would refuse (collate.parse_vl_sample, the same checks and the same error line) stops the run."""
     processor, args = _STATE["processor"], _STATE["args"]
     keys, texts, image_tokens = [], [], []
-    try:
-        with open(shard, "rb") as f:
-            files = ({**member, "__url__": shard} for member in tar_file_iterator(f))
-            for sample in group_by_keys(files):
-                key = sample["__key__"]
-                try:
-                    prompt, images = _scorer_sample(sample)
-                    # the text train_scorer.py encodes: collate.encode_vl_example's messages and generation prompt
-                    texts.append(processor.apply_chat_template(vl_messages([None] * len(images), prompt),
-                                                               tokenize=False, add_generation_prompt=True))
-                    image_tokens.append([_image_tokens(image, processor, args) for image in images])
-                except DataError as e:
-                    raise DataError(f"{shard}: sample {key!r}: {e}") from None
-                keys.append(key)
-    except DataError:
-        raise
-    except (OSError, EOFError, ValueError, tarfile.TarError) as e:  # a truncated or foreign file
-        raise DataError(f"{shard}: not a readable tar shard ({str(e).splitlines()[0]})") from None
+    for sample in shard_samples(shard):
+        try:
+            s = parse_vl_sample(sample, {"type": args.num_types} if args.num_types else None, args.with_labels)
+            texts.append(vl_text(processor, len(s.images), s.prompt))
+            image_tokens.append([_image_tokens(member, data, processor, args) for member, data in s.images])
+        except DataError as e:
+            raise DataError(str(BadSample(shard, sample.get("__key__"), str(e)))) from None
+        keys.append(s.key)
     if not keys:
         raise DataError(f"{shard}: no samples")
     ids = processor.tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
@@ -170,47 +141,12 @@ def _scorer_job(shard):
     return [(key, len(t) - len(n), n) for key, t, n in zip(keys, ids, image_tokens)]
 
 
-def _scorer_sample(sample):
-    """(prompt, [image bytes in index order]) of one webdataset sample: KEY.json + KEY.0.jpg, KEY.1.png, ..."""
-    if "json" not in sample:
-        raise DataError("no .json member")
-    try:
-        record = json.loads(sample["json"])
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f".json: malformed JSON: {e}") from None
-    if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-        raise DataError(".json: key 'prompt': expected a string")
-    images = {}
-    for suffix, data in sample.items():
-        index, _, ext = suffix.partition(".")
-        if ext and index.isdigit():
-            images[int(index)] = (suffix, data)
-    return record["prompt"], [images[i] for i in sorted(images)]
-
-
-def _image_tokens(image, processor, args):
+def _image_tokens(member, data, processor, args):
     """Tokens of one image: its size after qwen_vl_utils' resize (header only, no pixel decode), in patches merged
     by the processor's merge size. The same numbers as process_vision_info + processor(do_resize=False)."""
-    import io
-
-    from PIL import Image, UnidentifiedImageError
-    from qwen_vl_utils.vision_process import IMAGE_MAX_TOKEN_NUM, IMAGE_MIN_TOKEN_NUM, SPATIAL_MERGE_SIZE, smart_resize
-
-    suffix, data = image
-    try:
-        width, height = Image.open(io.BytesIO(data)).size
-    except (UnidentifiedImageError, OSError) as e:
-        raise DataError(f"image .{suffix}: cannot be read as an image ({e})") from None
     ip = processor.image_processor
-    factor = ip.patch_size * SPATIAL_MERGE_SIZE  # what process_vision_info(image_patch_size=patch_size) resizes to
-    min_pixels = IMAGE_MIN_TOKEN_NUM * factor ** 2 if args.min_pixels is None else args.min_pixels
-    max_pixels = IMAGE_MAX_TOKEN_NUM * factor ** 2 if args.max_pixels is None else args.max_pixels
-    try:
-        h, w = smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
-    except ValueError as e:  # e.g. an aspect ratio over 200
-        raise DataError(f"image .{suffix} ({width}x{height}): {e}") from None
-    if h <= 0 or w <= 0:  # process_vision_info fails on these too ("height and width must be > 0")
-        raise DataError(f"image .{suffix} ({width}x{height}) resizes to {w}x{h} within max_pixels {max_pixels}")
+    h, w = resized_size(member, *open_image(member, data, decode=False).size, args.min_pixels, args.max_pixels,
+                        ip.patch_size)
     return (h // ip.patch_size) * (w // ip.patch_size) // ip.merge_size ** 2
 
 
@@ -225,11 +161,14 @@ def _run_jobs(fn, jobs, num_proc, sizes, unit):
         # used before a fork is disabled in the child, with a warning). gc.disable: workers build only acyclic
         # lists and dicts, and the collector's walks over them cost ~2% of their time for nothing.
         saved = os.environ.get("TOKENIZERS_PARALLELISM")
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # what the children inherit
         try:
             pool = multiprocessing.get_context("fork").Pool(workers(num_proc, len(jobs)), initializer=gc.disable)
         finally:
-            _restore_env("TOKENIZERS_PARALLELISM", saved)
+            if saved is None:
+                del os.environ["TOKENIZERS_PARALLELISM"]
+            else:
+                os.environ["TOKENIZERS_PARALLELISM"] = saved
     results = pool.imap(fn, jobs) if pool else map(fn, jobs)
     with tqdm(total=sum(sizes), unit=unit, file=sys.stderr, disable=None, mininterval=0.5) as bar:
         try:
@@ -246,21 +185,6 @@ def workers(num_proc, n_jobs):
     if "fork" not in multiprocessing.get_all_start_methods():
         return 1
     return max(1, min(num_proc, n_jobs))
-
-
-def _restore_env(name, value):
-    if value is None:
-        os.environ.pop(name, None)
-    else:
-        os.environ[name] = value
-
-
-def guard_tokenizers_parallelism():
-    """Undo the datasets trap: `Dataset.map(num_proc>=1)` sets TOKENIZERS_PARALLELISM=false at the OS level and then
-    hides it from os.environ, which silently halves batched tokenizer speed for the rest of the process. Unless
-    the user set it (os.environ shows it), clear it at the OS level too."""
-    if "TOKENIZERS_PARALLELISM" not in os.environ:
-        os.unsetenv("TOKENIZERS_PARALLELISM")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -446,9 +370,7 @@ def load_pretrained(kind, name, trust_remote_code, flag):
 
 def measure_sft(args, num_proc):
     """Lengths of every SFT example (rows of _sft_job), written to --output as they come."""
-    def check(record):
-        to_messages(record, args.system_prompt, args.query_key, args.answer_key, args.messages_key)
-
+    check = functools.partial(to_messages, fmt=args)
     _STATE.update(paths=args.data, inputs=[load_sft_file(p, check) for p in args.data])
     jobs = [(f, i, min(i + args.batch_size, len(ds))) for f, ds in enumerate(_STATE["inputs"])
             for i in range(0, len(ds), args.batch_size)]
@@ -485,20 +407,17 @@ def measure_scorer(args, num_proc):
 
 def main(argv=None):
     start = time.time()
-    guard_tokenizers_parallelism()
     parser = HfArgumentParser(StatsArguments)
-    try:
-        (args,) = parse_arguments(parser, argv)
-    except DataError as e:
-        fail(e)
+    (args,) = parse_arguments(parser, argv)
     if args.max_len < 1 or args.batch_size < 1 or (args.num_proc is not None and args.num_proc < 1):
         fail("--max_len, --batch_size and --num_proc must be positive")
     if not 0 < args.coverage <= 1:
         fail(f"--coverage must be in (0, 1], not {args.coverage}")
     num_proc = args.num_proc or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
-    if args.demo:
-        build_demo()
-        args.tokenizer, args.data = os.path.join(DEMO_DIR, "tokenizer"), [os.path.join(DEMO_DIR, "train.jsonl")]
+    if args.demo:  # the SFT demo's tiny model and 2,000 of its records
+        import demo
+        prepare_demo(DEMO_DIR, functools.partial(demo.build_sft_demo, n_train=2000))
+        args.tokenizer, args.data = os.path.join(DEMO_DIR, "tiny-qwen2"), [os.path.join(DEMO_DIR, "train.jsonl")]
 
     if args.shards:
         _STATE.update(args=args, processor=load_pretrained("AutoProcessor", args.processor, args.trust_remote_code,

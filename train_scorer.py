@@ -4,6 +4,7 @@ of the last token, trained from webdataset shards of multi-image samples; evalua
 Data: `.tar` shards; per sample `KEY.json` = {"prompt": str, "score": float, "type": int} and images `KEY.0.jpg`,
 `KEY.1.png`, ... (any format PIL reads), shown to the model in index order before the prompt. Keys contain no dots.
 Shard flags take brace patterns, globs or comma lists: 'data/train-{000000..000099}.tar', 'data/*.tar', 'a.tar,b.tar'.
+The label fields and their heads come from `collate.LABELS` (README "Forking": adding a field is one line there).
 
   # CPU demo: tiny random Qwen3-VL + synthetic shards, no downloads; trains, evaluates, predicts (under 2 minutes)
   bash run.sh train_scorer.py --demo
@@ -36,25 +37,24 @@ A run that finds `checkpoint-*` folders in --output_dir resumes from the newest 
 import json
 import math
 import os
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from accelerate.utils import gather_object
 from torch import nn
 from transformers import (AutoConfig, AutoProcessor, HfArgumentParser, Trainer, TrainerCallback, TrainingArguments,
                           set_seed)
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLModel, Qwen3VLPreTrainedModel
 
-from collate import (DataError, SampleEncoder, ShardStream, count_samples, expand_shards, fail,
-                     last_checkpoint_to_resume, parse_arguments, prepare_demo, resolve_mixed_precision)
+from collate import LABELS, DataError, VLEncoder
+from data import BadSample, ShardStream, count_samples, expand_shards, make_loader
+from plumbing import fail, last_checkpoint_to_resume, log, parse_arguments, prepare_demo, resolve_mixed_precision
 
-
-class AllRanksError(DataError):
-    """Bad input every rank knows about at the same step: rank 0 reports it, the others just exit 2."""
+CLASS_LABELS = [name for name, kind in LABELS.items() if kind == "class"]  # each has a `num_<name>s` setting
 
 
 @dataclass
@@ -117,8 +117,9 @@ class ScorerArguments(TrainingArguments):
 
     def __post_init__(self):
         resolve_mixed_precision(self)
-        # Unset means "when the backbone trains": main() decides once it knows the freezing flags.
-        self.activation_checkpointing_auto = self.activation_checkpointing is self.gradient_checkpointing is None
+        # Unset means "when the backbone trains" (main() knows the freezing flags); the Trainer turns None into False.
+        unset = self.activation_checkpointing is None and self.gradient_checkpointing is None
+        self.activation_checkpointing_auto = unset
         super().__post_init__()
 
 
@@ -134,17 +135,19 @@ DEMO_ARGS = [
 ]
 
 
+class AllRanksError(DataError):
+    """Bad input every rank knows about at the same step: rank 0 reports it, the others just exit 2."""
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# Model
+# Model: the backbone, one fp32 head per label field (collate.LABELS), losses
 # ---------------------------------------------------------------------------------------------------------------
 
 @dataclass
 class ScorerOutput(ModelOutput):
     loss: torch.FloatTensor | None = None
-    loss_score: torch.FloatTensor | None = None
-    loss_type: torch.FloatTensor | None = None
-    score: torch.FloatTensor | None = None
-    type_logits: torch.FloatTensor | None = None
+    head_losses: dict | None = None  # {label: loss}, detached
+    heads: dict | None = None  # {label: (batch,) values or (batch, classes) logits}
 
 
 def pool_last_token(hidden, attention_mask):
@@ -154,28 +157,31 @@ def pool_last_token(hidden, attention_mask):
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
 
-HEADS = ("score_head.", "type_head.")  # parameter-name prefixes of the heads
+HEADS = tuple(f"{name}_head." for name in LABELS)  # parameter-name prefixes of the heads
 
 
 class Qwen3VLScorer(Qwen3VLPreTrainedModel):
-    """Qwen3-VL backbone (no LM head) + fp32 `score` and `type` heads on the last real token.
+    """Qwen3-VL backbone (no LM head) + one fp32 head per label on the last real token.
 
-    `config` is the Qwen3-VL config plus `num_types`, `score_weight`, `type_weight`, `scorer_trains` (what trained)
+    `config` is the Qwen3-VL config plus `num_<class label>s`, `<label>_weight`, `scorer_trains` (what trained)
     and `scorer_base_model`: set when the backbone is frozen, saves then hold only the heads and `from_pretrained`
     rebuilds the backbone from there.
     """
 
-    _keep_in_fp32_modules_strict = ["score_head", "type_head"]  # fp32 even on a bf16 backbone
+    _keep_in_fp32_modules_strict = [f"{name}_head" for name in LABELS]  # fp32 even on a bf16 backbone
     _keys_to_ignore_on_load_unexpected = [r"^lm_head\."]
     accepts_loss_kwargs = False  # losses are per-batch means; the Trainer scales them for gradient accumulation
 
     def __init__(self, config):
         super().__init__(config)
         self.model = Qwen3VLModel(config)
-        hidden = config.text_config.hidden_size
-        self.score_head = nn.Linear(hidden, 1)
-        self.type_head = nn.Linear(hidden, config.num_types)
+        for name, kind in LABELS.items():
+            outputs = 1 if kind == "value" else getattr(config, f"num_{name}s")
+            setattr(self, f"{name}_head", nn.Linear(config.text_config.hidden_size, outputs))
         self.post_init()
+
+    def head(self, name):
+        return getattr(self, f"{name}_head")
 
     @classmethod
     def from_pretrained(cls, path, *args, config=None, **kwargs):
@@ -183,8 +189,8 @@ class Qwen3VLScorer(Qwen3VLPreTrainedModel):
         config = config or AutoConfig.from_pretrained(path)
         base = getattr(config, "scorer_base_model", None)
         model = super().from_pretrained(base or path, *args, config=config, **kwargs)
-        model.score_head.float()  # heads created here (not loaded) come in the backbone's dtype
-        model.type_head.float()
+        for name in LABELS:  # heads created here (not loaded) come in the backbone's dtype
+            model.head(name).float()
         if base:
             import safetensors.torch
 
@@ -198,8 +204,8 @@ class Qwen3VLScorer(Qwen3VLPreTrainedModel):
         """Choose what trains. A frozen backbone is saved as a reference to `base_record`, not as weights."""
         self.model.requires_grad_(not freeze_backbone)
         self.model.visual.requires_grad_(not (freeze_backbone or freeze_vision))
-        self.score_head.requires_grad_(True)
-        self.type_head.requires_grad_(True)
+        for name in LABELS:
+            self.head(name).requires_grad_(True)
         self.config.scorer_base_model = base_record if freeze_backbone else None
         self.config.scorer_trains = "heads" if freeze_backbone else "llm+heads" if freeze_vision else "all"
         self._keys_to_ignore_on_save = {k for k in self.state_dict() if not k.startswith(HEADS)} \
@@ -214,40 +220,43 @@ class Qwen3VLScorer(Qwen3VLPreTrainedModel):
         return pool_last_token(hidden.last_hidden_state, attention_mask)
 
     def forward(self, input_ids, attention_mask, mm_token_type_ids=None, pixel_values=None, image_grid_thw=None,
-                score_labels=None, type_labels=None):
+                **labels):
+        """`labels`: `<name>_labels` for every label (training, evaluation) or none (prediction)."""
         pooled = self.pooled(input_ids, attention_mask, mm_token_type_ids, pixel_values, image_grid_thw)
         with torch.autocast(pooled.device.type, enabled=False):
             pooled = pooled.float()
-            score = self.score_head(pooled).squeeze(-1)
-            type_logits = self.type_head(pooled)
-        if score_labels is None or type_labels is None:
-            return ScorerOutput(score=score, type_logits=type_logits)
-        loss_score = nn.functional.mse_loss(score, score_labels.float())
-        loss_type = nn.functional.cross_entropy(type_logits, type_labels)
-        loss = self.config.score_weight * loss_score + self.config.type_weight * loss_type
+            heads = {name: self.head(name)(pooled) for name in LABELS}
+        heads = {name: out.squeeze(-1) if LABELS[name] == "value" else out for name, out in heads.items()}
+        if not labels:
+            return ScorerOutput(heads=heads)
+        losses = {name: nn.functional.mse_loss(out, labels[f"{name}_labels"].float()) if LABELS[name] == "value"
+                  else nn.functional.cross_entropy(out, labels[f"{name}_labels"]) for name, out in heads.items()}
+        loss = sum(getattr(self.config, f"{name}_weight", 1.0) * value for name, value in losses.items())
         if pixel_values is None and self.training:
             # A text-only batch leaves the vision tower out of the graph; DDP without find_unused_parameters
             # would then wait forever for its gradients. Zero-valued terms give it zero gradients instead.
             unused = [p.sum() for p in self.model.visual.parameters() if p.requires_grad]
             if unused:
                 loss = loss + 0.0 * torch.stack(unused).sum()
-        return ScorerOutput(loss=loss, loss_score=loss_score.detach(), loss_type=loss_type.detach(), score=score,
-                            type_logits=type_logits)
+        return ScorerOutput(loss=loss, head_losses={k: v.detach() for k, v in losses.items()}, heads=heads)
 
 
 def load_scorer(model_args, dtype):
     """The scorer, from a Qwen3-VL checkpoint (new heads) or a scorer save; trainable parts set from the flags."""
     path = model_args.model_name_or_path
     config = AutoConfig.from_pretrained(path)
-    saved_types = getattr(config, "num_types", None)
-    if model_args.num_types is None and saved_types is None:
-        raise DataError(f"{path}: not a scorer checkpoint, so --num_types is required")
-    if model_args.num_types is not None and saved_types is not None and model_args.num_types != saved_types:
-        raise DataError(f"{path}: this scorer has {saved_types} types, not --num_types {model_args.num_types}")
-    config.num_types = saved_types or model_args.num_types
-    if config.num_types < 1:
-        raise DataError(f"--num_types must be at least 1, not {config.num_types}")
-    config.score_weight, config.type_weight = model_args.score_weight, model_args.type_weight
+    for name in CLASS_LABELS:  # the class count: from the flag, else from a scorer save; never two different ones
+        key = f"num_{name}s"
+        given, saved = getattr(model_args, key, None), getattr(config, key, None)
+        if given is None and saved is None:
+            raise DataError(f"{path}: not a scorer checkpoint, so --{key} is required")
+        if given is not None and saved is not None and given != saved:
+            raise DataError(f"{path}: this scorer has {saved} {name}s, not --{key} {given}")
+        setattr(config, key, saved or given)
+        if getattr(config, key) < 1:
+            raise DataError(f"--{key} must be at least 1, not {getattr(config, key)}")
+    for name in LABELS:
+        setattr(config, f"{name}_weight", getattr(model_args, f"{name}_weight", 1.0))
     model = Qwen3VLScorer.from_pretrained(path, config=config, dtype=dtype,
                                           attn_implementation=model_args.attn_implementation)
     # The base a frozen backbone refers to: the one a heads-only save already names, else this checkpoint.
@@ -257,26 +266,7 @@ def load_scorer(model_args, dtype):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Data: collate.ShardStream deals the shards out to ranks and workers; each worker decodes and encodes its samples
-# ---------------------------------------------------------------------------------------------------------------
-
-def _as_is(batch):  # streams yield whole batches; the default would turn their tuples into lists
-    return batch
-
-
-def make_loader(stream, args):
-    """A DataLoader over a ShardStream, not accelerator.prepare()d: each rank reads its own shards (no batches
-    dispatched from rank 0, whose slicing would also break the concatenated pixel_values)."""
-    workers = args.dataloader_num_workers
-    return torch.utils.data.DataLoader(
-        stream, batch_size=None, collate_fn=_as_is, num_workers=workers,
-        pin_memory=args.dataloader_pin_memory and torch.cuda.is_available(),
-        prefetch_factor=args.dataloader_prefetch_factor if workers else None,
-        multiprocessing_context=args.dataloader_multiprocessing_context if workers else None)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Metrics
+# Metrics: exact, over every evaluated sample
 # ---------------------------------------------------------------------------------------------------------------
 
 def _average_ranks(x):
@@ -293,37 +283,52 @@ def _pearson(a, b):
     return float(np.corrcoef(a, b)[0, 1])
 
 
-def scorer_metrics(rows, score_weight, type_weight, prefix="eval"):
-    """Exact metrics over every evaluated sample (rows: dicts with score, type_logits, score_label, type_label).
+def scorer_metrics(rows, weights, prefix="eval"):
+    """Metrics over every evaluated sample (rows: dicts with `heads` and `labels`, each {label: ...}).
 
-    Losses are means over samples (not over batches); macro-F1 averages the classes that occur as a label or a guess.
+    Per value label: loss (MSE), MAE, RMSE, Pearson, Spearman (average ranks); per class label: loss (cross-entropy),
+    accuracy, macro-F1 over the classes that occur as a label or a guess. Losses are means over samples (not over
+    batches); `loss` is their sum weighted by `weights` ({label: weight}).
     """
     if not rows:
         return {f"{prefix}_samples": 0}
-    pred = np.array([r["score"] for r in rows], dtype=np.float64)
-    label = np.array([r["score_label"] for r in rows], dtype=np.float64)
-    logits = np.array([r["type_logits"] for r in rows], dtype=np.float64)
-    kind = np.array([r["type_label"] for r in rows])
-    mse = float(np.mean((pred - label) ** 2))
-    top = logits.max(axis=1, keepdims=True)
-    log_z = (top + np.log(np.exp(logits - top).sum(axis=1, keepdims=True)))[:, 0]
-    ce = float(np.mean(log_z - logits[np.arange(len(kind)), kind]))
-    guess = logits.argmax(axis=1)
-    f1 = []
-    for c in np.union1d(kind, guess):
-        tp, fp, fn = np.sum((guess == c) & (kind == c)), np.sum((guess == c) & (kind != c)), np.sum(
-            (guess != c) & (kind == c))
-        f1.append(2 * tp / (2 * tp + fp + fn))
-    return {f"{prefix}_loss": score_weight * mse + type_weight * ce, f"{prefix}_loss_score": mse,
-            f"{prefix}_loss_type": ce, f"{prefix}_score_mae": float(np.mean(np.abs(pred - label))),
-            f"{prefix}_score_rmse": math.sqrt(mse), f"{prefix}_score_pearson": _pearson(pred, label),
-            f"{prefix}_score_spearman": _pearson(_average_ranks(pred), _average_ranks(label)),
-            f"{prefix}_type_accuracy": float(np.mean(guess == kind)), f"{prefix}_type_macro_f1": float(np.mean(f1)),
-            f"{prefix}_samples": len(rows)}
+    metrics = {f"{prefix}_loss": 0.0}
+    for name, kind in LABELS.items():
+        out = np.array([r["heads"][name] for r in rows], dtype=np.float64)
+        label = np.array([r["labels"][name] for r in rows], dtype=np.float64 if kind == "value" else np.int64)
+        if kind == "value":
+            mse = float(np.mean((out - label) ** 2))
+            metrics.update({f"{prefix}_loss_{name}": mse, f"{prefix}_{name}_mae": float(np.mean(np.abs(out - label))),
+                            f"{prefix}_{name}_rmse": math.sqrt(mse), f"{prefix}_{name}_pearson": _pearson(out, label),
+                            f"{prefix}_{name}_spearman": _pearson(_average_ranks(out), _average_ranks(label))})
+        else:
+            top = out.max(axis=1, keepdims=True)
+            log_z = (top + np.log(np.exp(out - top).sum(axis=1, keepdims=True)))[:, 0]
+            guess = out.argmax(axis=1)
+            f1 = [2 * np.sum((guess == c) & (label == c)) / (np.sum(guess == c) + np.sum(label == c))
+                  for c in np.union1d(label, guess)]
+            metrics.update({f"{prefix}_loss_{name}": float(np.mean(log_z - out[np.arange(len(label)), label])),
+                            f"{prefix}_{name}_accuracy": float(np.mean(guess == label)),
+                            f"{prefix}_{name}_macro_f1": float(np.mean(f1))})
+        metrics[f"{prefix}_loss"] += weights[name] * metrics[f"{prefix}_loss_{name}"]
+    metrics[f"{prefix}_samples"] = len(rows)
+    return metrics
+
+
+def prediction(row):
+    """One predictions.jsonl object: the key, each value label's output, each class label's guess and probabilities."""
+    out = {"key": row["key"]}
+    for name, kind in LABELS.items():
+        if kind == "value":
+            out[name] = row["heads"][name]
+        else:
+            probs = torch.tensor(row["heads"][name], dtype=torch.float64).softmax(-1)
+            out.update({name: int(probs.argmax()), f"{name}_probs": probs.tolist()})
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Trainer
+# Trainer: the scorer's loaders, head learning rate, per-head loss logs, bad samples, exact evaluation/prediction
 # ---------------------------------------------------------------------------------------------------------------
 
 class _SetStreamEpoch(TrainerCallback):
@@ -334,10 +339,6 @@ class _SetStreamEpoch(TrainerCallback):
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         self.stream.set_epoch(state.global_step // self.steps_per_epoch)
-
-
-def _describe(bad):
-    return (f"{bad['shard']}: {bad['key']}: " if "shard" in bad else "") + bad["problem"]
 
 
 class ScorerTrainer(Trainer):
@@ -351,7 +352,7 @@ class ScorerTrainer(Trainer):
         self.head_lr, self.on_bad_sample = head_lr, on_bad_sample
         self.train_bad = set()  # (shard, key) skipped on this rank while training
         self._train_error = None  # the first bad training sample in `error` mode
-        self._head_sums, self._head_steps = torch.zeros(2, device=self.args.device), 0
+        self._head_sums, self._head_steps = torch.zeros(len(LABELS), device=self.args.device), 0
 
     def get_train_dataloader(self):
         return make_loader(self.train_dataset, self.args)
@@ -371,43 +372,28 @@ class ScorerTrainer(Trainer):
             self.optimizer = optimizer_cls(params, **optimizer_kwargs)
         return self.optimizer
 
-    def _apply_policy(self, found):
-        """--on_bad_sample for the bad-sample records every rank holds (gathered): raise the first in `error` mode
-        (or when fatal), else return their (shard, key) pairs to count."""
-        for bad in found:
-            if bad.get("fatal") or self.on_bad_sample == "error":
-                raise AllRanksError(_describe(bad))
-        return {(bad["shard"], bad["key"]) for bad in found}
-
     def _note_train_bad(self, found):
         """Bad samples met in a training batch: counted, or in `error` mode kept until every rank stops together at
         the next logging step (a rank that stopped alone would leave the others waiting in a collective)."""
         for bad in found:
-            if bad.get("fatal"):  # this rank's stream cannot go on
-                raise DataError(_describe(bad))
+            if bad.fatal:  # this rank's stream cannot go on
+                raise DataError(str(bad))
             if self.on_bad_sample == "error":
                 self._train_error = self._train_error or bad
             else:
-                self.train_bad.add((bad["shard"], bad["key"]))
+                self.train_bad.add((bad.shard, bad.key))
 
     def raise_train_error(self):
         """Stop every rank with the first training error any rank met (every rank calls this at the same step)."""
-        errors = [self._train_error] if self._train_error else []
-        if self.args.world_size > 1:
-            from accelerate.utils import gather_object
-
-            errors = gather_object(errors)
+        errors = gather_object([self._train_error] if self._train_error else [])
         if errors:
-            raise AllRanksError(_describe(errors[0]))
-
-    def _model_inputs(self, batch):
-        return {k: v for k, v in batch.items() if k not in self.META}
+            raise AllRanksError(str(errors[0]))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self._note_train_bad(inputs.get("bad_samples", []))
-        outputs = model(**self._model_inputs(inputs))
+        outputs = model(**{k: v for k, v in inputs.items() if k not in self.META})
         if model.training:  # window sums of the per-head losses, logged as means across ranks by log()
-            self._head_sums += torch.stack([outputs.loss_score, outputs.loss_type]).detach()  # no graph kept
+            self._head_sums += torch.stack([outputs.head_losses[name] for name in LABELS])
             self._head_steps += 1
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
@@ -415,7 +401,7 @@ class ScorerTrainer(Trainer):
         if "loss" in logs:  # a training log: every rank is here at the same step
             self.raise_train_error()
             means = self.accelerator.reduce(self._head_sums / max(self._head_steps, 1), reduction="mean")
-            logs["loss_score"], logs["loss_type"] = means.tolist()
+            logs.update({f"loss_{name}": value for name, value in zip(LABELS, means.tolist())})
             self._head_sums.zero_()
             self._head_steps = 0
         super().log(logs, start_time)
@@ -433,39 +419,38 @@ class ScorerTrainer(Trainer):
                 found += batch["bad_samples"]
                 if "input_ids" not in batch:  # only bad samples were left for this batch
                     continue
-                inputs = self._model_inputs(batch)
-                inputs = self._prepare_inputs({k: v for k, v in inputs.items() if not k.endswith("_labels")})
+                inputs = self._prepare_inputs({k: v for k, v in batch.items()
+                                               if k not in self.META and not k.endswith("_labels")})
                 with self.accelerator.autocast():
-                    out = model(**inputs)
-                # one device-to-host copy per batch, not one sync per sample
-                scores, logits = out.score.float().tolist(), out.type_logits.float().tolist()
-                n = len(batch["keys"])
-                score_labels = batch["score_labels"].tolist() if "score_labels" in batch else [None] * n
-                type_labels = batch["type_labels"].tolist() if "type_labels" in batch else [None] * n
+                    heads = model(**inputs).heads
+                # one device-to-host copy per head and batch, not one sync per sample
+                heads = {name: out.float().tolist() for name, out in heads.items()}
+                labels = {name: batch[f"{name}_labels"].tolist() for name in LABELS if f"{name}_labels" in batch}
                 for i, key in enumerate(batch["keys"]):
-                    rows.append({"order": batch["order"][i], "key": key, "score": scores[i], "type_logits": logits[i],
-                                 "score_label": score_labels[i], "type_label": type_labels[i]})
+                    rows.append({"order": batch["order"][i], "key": key,
+                                 "heads": {name: out[i] for name, out in heads.items()},
+                                 "labels": {name: values[i] for name, values in labels.items()}})
         model.train(was_training)
-        if self.args.world_size > 1:
-            from accelerate.utils import gather_object
-
-            rows, found = gather_object(rows), gather_object(found)
+        rows, found = gather_object(rows), gather_object(found)
         rows.sort(key=lambda r: tuple(r["order"]))
         first, unique = {}, []
         for r in rows:  # a key twice in the data would break "one prediction per key"
             if r["key"] in first:
-                found.append({"shard": stream.shards[r["order"][0]], "key": r["key"],
-                              "problem": f"duplicate key (first in {stream.shards[first[r['key']][0]]})"})
+                found.append(BadSample(stream.shards[r["order"][0]], r["key"],
+                                       f"duplicate key (first in {stream.shards[first[r['key']][0]]})"))
             else:
                 first[r["key"]] = r["order"]
                 unique.append(r)
-        return unique, self._apply_policy(found)
+        for bad in found:  # --on_bad_sample error (or a fatal one): every rank raises the same first error
+            if bad.fatal or self.on_bad_sample == "error":
+                raise AllRanksError(str(bad))
+        return unique, {(bad.shard, bad.key) for bad in found}
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         start = time.time()
         rows, bad = self.exact_pass(eval_dataset or self.eval_dataset)
-        model = self.model
-        metrics = scorer_metrics(rows, model.config.score_weight, model.config.type_weight, metric_key_prefix)
+        weights = {name: getattr(self.model.config, f"{name}_weight", 1.0) for name in LABELS}
+        metrics = scorer_metrics(rows, weights, metric_key_prefix)
         metrics[f"{metric_key_prefix}_bad_samples"] = len(bad)
         metrics[f"{metric_key_prefix}_runtime"] = round(time.time() - start, 4)
         self.log(metrics)
@@ -477,19 +462,12 @@ class ScorerTrainer(Trainer):
         if self.args.process_index == 0:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             with open(path, "w", encoding="utf-8") as f:
-                for r in rows:
-                    probs = torch.tensor(r["type_logits"], dtype=torch.float64).softmax(-1)
-                    f.write(json.dumps({"key": r["key"], "score": r["score"], "type": int(probs.argmax()),
-                                        "type_probs": probs.tolist()}) + "\n")
+                f.writelines(json.dumps(prediction(r)) + "\n" for r in rows)
         return len(rows), len(bad)
 
     def gathered_train_bad(self):
         """Bad training samples skipped on each rank, and their union over ranks (a sample met twice counts once)."""
-        per_rank = [sorted(self.train_bad)]
-        if self.args.world_size > 1:
-            from accelerate.utils import gather_object
-
-            per_rank = gather_object(per_rank)
+        per_rank = gather_object([sorted(self.train_bad)])
         return [len(r) for r in per_rank], len({b for r in per_rank for b in r})
 
 
@@ -497,32 +475,13 @@ class ScorerTrainer(Trainer):
 # Main
 # ---------------------------------------------------------------------------------------------------------------
 
-def stop(error):
-    """Exit 2 with the error's one line. One that every rank met at once (AllRanksError) is said once, by rank 0,
-    and no rank leaves before it is said: torchrun stops every process as soon as one has exited."""
-    import torch.distributed as dist
-
-    shared = isinstance(error, AllRanksError) and dist.is_available() and dist.is_initialized()
-    try:
-        if shared and dist.get_rank() != 0:
-            sys.exit(2)
-        fail(error)
-    finally:
-        if shared:
-            dist.barrier()
-            dist.destroy_process_group()  # left to interpreter exit, gloo aborts when a peer is already gone
-
-
 def main(argv=None):
     start = time.time()
     parser = HfArgumentParser((ModelArguments, DataArguments, ScorerArguments))
-    try:
-        model_args, data_args, args = parse_arguments(parser, argv, demo_args=DEMO_ARGS)
-    except DataError as e:
-        fail(e)
+    model_args, data_args, args = parse_arguments(parser, argv, demo_args=DEMO_ARGS)
     if data_args.demo:
         import demo
-        prepare_demo(args, DEMO_DIR, demo.build_scorer_demo)
+        prepare_demo(DEMO_DIR, demo.build_scorer_demo, args)
     predict_shards = data_args.predict_shards if data_args.predict_shards is not None else data_args.eval_shards
     if args.do_predict and predict_shards is None:
         fail("--do_predict needs --predict_shards (or --eval_shards)")
@@ -534,9 +493,8 @@ def main(argv=None):
         args.activation_checkpointing = False  # nothing to recompute: the backbone runs without autograd
     elif args.activation_checkpointing_auto:
         args.activation_checkpointing = True
-    is_main = args.process_index == 0
-    log = print if is_main else (lambda *a, **k: None)
 
+    # Data: shard lists now (a typo exits before any model loads); samples are read and encoded by the loaders.
     try:
         shards = {}
         for name, spec in (("train", data_args.train_shards), ("eval", data_args.eval_shards),
@@ -546,26 +504,26 @@ def main(argv=None):
                     shards[name] = expand_shards(spec)
                 except DataError as e:
                     raise DataError(f"--{name}_shards: {e}") from None
+        epoch_samples = data_args.epoch_samples or (count_samples(shards["train"]) if "train" in shards else 0)
         processor = AutoProcessor.from_pretrained(model_args.model_name_or_path)
         set_seed(args.seed)  # new heads start the same way in every run with this seed
         model = load_scorer(model_args, torch.bfloat16 if args.bf16 else torch.float32)
     except DataError as e:
         fail(e)
-    num_types, pad_id = model.config.num_types, processor.tokenizer.pad_token_id
+    classes = {name: getattr(model.config, f"num_{name}s") for name in CLASS_LABELS}
 
+    # Your data: each sample is checked (collate.parse_vl_sample: the json fields of collate.LABELS, image order) and
+    # encoded (collate.encode_vl_example) by VLEncoder, in the DataLoader workers.
     def stream(name, batch_size, **kw):
-        encoder = SampleEncoder(processor, num_types, name != "predict", data_args.min_pixels, data_args.max_pixels,
-                                data_args.max_len)
-        return ShardStream(shards[name], encoder, batch_size, pad_id, args.process_index, args.world_size,
-                           stop_at_bad=data_args.on_bad_sample == "error" and name != "train", seed=args.seed, **kw)
+        encoder = VLEncoder(processor, classes, name != "predict", data_args.min_pixels, data_args.max_pixels,
+                            data_args.max_len)
+        return ShardStream(shards[name], encoder, batch_size, processor.tokenizer.pad_token_id, args.process_index,
+                           args.world_size, stop_at_bad=data_args.on_bad_sample == "error" and name != "train",
+                           seed=args.seed, **kw)
 
     train_stream = eval_stream = None
     callbacks = []
     if "train" in shards:
-        try:
-            epoch_samples = data_args.epoch_samples or count_samples(shards["train"])
-        except DataError as e:
-            fail(e)
         accumulation = args.gradient_accumulation_steps
         steps = max(1, math.ceil(epoch_samples / (args.world_size * args.per_device_train_batch_size * accumulation)))
         train_stream = stream("train", args.per_device_train_batch_size, batches_per_epoch=steps * accumulation,
@@ -582,10 +540,12 @@ def main(argv=None):
     trainer = ScorerTrainer(model=model, args=args, train_dataset=train_stream, eval_dataset=eval_stream,
                             processing_class=processor, callbacks=callbacks, head_lr=args.head_lr,
                             on_bad_sample=data_args.on_bad_sample)
+
+    # Run: train, evaluate, predict. A bad sample in `error` mode stops every rank together (AllRanksError).
     metrics, summary = {}, []
     try:
         if train_stream is not None:
-            resume = last_checkpoint_to_resume(args, log)
+            resume = last_checkpoint_to_resume(args)
             if resume:  # its optimizer state fits only the same trainable parameters on the same base
                 saved = AutoConfig.from_pretrained(resume)
                 for key in ("scorer_trains", "scorer_base_model"):
@@ -600,13 +560,15 @@ def main(argv=None):
             metrics.update(result.metrics)
             per_rank, total = trainer.gathered_train_bad()
             metrics["train_bad_samples"] = total
-            last = next((h for h in reversed(trainer.state.log_history) if "loss_score" in h), {})
+            last = next((h for h in reversed(trainer.state.log_history) if "loss" in h and "step" in h), {})
+            heads = ", ".join(f"{name} {last.get(f'loss_{name}', 0):.4f}" for name in LABELS)
             summary.append(f"trained {trainer.state.global_step} steps, last logged loss {last.get('loss', 0):.4f} "
-                           f"(score {last.get('loss_score', 0):.4f}, type {last.get('loss_type', 0):.4f}); "
-                           f"bad samples skipped {total} (per rank {per_rank}); model saved to {args.output_dir}")
+                           f"({heads}); bad samples skipped {total} (per rank {per_rank}); model saved to "
+                           f"{args.output_dir}")
         if eval_stream is not None:
             last_eval = next((h for h in reversed(trainer.state.log_history) if "eval_loss" in h), {})
-            if last_eval.get("step") == trainer.state.global_step > 0 and not args.load_best_model_at_end:
+            steps = trainer.state.global_step
+            if steps > 0 and last_eval.get("step") == steps and not args.load_best_model_at_end:
                 metrics.update({k: v for k, v in last_eval.items() if k.startswith("eval_")})  # this very model
             else:
                 metrics.update(trainer.evaluate())
@@ -619,7 +581,7 @@ def main(argv=None):
             metrics.update(predict_samples=n, predict_bad_samples=bad)
             summary.append(f"predictions for {n} samples written to {path} ({bad} bad samples skipped)")
     except DataError as e:
-        stop(e)
+        fail(e, every_rank=isinstance(e, AllRanksError))
     trainer.log_metrics("all", metrics)
     trainer.save_metrics("all", metrics)  # all_results.json
     trainer.metrics = metrics  # for callers of main()

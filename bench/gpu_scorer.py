@@ -127,6 +127,7 @@ def make_batches(config, n_batches, batch, sides, seed=0):
 def child(a):
     import torch
 
+    from collate import LABELS
     from train_scorer import Qwen3VLScorer
 
     device = "cuda" if torch.cuda.is_available() and not a.tiny else "cpu"
@@ -135,8 +136,8 @@ def child(a):
     torch.manual_seed(0)
     with torch.device(device):
         model = Qwen3VLScorer._from_config(config, dtype=dtype, attn_implementation=a.attn)
-    model.score_head.float()  # fp32 heads on a bf16 backbone, as train_scorer.py loads them
-    model.type_head.float()
+    for name in LABELS:  # fp32 heads on a bf16 backbone, as train_scorer.py loads them
+        model.head(name).float()
     frozen = a.mode == "frozen"
     model.set_trainable(freeze_backbone=frozen, freeze_vision=False, base_record="random weights")
     if a.ckpt == "on":

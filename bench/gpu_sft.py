@@ -59,7 +59,8 @@ def child(a):
     from transformers import AutoModelForCausalLM, Qwen2Config
 
     import demo
-    from collate import sft_collator, use_lean_causal_lm_loss
+    from collate import sft_collator
+    from lean_loss import use_lean_causal_lm_loss
 
     device = "cuda" if torch.cuda.is_available() and not a.tiny else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32

@@ -1,5 +1,5 @@
 """The scorer's input pipeline on CPU: samples/s of shard read, image decode, process_vision_info, processor and
-collate_vl (collate.ShardStream through train_scorer.make_loader) with 0, 1 and 2 DataLoader workers, against the
+collate_vl (data.ShardStream through data.make_loader) with 0, 1 and 2 DataLoader workers, against the
 background post's approach (one processor call per sample, then torch.stack of pixel_values), in one run.
 
     python bench/scorer_pipeline.py            # the full bench (about 2-3 minutes on 2 cores)
@@ -27,8 +27,9 @@ from types import SimpleNamespace
 import common  # noqa: F401 - puts the repository root on sys.path
 
 import demo
-from collate import SampleEncoder, ShardStream, collate_vl, encode_vl_example, read_vl_sample
-from train_scorer import DataArguments, ModelArguments, load_scorer, make_loader
+from collate import VLEncoder, collate_vl, encode_vl_example, open_image, parse_vl_sample
+from data import ShardStream, make_loader
+from train_scorer import DataArguments, ModelArguments, load_scorer
 
 NUM_TYPES = 3
 SHARDS = 4
@@ -45,8 +46,8 @@ def make_sample(key, rng, sides, count):
         field = Image.frombytes("RGB", (8, 8), bytes(rng.randrange(256) for _ in range(8 * 8 * 3)))
         images.append(field.resize(sides(), Image.BICUBIC))
     prompt = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(5, 40)))
-    return demo.vl_sample(key, prompt, images, round(rng.uniform(0, 10), 3), rng.randrange(NUM_TYPES),
-                          formats=("jpg",))
+    record = {"prompt": prompt, "score": round(rng.uniform(0, 10), 3), "type": rng.randrange(NUM_TYPES)}
+    return demo.vl_sample(key, record, images, formats=("jpg",))
 
 
 def write_set(root, name, n, sides, counts, seed):
@@ -92,8 +93,9 @@ class PerSample:
         self.processor, self.min_pixels, self.max_pixels = processor, min_pixels, max_pixels
 
     def __call__(self, sample):
-        prompt, images, _, _ = read_vl_sample(sample, NUM_TYPES)
-        return dict(encode_vl_example(images, prompt, self.processor, self.min_pixels, self.max_pixels))
+        s = parse_vl_sample(sample, {"type": NUM_TYPES})
+        images = [open_image(member, data) for member, data in s.images]
+        return dict(encode_vl_example(images, s.prompt, self.processor, self.min_pixels, self.max_pixels))
 
 
 def baseline_loader(shards, per_sample, batch, workers):
@@ -144,7 +146,7 @@ def main():
     mixed = write_set(tmp.name, "mixed", a.samples, lambda r: (r.randint(a.min_side, a.max_side),
                                                                 r.randint(a.min_side, a.max_side)), (2, 3), seed=0)
     same = write_set(tmp.name, "same", a.samples, lambda r: (a.same_side, a.same_side), (2,), seed=1)
-    encoder = SampleEncoder(processor, NUM_TYPES, True, min_px, max_px, max_len=1 << 20)
+    encoder = VLEncoder(processor, {"type": NUM_TYPES}, True, min_px, max_px, max_len=1 << 20)
     per_sample = PerSample(processor, min_px, max_px)
     workers = [int(w) for w in a.workers.split(",")]
     print(f"{a.samples} samples per set in {SHARDS} shards, batch {a.batch}, JPEG; mixed: 2-3 images, sides "

@@ -44,7 +44,8 @@ def child(a):
         from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer,
                                   TrainingArguments)
 
-        from collate import encode_sft_batch, load_sft_file
+        from collate import encode_sft_batch
+        from data import load_sft_file
 
         tok = AutoTokenizer.from_pretrained(a.model)
         encoded = [e for e, _ in encode_sft_batch(load_sft_file(a.data).to_list(), tok, a.max_len)]

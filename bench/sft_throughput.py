@@ -82,7 +82,8 @@ def run_static(a):
     from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer,
                               TrainingArguments)
 
-    from collate import encode_sft_batch, load_sft_file
+    from collate import encode_sft_batch
+    from data import load_sft_file
 
     tok = AutoTokenizer.from_pretrained(a.model)
     records = load_sft_file(a.data).to_list()
@@ -104,7 +105,7 @@ def run_trl(a, variant):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from collate import load_sft_file
+    from data import load_sft_file
 
     tok = AutoTokenizer.from_pretrained(a.model)
     rows = [{"prompt": [{"role": "user", "content": r["query"]}],

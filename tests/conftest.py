@@ -1,5 +1,6 @@
-"""Shared fixtures: tiny offline checkpoints built once per test session (see demo.py)."""
+"""Shared fixtures and helpers: tiny offline checkpoints built once per test session (see demo.py), a CLI runner."""
 
+import json
 import os
 import sys
 
@@ -25,15 +26,6 @@ def qwen2_tokenizer(sft_demo):
     return AutoTokenizer.from_pretrained(sft_demo[0])
 
 
-def run_cli(args, env=None, timeout=300):
-    """Run a command from the repository root as a user would; returns CompletedProcess (text)."""
-    import subprocess
-
-    full_env = dict(os.environ, PYTHON=sys.executable, **(env or {}))
-    full_env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + full_env.get("PATH", "")
-    return subprocess.run(args, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
-
-
 @pytest.fixture(scope="session")
 def scorer_demo(tmp_path_factory):
     """(model_dir, train_pattern, eval_pattern) of the tiny Qwen3-VL + synthetic shards (64 train, 14 eval)."""
@@ -47,6 +39,30 @@ def vl_processor(scorer_demo):
     return AutoProcessor.from_pretrained(scorer_demo[0])
 
 
+def image(w, h, colour=(10, 20, 30)):
+    from PIL import Image
+
+    return Image.new("RGB", (w, h), colour)
+
+
+VL_SAMPLES = [  # 2, 1 and 3 images of different sizes, then a text-only sample: (images, prompt)
+    ([image(64, 48, (200, 10, 10)), image(32, 96, (10, 200, 10))], "Please describe the ocean."),
+    ([image(80, 80, (90, 90, 90))], "Rate it."),
+    ([image(40, 40, (1, 2, 3)), image(96, 64, (250, 250, 0)), image(50, 70, (0, 0, 250))], "Three pictures."),
+    ([], "No picture at all, a longer prompt than the others."),
+]
+VL_PIXELS = dict(min_pixels=32 * 32, max_pixels=64 * 64)
+
+
+@pytest.fixture(scope="session")
+def vl_features(vl_processor):
+    """Per-sample processor outputs of VL_SAMPLES with labels (score i, type i % 3) and keys k0..k3."""
+    from collate import encode_vl_example
+
+    return [{**encode_vl_example(images, prompt, vl_processor, **VL_PIXELS), "score_labels": float(i),
+             "type_labels": i % 3, "key": f"k{i}"} for i, (images, prompt) in enumerate(VL_SAMPLES)]
+
+
 @pytest.fixture
 def one_thread():
     """Run a test's tiny-model math on one thread: faster than two for tensors this small, and immune to a busy
@@ -57,3 +73,35 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def run_cli(args, env=None, timeout=300):
+    """Run a command from the repository root as a user would; returns CompletedProcess (text)."""
+    import subprocess
+
+    full_env = dict(os.environ, PYTHON=sys.executable, **(env or {}))
+    full_env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + full_env.get("PATH", "")
+    return subprocess.run(args, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def exit_2_line(capsys, main, args):
+    """Run a script's main(args) in-process on bad input: it must exit 2 with an `error: ` line last on stderr,
+    and no traceback; returns that line."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(args))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and err and err[-1].startswith("error: "), err
+    assert not any("Traceback" in line for line in err), err
+    return err[-1]
+
+
+def read_jsonl(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def log_history(out):
+    """The Trainer's log history from `out/trainer_state.json`."""
+    with open(os.path.join(out, "trainer_state.json")) as f:
+        return json.load(f)["log_history"]

@@ -1,4 +1,4 @@
-"""The chunked, labelled-positions-only causal-LM loss equals transformers' stock loss, values and gradients."""
+"""lean_loss.py: the chunked, labelled-positions-only causal-LM loss equals the stock loss, values and gradients."""
 
 import copy
 
@@ -7,7 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import demo
-from collate import chunked_linear_cross_entropy, encode_sft_batch, sft_collator, use_lean_causal_lm_loss
+from collate import encode_sft_batch, sft_collator
+from lean_loss import chunked_linear_cross_entropy, use_lean_causal_lm_loss
 
 
 def test_chunked_cross_entropy_matches_torch():
@@ -27,19 +28,28 @@ def test_chunked_cross_entropy_matches_torch():
 
 
 @pytest.mark.parametrize("padding_free", [False, True])
-def test_lean_model_loss_and_grads_equal_stock(sft_demo, qwen2_tokenizer, padding_free):
+@pytest.mark.parametrize("kwargs", [{}, {"num_items_in_batch": torch.tensor(1000)}])  # gradient accumulation
+def test_lean_model_loss_and_grads_equal_stock(sft_demo, qwen2_tokenizer, padding_free, kwargs):
     stock = AutoModelForCausalLM.from_pretrained(sft_demo[0], dtype=torch.float32)
     lean = use_lean_causal_lm_loss(copy.deepcopy(stock), chunk=16)
     feats = [e for e, _ in encode_sft_batch(demo.make_sft_records(4, seed=2), qwen2_tokenizer, 512)]
     batch = sft_collator(qwen2_tokenizer, padding_free=padding_free)(feats)
-    for kwargs in ({}, {"num_items_in_batch": torch.tensor(1000)}):  # Trainer's gradient-accumulation contract
-        a = stock(**batch, use_cache=False, **kwargs).loss
-        b = lean(**batch, use_cache=False, **kwargs).loss
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
-        ga = torch.autograd.grad(a, list(stock.parameters()))
-        gb = torch.autograd.grad(b, list(lean.parameters()))
-        for (name, _), x, y in zip(stock.named_parameters(), ga, gb):
-            torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-6, msg=name)
+    a = stock(**batch, use_cache=False, **kwargs).loss
+    b = lean(**batch, use_cache=False, **kwargs).loss
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    ga = torch.autograd.grad(a, list(stock.parameters()))
+    gb = torch.autograd.grad(b, list(lean.parameters()))
+    for (name, _), x, y in zip(stock.named_parameters(), ga, gb):
+        torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-6, msg=name)
     # without labels the model is untouched: logits for generation
     ids = batch["input_ids"][:1, :8]
     torch.testing.assert_close(lean(ids).logits, stock(ids).logits)
+
+
+def test_no_labelled_token_still_reaches_every_parameter():
+    """A batch whose labels are all -100 gives a zero loss that keeps the weights in the graph (DDP waits for them)."""
+    h = torch.randn(0, 8, requires_grad=True)
+    w = torch.randn(5, 8, requires_grad=True)
+    loss = chunked_linear_cross_entropy(h, w, torch.zeros(0, dtype=torch.long))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(w.grad, torch.zeros_like(w))

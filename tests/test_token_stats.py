@@ -1,6 +1,5 @@
 """token_stats.py: exact lengths (SFT and scorer shards), statistics vs numpy, outputs, bad input, the CLI."""
 
-import ctypes
 import json
 import math
 import os
@@ -12,8 +11,9 @@ from PIL import Image
 
 import demo
 import token_stats
-from collate import IGNORE_INDEX, _token_ids, encode_sft_batch, encode_sft_example
-from conftest import run_cli
+from collate import IGNORE_INDEX, ChatFormat, encode_sft_batch, encode_sft_example, encode_vl_example
+from conftest import exit_2_line, read_jsonl, run_cli
+from data import load_sft_file
 
 SYSTEM = "你是一个知识渊博的助手。"
 
@@ -46,11 +46,6 @@ def run_stats(*args):
     return report, out.getvalue()
 
 
-def read_jsonl(path):
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
-
-
 @pytest.mark.parametrize("num_proc", ["1", "2"])
 def test_lengths_are_the_training_encoding(sft_demo, sft_data, qwen2_tokenizer, tmp_path, num_proc):
     path, records = sft_data
@@ -60,7 +55,7 @@ def test_lengths_are_the_training_encoding(sft_demo, sft_data, qwen2_tokenizer, 
     rows = read_jsonl(out)
     assert [r["index"] for r in rows] == list(range(len(records))) and {r["file"] for r in rows} == {path}
     for record, row in zip(records, rows):
-        enc = encode_sft_example(record, qwen2_tokenizer, None, system_prompt=SYSTEM)
+        enc = encode_sft_example(record, qwen2_tokenizer, None, fmt=ChatFormat(system_prompt=SYSTEM))
         answer = sum(x != IGNORE_INDEX for x in enc["labels"])
         assert (row["total"], row["answer"], row["prompt"]) == (len(enc["input_ids"]), answer,
                                                                 len(enc["input_ids"]) - answer), record
@@ -110,32 +105,6 @@ def test_suggested_max_len_edges():
     assert token_stats.suggested_max_len([65] + [1] * 98, 0.99) == 128  # 98/99 < 0.99
 
 
-def test_token_ids_shortcuts_are_exact(qwen2_tokenizer):
-    """One backend call without offsets, NFC text skipping the NFC normalizer: the ids tokenizer() gives, also for
-    text that is not NFC (decomposed accents, which NFC composes), and the normalizer is left in place."""
-    from tokenizers import normalizers
-
-    texts = ["plain ascii", "e\u0301t\u00e9 cafe\u0301", "<|im_start|>user\n好<|im_end|>\n", "", "  \n\n x",
-             "\u212b ohm \u2126", "Ａｂｃ full width"]
-    assert not all(__import__("unicodedata").is_normalized("NFC", t) for t in texts)
-    assert _token_ids(qwen2_tokenizer, texts) == qwen2_tokenizer(texts, add_special_tokens=False)["input_ids"]
-    assert isinstance(qwen2_tokenizer.backend_tokenizer.normalizer, normalizers.NFC)
-
-
-def test_guard_clears_the_hidden_tokenizers_parallelism(monkeypatch):
-    """The datasets trap: false at the OS level while os.environ does not show it."""
-    libc = ctypes.CDLL(None)
-    libc.getenv.restype = ctypes.c_char_p
-    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
-    os.putenv("TOKENIZERS_PARALLELISM", "false")
-    assert libc.getenv(b"TOKENIZERS_PARALLELISM") == b"false"
-    token_stats.guard_tokenizers_parallelism()
-    assert libc.getenv(b"TOKENIZERS_PARALLELISM") is None
-    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")  # set by the user: kept
-    token_stats.guard_tokenizers_parallelism()
-    assert libc.getenv(b"TOKENIZERS_PARALLELISM") == b"false"
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Scorer shards
 # ---------------------------------------------------------------------------------------------------------------
@@ -161,16 +130,14 @@ def vl_setup(tmp_path_factory):
             images.append(image)
         samples.append((f"sample{i:03d}", {"prompt": f"Rate picture set {i}. 这组图片怎么样?" * (1 + i % 3),
                                            "score": i / 10, "type": i % 2}, images))
-    demo.write_scorer_shard(root / "train-000.tar", samples[:6])
-    demo.write_scorer_shard(root / "train-001.tar", samples[6:])
+    demo.write_shard(root / "train-000.tar", [demo.vl_sample(*s) for s in samples[:6]])
+    demo.write_shard(root / "train-001.tar", [demo.vl_sample(*s) for s in samples[6:]])
     return root, samples
 
 
 def processor_length(processor, prompt, images, min_pixels, max_pixels):
     """What the scorer feeds its model: train_scorer.py's own per-sample encoding (collate.encode_vl_example)."""
     import io
-
-    from collate import encode_vl_example
 
     pil = [Image.open(io.BytesIO(im[1])).convert("RGB") if isinstance(im, tuple) else im for im in images]
     batch = encode_vl_example(pil, prompt, processor, min_pixels, max_pixels)
@@ -209,13 +176,12 @@ def test_vl_lengths_equal_the_processor(vl_setup, tmp_path, bounds):
 
 
 def exit_2_message(capsys, *args):
-    """Run token_stats.main in-process on bad input: it must exit 2 with one line on stderr; returns that line."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        token_stats.main(list(args))
-    err = capsys.readouterr().err.strip().splitlines()
-    assert exit_info.value.code == 2 and err and err[-1].startswith("error: "), err
-    return err[-1]
+    return exit_2_line(capsys, token_stats.main, args)
+
+
+def write_one(path, key, record, images):
+    return demo.write_shard(path, [demo.vl_sample("ok", {"prompt": "fine", "score": 1.0, "type": 0}, []),
+                                   demo.vl_sample(key, record, images)])
 
 
 def test_vl_bad_shards(vl_setup, tmp_path, capsys):
@@ -223,24 +189,67 @@ def test_vl_bad_shards(vl_setup, tmp_path, capsys):
 
     root, _ = vl_setup
     processor = str(root / "processor")
-    bad = demo.write_scorer_shard(tmp_path / "bad-000.tar", [("ok", {"prompt": "fine"}, []),
-                                                             ("noprompt", {"score": 1.0}, [])])
+    bad = write_one(tmp_path / "bad-000.tar", "noprompt", {"score": 1.0}, [])
     assert exit_2_message(capsys, "--shards", bad, "--processor", processor) == (
-        f"error: {bad}: sample 'noprompt': .json: key 'prompt': expected a string")
-    broken = demo.write_scorer_shard(tmp_path / "img-000.tar", [("s1", {"prompt": "p"}, [("jpg", b"not a jpeg")])])
+        f"error: {bad}: noprompt: json: missing field 'prompt'")
+    broken = write_one(tmp_path / "img-000.tar", "s1", {"prompt": "p", "score": 1.0, "type": 0}, [("jpg", b"no")])
     assert exit_2_message(capsys, "--shards", broken, "--processor", processor).startswith(
-        f"error: {broken}: sample 's1': image .0.jpg: cannot be read as an image")
+        f"error: {broken}: s1: image .0.jpg: cannot decode")
     # an image so thin that the resize within max_pixels gives it no width: process_vision_info fails on it too
-    thin = demo.write_scorer_shard(tmp_path / "thin-000.tar", [("s1", {"prompt": "p"}, [Image.new("RGB", (33, 500))])])
+    thin = write_one(tmp_path / "thin-000.tar", "s1", {"prompt": "p", "score": 1.0, "type": 0},
+                     [Image.new("RGB", (33, 500))])
     with pytest.raises(ValueError):
         processor_length(AutoProcessor.from_pretrained(processor), "p", [Image.new("RGB", (33, 500))], None, 96 * 96)
     assert exit_2_message(capsys, "--shards", thin, "--processor", processor, "--max_pixels", "9216").startswith(
-        f"error: {thin}: sample 's1': image .0.png (33x500) resizes to 0x352")
+        f"error: {thin}: s1: image .0.jpg (33x500) resizes to 0x352")
     assert exit_2_message(capsys, "--shards", str(tmp_path / "none-*.tar"), "--processor", processor).endswith(
         "pattern matches no file")
     not_tar = tmp_path / "junk-000.tar"
     not_tar.write_bytes(b"this is not a tar file" * 50)
-    assert "not a readable tar shard" in exit_2_message(capsys, "--shards", str(not_tar), "--processor", processor)
+    assert "junk-000.tar: cannot read as a tar shard" in exit_2_message(capsys, "--shards", str(not_tar),
+                                                                        "--processor", processor)
+
+
+def image_order_cases():
+    """Samples training refuses for their image order (a gap in the indices, two files for one index)."""
+    png = demo.encode_image(Image.new("RGB", (40, 40)), "png")
+    labels = json.dumps({"prompt": "p", "score": 1.0, "type": 0}).encode()
+    return {"gap": ({"__key__": "gap", "json": labels, "0.png": png, "2.png": png}, "image 1 is missing"),
+            "twice": ({"__key__": "twice", "json": labels, "0.png": png, "0.jpg": png}, "two files for image 0")}
+
+
+@pytest.mark.parametrize("case", ["gap", "twice"])
+def test_token_stats_and_training_refuse_the_same_samples_with_the_same_line(vl_setup, scorer_demo, tmp_path,
+                                                                             capsys, case):
+    """One schema, one verdict, one error line: token_stats and train_scorer.py --on_bad_sample error."""
+    import train_scorer
+
+    root, _ = vl_setup
+    sample, problem = image_order_cases()[case]
+    shard = demo.write_shard(tmp_path / f"{case}.tar", demo.make_vl_samples(3, seed=1) + [sample])
+    stats = exit_2_message(capsys, "--shards", shard, "--processor", str(root / "processor"))
+    trained = exit_2_line(capsys, train_scorer.main, [
+        "--model_name_or_path", scorer_demo[0], "--num_types", "3", "--eval_shards", shard, "--on_bad_sample",
+        "error", "--output_dir", str(tmp_path / "o"), "--use_cpu", "--dataloader_num_workers", "0",
+        "--min_pixels", "1024", "--max_pixels", "4096"])
+    assert stats == trained and stats.startswith(f"error: {shard}: {sample['__key__']}: {problem}"), (stats, trained)
+
+
+@pytest.mark.parametrize("record, flags, error", [
+    ({"prompt": "p", "score": 1.0, "type": 5}, ["--num_types", "3"],
+     "json: field 'type' is 5, outside 0..2 (--num_types 3)"),
+    ({"prompt": "p", "score": 1.0, "type": 5}, ["--num_types", "9"], None),
+    ({"prompt": "p"}, [], "json: missing field 'score'"),
+    ({"prompt": "p"}, ["--with_labels", "false"], None),  # prediction shards
+])
+def test_scorer_labels_are_checked_as_training_checks_them(vl_setup, tmp_path, capsys, record, flags, error):
+    root, _ = vl_setup
+    shard = write_one(tmp_path / "t.tar", "s1", record, [])
+    args = ["--shards", shard, "--processor", str(root / "processor"), "--format", "json", *flags]
+    if error is None:
+        assert run_stats(*args)[0]["count"] == 2
+    else:
+        assert exit_2_message(capsys, *args) == f"error: {shard}: s1: {error}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -265,19 +274,15 @@ def test_cli_json_plot_and_table(tmp_path):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert plot.stat().st_size > 10_000
 
-    r = run_cli(["python", "token_stats.py", "--demo"])
-    assert r.returncode == 0, r.stderr
-    assert "suggested max_len:" in r.stdout and "examples/s" in r.stdout
-    bars = [line for line in r.stdout.splitlines() if re.match(r"\s+[\d,]+ - [\d,]+\s+#", line)]
+    _, table = run_stats("--demo")  # the default output: a table and a text histogram
+    assert "suggested max_len:" in table and "examples/s" in table
+    bars = [line for line in table.splitlines() if re.match(r"\s+[\d,]+ - [\d,]+\s+#", line)]
     assert len(bars) >= 10
 
 
-def test_no_argument_run(tmp_path):
-    """The defaults: the shipped sample data and Qwen2-7B-Instruct's tokenizer, which is not here (no hub)."""
-    r = run_cli(["python", "token_stats.py"], env={"HF_HUB_OFFLINE": "1"})
-    if r.returncode == 0:  # a machine with the tokenizer cached
-        assert "suggested max_len:" in r.stdout
-        return
+def test_no_argument_run_without_the_default_tokenizer(tmp_path):
+    """The defaults: the shipped sample data and Qwen2-7B-Instruct's tokenizer, offline and with an empty cache."""
+    r = run_cli(["python", "token_stats.py"], env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: cannot load the tokenizer 'Qwen/Qwen2-7B-Instruct'")
@@ -285,8 +290,6 @@ def test_no_argument_run(tmp_path):
 
 
 def test_sample_data_is_valid(qwen2_tokenizer):
-    from collate import load_sft_file
-
     ds = load_sft_file(token_stats.SAMPLE_DATA)
     assert len(ds) >= 10
     results = encode_sft_batch([dict(zip(ds[:], v)) for v in zip(*ds[:].values())], qwen2_tokenizer)
@@ -299,21 +302,23 @@ def test_sample_data_is_valid(qwen2_tokenizer):
      "line 3: key 'messages[0]': unknown role 'bot'"),
     ('{"query": "q", "answer": "a"}\n{"query": "q", "answer": \n', "line 2: malformed JSON"),
 ])
-def test_bad_sft_data_exits_2_naming_file_and_line(sft_demo, tmp_path, content, message):
+def test_bad_sft_data_exits_2_naming_file_and_line(sft_demo, tmp_path, capsys, content, message):
     path = tmp_path / "bad.jsonl"
     path.write_text(content)
-    r = run_cli(["python", "token_stats.py", "--data", str(path), "--tokenizer", sft_demo[0]])
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines()[-1].startswith(f"error: {path}: {message}"), r.stderr
+    line = exit_2_message(capsys, "--data", str(path), "--tokenizer", sft_demo[0])
+    assert line.startswith(f"error: {path}: {message}"), line
 
 
-def test_bad_arguments_exit_2(sft_demo, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("args, message", [
+    (["--data", "{tmp}/missing.jsonl"], "missing.jsonl: no such file or folder"),
+    (["--coverage", "1.5"], "--coverage must be in (0, 1]"),
+    (["--max_len", "0"], "must be positive"),
+    (["--tokenizer", "{tmp}/nothing"], "pass a local copy with --tokenizer PATH"),
+])
+def test_bad_arguments_exit_2(sft_demo, tmp_path, capsys, monkeypatch, args, message):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    for args, message in ((["--data", str(tmp_path / "missing.jsonl")], "missing.jsonl: no such file or folder"),
-                          (["--coverage", "1.5"], "--coverage must be in (0, 1]"),
-                          (["--max_len", "0"], "must be positive"),
-                          (["--tokenizer", str(tmp_path / "nothing")], "pass a local copy with --tokenizer PATH")):
-        assert message in exit_2_message(capsys, "--tokenizer", sft_demo[0], *args), args
+    args = [a.format(tmp=tmp_path) for a in args]
+    assert message in exit_2_message(capsys, "--tokenizer", sft_demo[0], *args)
 
 
 def test_benchmark_smoke(tmp_path):
@@ -326,28 +331,3 @@ def test_benchmark_smoke(tmp_path):
     assert "all exact: True" in r.stdout
     ratio = re.search(r"^token_stats_speedup_vs_loop: ([\d.]+)$", r.stdout, re.M)
     assert ratio and math.isfinite(float(ratio.group(1)))
-
-
-@pytest.mark.parametrize("split_special_tokens", [False, True])
-def test_encoding_equals_tokenizing_each_segment(qwen2_tokenizer, split_special_tokens):
-    """encode_sft_batch's one-call encoding == the plain definition: the rendered conversation cut at every answer
-    edge, each piece through tokenizer(); labels on the answer pieces. With split_special_tokens the eos string is
-    not one token, which sends every answer through the fallback path."""
-    import copy
-
-    tok = copy.deepcopy(qwen2_tokenizer)
-    tok.split_special_tokens = split_special_tokens
-    records = demo.make_sft_records(40, seed=5) + [{"query": "x", "answer": "\n\nfoo <|im_end|> bar"}]
-    for record, (enc, _) in zip(records, encode_sft_batch(records, tok)):
-        messages = __import__("collate").to_messages(record)
-        full = tok.apply_chat_template(messages, tokenize=False)
-        edges, pos = [0], 0
-        for j, m in enumerate(messages):
-            if m["role"] == "assistant":
-                start = len(tok.apply_chat_template(messages[:j], tokenize=False, add_generation_prompt=True))
-                pos = full.index(m["content"] + "<|im_end|>", start) + len(m["content"]) + len("<|im_end|>")
-                edges += [start, pos]
-        edges.append(len(full))
-        pieces = [tok(full[a:b], add_special_tokens=False)["input_ids"] for a, b in zip(edges, edges[1:])]
-        assert enc["input_ids"] == [t for p in pieces for t in p]
-        assert enc["labels"] == [t if k % 2 else IGNORE_INDEX for k, p in enumerate(pieces) for t in p]

@@ -1,7 +1,9 @@
-"""sft_qwen2.main in-process: learning, every parameter trained, save/load round trip, resume, eval, options."""
+"""sft_qwen2.py: learning, every parameter trained, save/load round trip, resume, eval, options (in-process);
+bad input exits 2 with one line; run.sh launches 2 CPU processes (as users run it)."""
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -9,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 import demo
 import sft_qwen2
+from conftest import exit_2_line, log_history, run_cli
 
 
 def base_args(sft_demo, out, train=None, *extra):
@@ -18,8 +21,7 @@ def base_args(sft_demo, out, train=None, *extra):
 
 
 def losses(out):
-    with open(os.path.join(out, "trainer_state.json")) as f:
-        return {h["step"]: h["loss"] for h in json.load(f)["log_history"] if "loss" in h}
+    return {h["step"]: h["loss"] for h in log_history(out) if "loss" in h}
 
 
 def test_learns_a_repeated_batch_and_trains_every_parameter(sft_demo, tmp_path):
@@ -30,7 +32,7 @@ def test_learns_a_repeated_batch_and_trains_every_parameter(sft_demo, tmp_path):
                                        "--lr_scheduler_type", "constant"))
     curve = losses(out)
     assert len(curve) == 20 and curve[20] < 0.5 * curve[1], curve
-    assert trainer.tokens_trained() == 20 * sum(trainer.train_dataset["length"])  # real tokens, padding excluded
+    assert trainer.state.num_input_tokens_seen == 20 * sum(trainer.train_dataset["length"])  # padding excluded
 
     before = AutoModelForCausalLM.from_pretrained(sft_demo[0]).state_dict()
     saved = AutoModelForCausalLM.from_pretrained(out)
@@ -54,7 +56,6 @@ def test_resume_reaches_the_same_step_and_loss(sft_demo, tmp_path, capsys):
     resumed = tmp_path / "resumed"
     sft_qwen2.main(base_args(sft_demo, resumed) + args)
     # simulate a crash after step 4: only checkpoint-4 survives, then the same command runs again
-    import shutil
     shutil.rmtree(resumed / "checkpoint-8")
     os.remove(resumed / "trainer_state.json")
     capsys.readouterr()
@@ -115,3 +116,74 @@ def test_config_file(sft_demo, tmp_path):
         "save_strategy": "no", "disable_tqdm": True}))
     trainer = sft_qwen2.main([str(cfg)])
     assert trainer.state.global_step == 2 and trainer.args.per_device_train_batch_size == 2
+
+
+# --- as users run it: bad input, run.sh -------------------------------------------------------------------------
+
+def write(path, text):
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def bad_input_cases(tmp):
+    good = json.dumps({"query": "q", "answer": "a"})
+    return [
+        (write(tmp / "malformed.jsonl", good + "\n" + good + "\n{\"query\": \"q\", \"answer\": \n"),
+         "malformed.jsonl: line 3: malformed JSON"),
+        (write(tmp / "missing.jsonl", good + "\n" + json.dumps({"query": "q"}) + "\n"),
+         "missing.jsonl: line 2: missing key 'answer'"),
+        (write(tmp / "nonstring.jsonl", json.dumps({"messages": [{"role": "user", "content": "x"},
+                                                                  {"role": "assistant", "content": "y"}]}) + "\n"
+               + json.dumps({"messages": [{"role": "user", "content": 5},
+                                          {"role": "assistant", "content": "y"}]}) + "\n"),
+         "nonstring.jsonl: line 2: key 'messages[0]'.content: expected a string, got int"),
+        (write(tmp / "role.jsonl", good + "\n\n" + json.dumps({"messages": [{"role": "bot", "content": "x"}]}) + "\n"),
+         "role.jsonl: line 3: key 'messages[0]': unknown role 'bot'"),
+        (write(tmp / "empty.jsonl", ""), "empty.jsonl: empty file"),
+        (str(tmp / "nowhere.jsonl"), "nowhere.jsonl: no such file or folder"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(6), ids=["malformed", "missing", "nonstring", "role", "empty", "nowhere"])
+def test_each_bad_input_exits_2_with_one_line(sft_demo, tmp_path, capsys, case):
+    path, message = bad_input_cases(tmp_path)[case]
+    line = exit_2_line(capsys, sft_qwen2.main, ["--model_name_or_path", sft_demo[0], "--train_file", path, "--use_cpu",
+                                                 "--output_dir", str(tmp_path / "o"), "--report_to", "none"])
+    assert message in line, (message, line)
+
+
+def test_bad_input_from_the_command_line_has_no_traceback(sft_demo, tmp_path):
+    path, message = bad_input_cases(tmp_path)[1]
+    res = run_cli(["python", "sft_qwen2.py", "--model_name_or_path", sft_demo[0], "--train_file", path,
+                   "--output_dir", str(tmp_path / "o")])
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr and message in res.stderr
+
+
+def test_run_sh_demo_two_processes(tmp_path):
+    res = run_cli(["bash", "run.sh", "sft_qwen2.py", "--demo", "--output_dir", str(tmp_path / "demo-out")],
+                  env={"NPROC_PER_NODE": "2"})
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "--nproc_per_node 2" in res.stderr
+    out = res.stdout
+    assert "loss only on the text inside" in out and "{'loss'" in out and "summary:" in out
+    assert out.count("summary:") == 1  # only rank 0 prints
+    assert (tmp_path / "demo-out" / "model.safetensors").is_file()
+
+
+def test_run_sh_passes_arguments_through_unchanged(tmp_path):
+    script = tmp_path / "echo_args.py"
+    script.write_text("import json, os, sys\nprint(json.dumps([os.environ['WORLD_SIZE'], sys.argv[1:]]))\n"
+                      "sys.exit(3)\n")
+    res = run_cli(["bash", "run.sh", str(script), "a b", 'quote"d', "--flag=x y", ""], env={"NPROC_PER_NODE": "1"})
+    assert res.returncode == 3  # the script's own exit code, not torchrun's
+    assert json.loads(res.stdout.strip().splitlines()[0]) == ["1", ["a b", 'quote"d', "--flag=x y", ""]]
+
+
+def test_bad_record_found_by_a_worker_process_still_names_the_line(sft_demo, tmp_path, capsys):
+    good = json.dumps({"query": "q", "answer": "a"})
+    path = write(tmp_path / "late.jsonl", "\n".join([good] * 9 + [json.dumps({"query": "q", "answer": None})]) + "\n")
+    line = exit_2_line(capsys, sft_qwen2.main, ["--model_name_or_path", sft_demo[0], "--train_file", path, "--use_cpu",
+                                                 "--preprocessing_num_workers", "2",
+                                                 "--output_dir", str(tmp_path / "o")])
+    assert "late.jsonl: line 10: missing key 'answer'" in line

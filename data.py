@@ -1,0 +1,316 @@
+"""Where records come from: SFT files, shard lists, the tar reader, the shard stream over ranks x workers, the loader.
+
+Errors raise `collate.DataError` naming the file, line or shard; the scripts print them as one line and exit 2.
+"""
+
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from collate import DataError, collate_vl
+
+# ----------------------------------------------------------------------------------------------------------------
+# SFT files
+# ----------------------------------------------------------------------------------------------------------------
+
+SFT_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def load_sft_file(path, check_record=None):
+    """One SFT data source as a `datasets.Dataset`: a .jsonl/.json/.parquet/.csv file or a `save_to_disk` folder.
+
+    The fast Arrow readers do the work; only when one fails on JSON do we re-read the file in Python, checking each
+    record with `check_record` (e.g. `to_messages`), to say which line is broken and why: Arrow's message names
+    neither the line nor the key (a number where a string was expected fails type inference, for instance).
+    """
+    import datasets
+
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"{path}: no such file or folder")
+    if p.is_dir():
+        try:
+            ds = datasets.load_from_disk(str(p))
+        except Exception as e:  # noqa: BLE001 - any failure here means "not a saved dataset"
+            raise DataError(f"{path}: not a folder written by datasets.save_to_disk ({e})") from None
+        if isinstance(ds, datasets.DatasetDict):
+            if "train" not in ds:
+                raise DataError(f"{path}: a DatasetDict without a 'train' split")
+            ds = ds["train"]
+    else:
+        fmt = SFT_FORMATS.get(p.suffix.lower())
+        if fmt is None:
+            raise DataError(f"{path}: unknown data format {p.suffix!r} (use .jsonl, .json, .parquet, .csv or a folder)")
+        if p.stat().st_size == 0:
+            raise DataError(f"{path}: empty file")
+        try:
+            ds = datasets.load_dataset(fmt, data_files=str(p), split="train")
+        except Exception as e:  # noqa: BLE001 - Arrow raises many types; the message is what the user needs
+            if fmt == "json":
+                _check_json_file(p, check_record)
+            raise DataError(f"{path}: cannot read as {fmt}: {str(e).splitlines()[0]}") from None
+    if len(ds) == 0:
+        raise DataError(f"{path}: no records")
+    return ds
+
+
+def _check_json_file(p, check_record):
+    """Raise a DataError naming the first bad line (JSON Lines) or record (one JSON array) of `p`."""
+    with open(p, "rb") as f:
+        if f.read(1).lstrip() == b"[":  # one JSON array
+            f.seek(0)
+            try:
+                records = json.load(f)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{p}: line {e.lineno}: malformed JSON: {e.msg}") from None
+            located = [(f"record {i + 1}", r) for i, r in enumerate(records)] if isinstance(records, list) else []
+        else:
+            f.seek(0)
+            located = []
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        located.append((f"line {lineno}", json.loads(line)))
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{p}: line {lineno}: malformed JSON: {e.msg}") from None
+    for where, record in located:
+        try:
+            if check_record is not None:
+                check_record(record)
+            elif not isinstance(record, dict):
+                raise DataError(f"expected a JSON object, got {type(record).__name__}")
+        except DataError as e:
+            raise DataError(f"{p}: {where}: {e}") from None
+
+
+def record_location(path, index):
+    """How to point a user at record `index` (0-based) of `path`: a line number for JSON Lines, else a row."""
+    p = Path(path)
+    if p.suffix.lower() == ".jsonl":
+        with open(p, "rb") as f:  # blank lines are skipped by the reader, so count the non-blank ones
+            seen = -1
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    seen += 1
+                    if seen == index:
+                        return f"{path}: line {lineno}"
+    return f"{path}: record {index + 1}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shards
+# ----------------------------------------------------------------------------------------------------------------
+
+def _split_top_level_commas(spec):
+    """Split "a,b{0,1}.tar" on the commas outside braces: ["a", "b{0,1}.tar"]."""
+    parts, depth, current = [], 0, ""
+    for ch in spec:
+        depth += (ch == "{") - (ch == "}")
+        if ch == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += ch
+    return [p.strip() for p in parts + [current] if p.strip()]
+
+
+def expand_shards(spec):
+    """The shard list a `--*_shards` value names, in order and without repeats.
+
+    `spec` mixes brace patterns (`data/train-{000000..000099}.tar`), globs (`data/*.tar`) and comma lists. Local
+    paths must exist; URLs (`pipe:...`, `http://...`) are passed through unchecked. An empty spec, a glob that matches
+    nothing, or a named file that does not exist raise DataError: none of them is a run anyone meant to start.
+    """
+    import glob
+
+    import braceexpand
+
+    items = _split_top_level_commas(spec or "")
+    if not items:
+        raise DataError("empty shard list")
+    shards = []
+    for item in items:
+        for path in braceexpand.braceexpand(item):
+            if "://" in path or path.startswith("pipe:"):
+                shards.append(path)
+            elif any(c in path for c in "*?["):
+                matches = sorted(glob.glob(path))
+                if not matches:
+                    raise DataError(f"{path}: pattern matches no file")
+                shards += matches
+            elif not os.path.isfile(path):
+                raise DataError(f"{path}: no such shard file")
+            else:
+                shards.append(path)
+    return list(dict.fromkeys(shards))
+
+
+def shard_samples(shard):
+    """The samples of one shard (local path or URL) in order: `{"__key__": key, "json": bytes, "0.jpg": bytes, ...}`.
+
+    The one tar reader of the project (webdataset's own), for training, evaluation and token_stats.py alike.
+    """
+    from webdataset.tariterators import tarfile_samples
+
+    try:
+        yield from tarfile_samples([{"url": shard}])
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file: tarfile and gopen raise many types
+        raise DataError(f"{shard}: cannot read as a tar shard ({type(e).__name__}: {e})") from None
+
+
+def count_samples(shards):
+    """Samples in local shards, from their tar headers alone (no member is read: a 1 GB shard costs a few seeks)."""
+    import tarfile
+
+    from webdataset.tariterators import base_plus_ext
+
+    total = 0
+    for shard in shards:
+        if not os.path.isfile(shard):
+            raise DataError(f"{shard}: not a local file, so its samples cannot be counted (pass --epoch_samples)")
+        try:
+            with tarfile.open(shard) as tar:
+                keys = [base_plus_ext(m.name)[0] for m in tar if m.isreg()]
+        except tarfile.TarError as e:
+            raise DataError(f"{shard}: cannot read as a tar shard ({e})") from None
+        keys = [k for k in keys if k is not None]
+        total += sum(1 for i, k in enumerate(keys) if i == 0 or k != keys[i - 1])
+    return total
+
+
+@dataclass
+class BadSample:
+    """A sample the stream could not use: where it is and why. `fatal`: the stream itself cannot go on (an
+    unreadable shard, or a rank left without any usable sample), whatever `--on_bad_sample` says."""
+    shard: str | None
+    key: str | None
+    problem: str
+    fatal: bool = False
+
+    def __str__(self):  # the one error line for a bad sample, in training and in token_stats.py
+        return (f"{self.shard}: {self.key}: " if self.shard else "") + self.problem
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """Batches from webdataset shards, split over `world_size` ranks x DataLoader workers ("slots").
+
+    With at least as many shards as slots, each slot reads its own shards; with fewer, every slot reads all of them
+    and keeps every n-th sample, so even one shard splits exactly over two ranks. Exact mode (`batches_per_epoch`
+    None): each slot yields its samples once, in order. Training mode: each slot cycles through its share,
+    reshuffled every pass, and the workers of a rank yield `batches_per_epoch` full batches between them, so every
+    rank runs the same number of steps. A batch is `collate_vl`'s dict plus `order` ((shard, index) per sample)
+    and `bad_samples` (BadSample list) that the main process counts or turns into an error; `stop_at_bad` ends an
+    exact stream at its first bad sample (no point reading on when the run will stop).
+    """
+
+    def __init__(self, shards, encoder, batch_size, pad_token_id, rank=0, world_size=1, batches_per_epoch=None,
+                 seed=0, shuffle_buffer=0, stop_at_bad=False):
+        super().__init__()
+        self.shards, self.encoder, self.batch_size, self.pad_token_id = shards, encoder, batch_size, pad_token_id
+        self.rank, self.world_size, self.batches_per_epoch = rank, world_size, batches_per_epoch
+        self.seed, self.shuffle_buffer, self.stop_at_bad, self.epoch = seed, shuffle_buffer, stop_at_bad, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):  # batches per rank per epoch; exact streams have no length known in advance
+        if self.batches_per_epoch is None:
+            raise TypeError("an exact stream has no length")
+        return self.batches_per_epoch
+
+    def _raw(self, shard_ids, slot, slots, sample_level):
+        """(shard id, index in shard, raw sample) of this slot, shards in the given order."""
+        n = 0
+        for sid in shard_ids:
+            for i, sample in enumerate(shard_samples(self.shards[sid])):
+                if not sample_level or n % slots == slot:
+                    yield sid, i, sample
+                n += 1
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        slots, slot = self.world_size * workers, self.rank * workers + worker
+        ids = list(range(len(self.shards)))
+        if self.batches_per_epoch is not None:
+            random.Random(f"{self.seed}/{self.epoch}").shuffle(ids)  # the same permutation in every slot
+        sample_level = len(ids) < slots
+        mine = ids if sample_level else ids[slot::slots]
+        if self.batches_per_epoch is None:
+            return self._batches(self._raw(mine, slot, slots, sample_level), None)
+        quota = len(range(worker, self.batches_per_epoch, workers))  # batch j of the epoch comes from worker j % n
+        return self._batches(self._cycle(mine, slot, slots, sample_level), quota) if quota else iter(())
+
+    def _cycle(self, mine, slot, slots, sample_level):
+        """Endless training samples of one slot: pass after pass over its share, each pass in a new order.
+
+        Slots split by sample keep the epoch's shard order in every pass: the n-th sample then always belongs to the
+        same slot, so the ranks' shares stay disjoint even when one rank wraps around before another.
+        """
+        rng, n_pass = random.Random(f"{self.seed}/{self.epoch}/{slot}"), 0
+        while True:
+            order = list(mine)
+            if not sample_level:
+                random.Random(f"{self.seed}/{self.epoch}/{slot}/{n_pass}").shuffle(order)
+            yield from _shuffled(self._raw(order, slot, slots, sample_level), self.shuffle_buffer, rng)
+            yield None, mine, None  # end of a pass: no shard, the pass's shard ids, no sample
+            n_pass += 1
+
+    def _batches(self, items, quota):
+        features, order, bad, made, good_in_pass = [], [], [], 0, 0
+        try:
+            for sid, index, sample in items:
+                if sample is None:  # a training pass over this slot's share ended; `index` holds its shard ids
+                    if not good_in_pass:
+                        raise DataError(f"{', '.join(self.shards[i] for i in index) or 'training shards'}: no usable "
+                                        f"sample for rank {self.rank} (all bad, or fewer than ranks x workers)")
+                    good_in_pass = 0
+                    continue
+                try:
+                    features.append(self.encoder(sample))
+                    order.append((sid, index))
+                    good_in_pass += 1
+                except DataError as e:
+                    bad.append(BadSample(self.shards[sid], sample.get("__key__"), str(e)))
+                    if self.stop_at_bad:
+                        break
+                if len(features) == self.batch_size:
+                    yield {**collate_vl(features, self.pad_token_id), "order": order, "bad_samples": bad}
+                    features, order, bad, made = [], [], [], made + 1
+                    if made == quota:
+                        return
+        except DataError as e:  # unreadable shard or no samples at all: fatal whatever the policy
+            bad.append(BadSample(None, None, str(e), fatal=True))
+        if features or bad:
+            yield {**(collate_vl(features, self.pad_token_id) if features else {}), "order": order, "bad_samples": bad}
+
+
+def _shuffled(items, size, rng):
+    """Shuffle a stream through a buffer of `size` items."""
+    buffer = []
+    for item in items:
+        buffer.append(item)
+        if len(buffer) >= size:
+            yield buffer.pop(rng.randrange(len(buffer)))
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def make_loader(stream, args):
+    """A DataLoader over a ShardStream, not accelerator.prepare()d: each rank reads its own shards (no batches
+    dispatched from rank 0, whose slicing would also break the concatenated pixel_values). `args`: the Trainer's
+    TrainingArguments (workers, pinning, prefetch)."""
+    workers = args.dataloader_num_workers
+    return torch.utils.data.DataLoader(
+        stream, batch_size=None, collate_fn=_as_is, num_workers=workers,
+        pin_memory=args.dataloader_pin_memory and torch.cuda.is_available(),
+        prefetch_factor=args.dataloader_prefetch_factor if workers else None,
+        multiprocessing_context=args.dataloader_multiprocessing_context if workers else None)
+
+
+def _as_is(batch):  # streams yield whole batches; the default collate would turn their tuples into lists
+    return batch

@@ -1,0 +1,87 @@
+"""Plumbing every script does the same way: config files, the exit-2 rule, precision, demo folders, resume, rank-0 logs.
+
+Kept out of the scripts so that each of them reads as its own story (arguments -> data -> model -> trainer -> run)
+and out of `collate.py`, whose functions stay pure.
+"""
+
+import os
+import sys
+
+import torch
+
+
+def log(*args, **kwargs):
+    """print() on the global main process only (RANK 0 under torchrun), so N processes say things once."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def fail(error, every_rank=False):
+    """Exit 2 with one line on stderr: the house rule for bad arguments and bad data.
+
+    `every_rank`: all ranks met this error at the same step (a verdict they agreed on). Rank 0 says it, and no rank
+    leaves before the others are here too: torchrun stops every process as soon as one has exited.
+    """
+    import torch.distributed as dist
+
+    shared = every_rank and dist.is_available() and dist.is_initialized()
+    if not shared or dist.get_rank() == 0:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+    if shared:
+        dist.barrier()
+        dist.destroy_process_group()  # left to interpreter exit, gloo aborts when a peer is already gone
+    sys.exit(2)
+
+
+def parse_arguments(parser, argv=None, demo_args=()):
+    """Parse flags, or a single `.yaml`/`.yml`/`.json` config file given in their place (keys = flag names).
+
+    With `--demo` among the flags, `demo_args` go first, so the user's own flags still win. A config file that is
+    missing or has unknown keys exits 2.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--demo" in argv:
+        argv = list(demo_args) + argv
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")):
+        path = os.path.abspath(argv[0])
+        if not os.path.isfile(path):
+            fail(f"{argv[0]}: config file not found")
+        try:
+            return parser.parse_json_file(path) if path.endswith(".json") else parser.parse_yaml_file(path)
+        except ValueError as e:  # unknown keys etc.
+            fail(f"{argv[0]}: {e}")
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def resolve_mixed_precision(args):
+    """Fill unset `args.bf16`/`args.fp16` (None) from the hardware, before TrainingArguments validates them:
+    bf16 on a GPU that supports it, fp16 on other GPUs, fp32 on CPU (never guessed from the GPU's name)."""
+    if args.bf16 is None and args.fp16 is None:
+        gpu = torch.cuda.is_available() and not args.use_cpu
+        args.bf16, args.fp16 = gpu and torch.cuda.is_bf16_supported(), gpu and not torch.cuda.is_bf16_supported()
+    args.bf16, args.fp16 = bool(args.bf16), bool(args.fp16)
+
+
+def prepare_demo(demo_dir, build, args=None):
+    """Rebuild the demo's model and data in `demo_dir` with `build(demo_dir)`: a fresh folder each time (a demo run is
+    a new run, not a resume of the last one). With TrainingArguments, once per node while the other ranks wait."""
+    import contextlib
+    import shutil
+
+    first = args.main_process_first(local=True, desc="building the demo") if args else contextlib.nullcontext()
+    with first:
+        if args is None or args.local_process_index == 0:
+            shutil.rmtree(demo_dir, ignore_errors=True)
+            build(demo_dir)
+
+
+def last_checkpoint_to_resume(args):
+    """`--resume_from_checkpoint` if given, else the newest `checkpoint-*` in `output_dir` (None: start afresh)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    resume = args.resume_from_checkpoint
+    if resume is None and os.path.isdir(args.output_dir):
+        resume = get_last_checkpoint(args.output_dir)
+        if resume:
+            log(f"resuming from {resume}")
+    return resume

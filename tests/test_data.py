@@ -1,0 +1,194 @@
+"""data.py: SFT files and their error lines, shard lists, the tar reader, the rank x worker split, sample counting."""
+
+import json
+
+import pytest
+import torch
+
+import demo
+from collate import DataError
+from data import BadSample, ShardStream, count_samples, expand_shards, load_sft_file, record_location, shard_samples
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class TestSFTFiles:
+    @pytest.mark.parametrize("name, text, message", [
+        ("malformed.jsonl", '{"query": "q", "answer": "a"}\n{"query": "q", "answer": \n', "line 2: malformed JSON"),
+        ("array.json", '[{"query": "q", "answer": "a"},\n 7]', "record 2: expected a JSON object, got int"),
+        ("mixed.jsonl", '{"query": "q", "answer": "a"}\n\n{"query": 5, "answer": "a"}\n',
+         "line 3: expected a JSON object"),  # Arrow cannot type the column; the checker names the line
+        ("empty.jsonl", "", "empty file"),
+        ("notes.txt", "hello", "unknown data format '.txt'"),
+    ])
+    def test_errors_name_the_file_and_line(self, tmp_path, name, text, message):
+        path = tmp_path / name
+        path.write_text(text)
+
+        def check(record):  # the scripts pass collate.to_messages; here a checker that rejects non-string queries
+            if not isinstance(record, dict) or not isinstance(record.get("query"), str):
+                raise DataError("expected a JSON object with a string 'query'" if isinstance(record, dict)
+                                else f"expected a JSON object, got {type(record).__name__}")
+
+        with pytest.raises(DataError, match=f"{path}: {message}"):
+            load_sft_file(path, check if name == "mixed.jsonl" else None)
+
+    def test_missing_path(self, tmp_path):
+        with pytest.raises(DataError, match="nowhere.jsonl: no such file or folder"):
+            load_sft_file(tmp_path / "nowhere.jsonl")
+
+    def test_formats_read_alike(self, tmp_path):
+        import datasets
+
+        records = [{"query": f"q{i}", "answer": f"a{i}"} for i in range(3)]
+        paths = [demo.write_jsonl(tmp_path / "r.jsonl", records)]
+        (tmp_path / "r.json").write_text(json.dumps(records))
+        paths.append(str(tmp_path / "r.json"))
+        datasets.Dataset.from_list(records).to_parquet(tmp_path / "r.parquet")
+        datasets.Dataset.from_list(records).save_to_disk(tmp_path / "saved")
+        paths += [str(tmp_path / "r.parquet"), str(tmp_path / "saved")]
+        for path in paths:
+            assert load_sft_file(path).to_list() == records, path
+
+    def test_record_location_counts_non_blank_lines(self, tmp_path):
+        path = tmp_path / "gaps.jsonl"
+        path.write_text('{"a": 1}\n\n\n{"a": 2}\n{"a": 3}\n')
+        assert [record_location(path, i) for i in range(3)] == [f"{path}: line 1", f"{path}: line 4",
+                                                                 f"{path}: line 5"]
+        assert record_location(tmp_path / "x.parquet", 4) == f"{tmp_path / 'x.parquet'}: record 5"
+
+
+class TestShardLists:
+    def test_patterns_globs_and_lists(self, tmp_path):
+        paths = [demo.write_shard(tmp_path / f"a-{i:06d}.tar", []) for i in range(3)]
+        other = demo.write_shard(tmp_path / "b.tar", [])
+        assert expand_shards(f"{tmp_path}/a-{{000000..000002}}.tar") == paths
+        assert expand_shards(f"{tmp_path}/a-*.tar") == paths
+        # a comma list whose items contain braces with commas, a glob repeating a brace item (kept once), a URL
+        spec = f"{tmp_path}/b.tar, {tmp_path}/a-{{000001,000002}}.tar,{tmp_path}/a-00000[0-9].tar,pipe:cat x.tar"
+        assert expand_shards(spec) == [other, paths[1], paths[2], paths[0], "pipe:cat x.tar"]
+
+    @pytest.mark.parametrize("spec, message", [
+        ("", "empty shard list"), (" , ", "empty shard list"),
+        ("{d}/nothing-*.tar", "nothing-*.tar: pattern matches no file"),
+        ("{d}/a-{{000000..000003}}.tar", "a-000003.tar: no such shard file"),
+    ])
+    def test_errors(self, tmp_path, spec, message):
+        for i in range(3):
+            demo.write_shard(tmp_path / f"a-{i:06d}.tar", [])
+        with pytest.raises(DataError, match=message.replace("*", r"\*").replace(".", r"\.")):
+            expand_shards(spec.format(d=tmp_path))
+
+
+class TestTarReader:
+    def test_samples_in_order_with_their_members(self, tmp_path):
+        samples = [demo.vl_sample(f"s{i}", {"prompt": str(i)}, [("png", b"x" * i)] * i) for i in range(3)]
+        path = demo.write_shard(tmp_path / "s.tar", samples)
+        read = [{k: v for k, v in s.items() if not k.startswith("__") or k == "__key__"} for s in shard_samples(path)]
+        assert read == samples
+        assert count_samples([path, path]) == 6
+
+    def test_unreadable_shard(self, tmp_path):
+        broken = tmp_path / "broken.tar"
+        broken.write_bytes(b"this is not a tar file at all" * 40)
+        with pytest.raises(DataError, match="broken.tar: cannot read as a tar shard"):
+            list(shard_samples(str(broken)))
+        with pytest.raises(DataError, match="broken.tar: cannot read as a tar shard"):
+            count_samples([str(broken)])
+
+    def test_count_needs_local_files(self):
+        with pytest.raises(DataError, match="pass --epoch_samples"):
+            count_samples(["pipe:cat x.tar"])
+
+
+# --- splitting shards over ranks and workers ------------------------------------------------------------------------
+
+class KeyOnly:
+    """An encoder without images or a processor: the split logic is what is under test here."""
+
+    def __call__(self, sample):
+        if sample["__key__"].endswith("bad"):
+            raise DataError("bad on purpose")
+        return {"input_ids": torch.tensor([[1, 2]]), "attention_mask": torch.tensor([[1, 1]]),
+                "key": sample["__key__"]}
+
+
+def key_shards(root, sizes, bad=()):
+    """Shards of json-only samples named by shard and index; returns (paths, keys in shard order)."""
+    paths, keys = [], []
+    for s, size in enumerate(sizes):
+        names = [f"s{s}i{i}" + ("bad" if (s, i) in bad else "") for i in range(size)]
+        paths.append(demo.write_shard(root / f"k-{s:06d}.tar", [{"__key__": k, "json": b"{}"} for k in names]))
+        keys += names
+    return paths, keys
+
+
+class LoaderArgs:  # the DataLoader settings make_loader reads from TrainingArguments
+    dataloader_pin_memory, dataloader_prefetch_factor, dataloader_multiprocessing_context = False, None, None
+
+    def __init__(self, workers):
+        self.dataloader_num_workers = workers
+
+
+def run_rank(stream, workers):
+    from data import make_loader
+
+    keys, bad, batches = [], [], []
+    for batch in make_loader(stream, LoaderArgs(workers)):
+        keys += batch.get("keys", [])
+        bad += batch["bad_samples"]
+        batches.append(len(batch.get("keys", [])))
+    return keys, bad, batches
+
+
+class TestShardStream:
+    @pytest.mark.parametrize("sizes, world, workers", [
+        ([7], 2, 0),  # one shard, two ranks
+        ([5, 1, 9], 2, 0),  # uneven shards
+        ([4, 3], 4, 0),  # more ranks than shards
+        ([5, 1, 9], 2, 2),  # 4 slots > 3 shards: split by sample, in worker processes
+        ([3, 3, 2, 6, 1], 2, 2),  # 4 slots <= 5 shards: split by shard, one slot gets two
+    ])
+    def test_exact_stream_reads_every_sample_once(self, tmp_path, sizes, world, workers):
+        paths, keys = key_shards(tmp_path, sizes, bad={(0, 1)})
+        seen, bad = [], []
+        for rank in range(world):
+            k, b, _ = run_rank(ShardStream(paths, KeyOnly(), 2, 0, rank=rank, world_size=world), workers)
+            seen += k
+            bad += b
+        good = [k for k in keys if not k.endswith("bad")]
+        assert sorted(seen) == sorted(good) and len(seen) == len(good)
+        assert bad == [BadSample(paths[0], "s0i1bad", "bad on purpose")]
+        assert str(bad[0]) == f"{paths[0]}: s0i1bad: bad on purpose"
+
+    def test_training_stream_gives_every_rank_the_same_full_batches(self, tmp_path):
+        paths, keys = key_shards(tmp_path, [9, 2, 5])
+        per_rank = []
+        for rank in range(2):
+            stream = ShardStream(paths, KeyOnly(), 3, 0, rank=rank, world_size=2, batches_per_epoch=5,
+                                 shuffle_buffer=4)
+            assert len(stream) == 5
+            k, _, batches = run_rank(stream, 2)
+            assert batches == [3] * 5  # rank 1 holds 2 samples on its shard but still makes 5 full batches
+            assert run_rank(stream, 2)[0] == k  # the same epoch replays the same stream (resume skips batches of it)
+            stream.set_epoch(1)
+            assert run_rank(stream, 2)[0] != k  # a new epoch reshuffles
+            per_rank.append(set(k))
+        assert per_rank[0].isdisjoint(per_rank[1])  # within an epoch the ranks read different shards
+        assert per_rank[0] | per_rank[1] <= set(keys)
+
+    def test_more_workers_than_batches(self, tmp_path):
+        paths, _ = key_shards(tmp_path, [4, 4, 4, 4])
+        assert run_rank(ShardStream(paths, KeyOnly(), 2, 0, batches_per_epoch=1), 2)[2] == [2]
+
+    def test_training_stream_without_usable_samples_is_fatal(self, tmp_path):
+        paths, _ = key_shards(tmp_path, [2], bad={(0, 0), (0, 1)})
+        _, bad, _ = run_rank(ShardStream(paths, KeyOnly(), 2, 0, batches_per_epoch=3), 0)
+        assert [b.fatal for b in bad] == [False, False, True]  # the two bad samples, then the verdict
+        assert "no usable sample for rank 0" in bad[-1].problem
+
+    def test_unreadable_shard_is_fatal(self, tmp_path):
+        broken = tmp_path / "broken.tar"
+        broken.write_bytes(b"this is not a tar file at all" * 40)
+        _, bad, _ = run_rank(ShardStream([str(broken)], KeyOnly(), 2, 0), 0)
+        assert bad[-1].fatal and "broken.tar: cannot read as a tar shard" in str(bad[-1])

@@ -1,0 +1,513 @@
+"""train_scorer.py: the model (pooling, padding sides, trainable parts, dtypes, save formats), metrics, training in
+each mode, logs, schedule, save/load/resume, eval, predict, config files, bad input, forking (in-process), and
+`bash run.sh` with 2 CPU processes (gloo) as users run it."""
+
+import json
+import math
+import os
+import re
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+
+import demo
+import train_scorer
+from collate import collate_vl
+from conftest import ROOT, exit_2_line, log_history, read_jsonl, run_cli
+from train_scorer import ModelArguments, Qwen3VLScorer, load_scorer, pool_last_token, scorer_metrics
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# --- the model --------------------------------------------------------------------------------------------------
+
+def scorer(scorer_demo, dtype=torch.float32, **flags):
+    torch.manual_seed(0)
+    return load_scorer(ModelArguments(model_name_or_path=scorer_demo[0], num_types=3, **flags), dtype)
+
+
+def right_padded(vl_features, pad_id):
+    """The same batch with right padding (what collate_vl must not assume the model never sees)."""
+    batch = collate_vl(vl_features, pad_id)
+    width = batch["input_ids"].shape[1]
+    for name, pad in (("input_ids", pad_id), ("attention_mask", 0), ("mm_token_type_ids", 0)):
+        rows = [f[name][0] for f in vl_features]
+        batch[name] = torch.stack([torch.cat([r, r.new_full((width - len(r),), pad)]) for r in rows])
+    return batch
+
+
+def model_inputs(batch):
+    return {k: v for k, v in batch.items() if k != "keys"}
+
+
+def backbone_inputs(batch):
+    return {k: v for k, v in batch.items() if not k.endswith(("_labels", "keys"))}
+
+
+def test_pool_last_token_left_and_right():
+    hidden = torch.arange(2 * 4 * 1, dtype=torch.float32).reshape(2, 4, 1)
+    left = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    right = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    assert pool_last_token(hidden, left)[:, 0].tolist() == [3.0, 7.0]
+    assert pool_last_token(hidden, right)[:, 0].tolist() == [1.0, 7.0]
+
+
+def test_batch_runs_and_pools_like_each_sample_alone(scorer_demo, vl_processor, vl_features):
+    model = scorer(scorer_demo).eval()
+    pad = vl_processor.tokenizer.pad_token_id
+    batch = collate_vl(vl_features, pad)
+    with torch.no_grad():
+        out = model(**model_inputs(batch))
+        pooled = model.pooled(**backbone_inputs(batch))
+        alone = [model.pooled(**backbone_inputs(collate_vl([f], pad))) for f in vl_features]
+    assert out.heads["score"].shape == (4,) and out.heads["type"].shape == (4, 3)
+    assert out.heads["score"].dtype == out.heads["type"].dtype == torch.float32
+    assert out.loss.ndim == 0 and sorted(out.head_losses) == ["score", "type"]
+    torch.testing.assert_close(out.loss, out.head_losses["score"] + out.head_losses["type"])
+    torch.testing.assert_close(out.head_losses["score"], ((out.heads["score"] - batch["score_labels"]) ** 2).mean())
+    torch.testing.assert_close(pooled, torch.cat(alone), rtol=1e-4, atol=1e-5)
+    # the pooled row really depends on the sample (not e.g. always the shared generation prompt's hidden state)
+    assert (pooled[0] - pooled[1]).abs().max() > 1e-3
+
+
+def test_left_and_right_padding_give_the_same_features_and_scores(scorer_demo, vl_processor, vl_features):
+    model = scorer(scorer_demo).eval()
+    pad = vl_processor.tokenizer.pad_token_id
+    left, right = collate_vl(vl_features, pad), right_padded(vl_features, pad)
+    assert not torch.equal(left["input_ids"], right["input_ids"])
+    with torch.no_grad():
+        a, b = model(**model_inputs(left)), model(**model_inputs(right))
+        pa, pb = model.pooled(**backbone_inputs(left)), model.pooled(**backbone_inputs(right))
+    torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(a.heads, b.heads, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("flags, trained", [
+    ({}, ("model.visual.", "model.language_model.", "score_head.", "type_head.")),
+    ({"freeze_vision": True}, ("model.language_model.", "score_head.", "type_head.")),
+    ({"freeze_backbone": True}, ("score_head.", "type_head.")),
+])
+def test_every_trainable_parameter_gets_a_gradient(scorer_demo, vl_processor, vl_features, flags, trained):
+    """What DDP with find_unused_parameters=False needs, for a batch with images and a text-only batch."""
+    model = scorer(scorer_demo, **flags).train()
+    pad = vl_processor.tokenizer.pad_token_id
+    for batch in (collate_vl(vl_features[:3], pad), collate_vl([vl_features[3], vl_features[3]], pad)):
+        model.zero_grad(set_to_none=True)
+        model(**model_inputs(batch)).loss.backward()
+        for name, p in model.named_parameters():
+            assert p.requires_grad == name.startswith(trained), name
+            assert (p.grad is not None) == p.requires_grad, name
+
+
+def test_heads_stay_fp32_on_a_bf16_backbone(scorer_demo, vl_processor, vl_features):
+    model = scorer(scorer_demo, torch.bfloat16)
+    assert model.model.language_model.embed_tokens.weight.dtype == torch.bfloat16
+    assert model.score_head.weight.dtype == model.type_head.weight.dtype == torch.float32
+    with torch.no_grad():
+        out = model(**model_inputs(collate_vl(vl_features, vl_processor.tokenizer.pad_token_id)))
+    assert out.heads["score"].dtype == out.heads["type"].dtype == torch.float32
+
+
+def test_frozen_backbone_saves_heads_only_and_loads_the_full_scorer(scorer_demo, vl_processor, vl_features, tmp_path):
+    import safetensors.torch
+
+    model = scorer(scorer_demo, freeze_backbone=True).eval()
+    with torch.no_grad():
+        model.score_head.weight.add_(0.5)  # heads that differ from any fresh initialisation
+    model.save_pretrained(tmp_path)
+    saved = safetensors.torch.load_file(tmp_path / "model.safetensors")
+    assert sorted(saved) == ["score_head.bias", "score_head.weight", "type_head.bias", "type_head.weight"]
+    assert model.config.scorer_base_model == os.path.abspath(scorer_demo[0])
+    loaded = Qwen3VLScorer.from_pretrained(tmp_path).eval()
+    batch = model_inputs(collate_vl(vl_features, vl_processor.tokenizer.pad_token_id))
+    with torch.no_grad():
+        a, b = model(**batch), loaded(**batch)
+    torch.testing.assert_close(a.heads, b.heads, rtol=0, atol=0)
+    # training on from a heads-only save in full mode makes a full save again
+    full = load_scorer(ModelArguments(model_name_or_path=str(tmp_path)), torch.float32)
+    assert full.config.num_types == 3 and full.config.scorer_base_model is None
+    full.save_pretrained(tmp_path / "full")
+    assert len(safetensors.torch.load_file(tmp_path / "full" / "model.safetensors")) > 4
+    with pytest.raises(Exception, match="has 3 types, not --num_types 4"):
+        load_scorer(ModelArguments(model_name_or_path=str(tmp_path), num_types=4), torch.float32)
+
+
+def test_a_qwen3_vl_checkpoint_needs_num_types(scorer_demo):
+    with pytest.raises(Exception, match="--num_types is required"):
+        load_scorer(ModelArguments(model_name_or_path=scorer_demo[0]), torch.float32)
+
+
+# --- metrics ------------------------------------------------------------------------------------------------------
+
+def test_scorer_metrics_match_definitions():
+    pred = np.array([1.0, 2.0, 2.0, 5.0, 4.0])
+    label = np.array([1.5, 2.0, 3.0, 4.0, 4.0])
+    logits = np.log(np.array([[.7, .2, .1], [.1, .8, .1], [.3, .3, .4], [.2, .5, .3], [.6, .3, .1]]))
+    kind = [0, 1, 1, 2, 0]  # argmax guesses: 0, 1, 2, 1, 0 -> 3 of 5 right
+    rows = [{"heads": {"score": p, "type": list(l)}, "labels": {"score": y, "type": k}}
+            for p, y, l, k in zip(pred, label, logits, kind)]
+    m = scorer_metrics(rows, {"score": 2.0, "type": 0.5})
+    mse = np.mean((pred - label) ** 2)
+    ce = -np.mean([logits[i, k] for i, k in enumerate(kind)])
+    assert m["eval_loss_score"] == pytest.approx(mse) and m["eval_loss_type"] == pytest.approx(ce)
+    assert m["eval_loss"] == pytest.approx(2.0 * mse + 0.5 * ce)
+    assert m["eval_score_mae"] == pytest.approx(np.mean(np.abs(pred - label)))
+    assert m["eval_score_rmse"] == pytest.approx(math.sqrt(mse))
+    assert m["eval_score_pearson"] == pytest.approx(np.corrcoef(pred, label)[0, 1])
+    # average ranks with ties: pred (1, 2.5, 2.5, 5, 4), label (1, 2, 3, 4.5, 4.5)
+    assert m["eval_score_spearman"] == pytest.approx(np.corrcoef([1, 2.5, 2.5, 5, 4], [1, 2, 3, 4.5, 4.5])[0, 1])
+    assert m["eval_type_accuracy"] == pytest.approx(0.6)
+    # class 0: tp 2 -> f1 1; class 1: tp 1, fp 1, fn 1 -> 0.5; class 2: fp 1, fn 1 -> 0
+    assert m["eval_type_macro_f1"] == pytest.approx(0.5)
+    assert m["eval_samples"] == 5
+    constant = scorer_metrics([dict(r, heads={**r["heads"], "score": 1.0}) for r in rows], {"score": 1, "type": 1})
+    assert math.isnan(constant["eval_score_pearson"])
+
+
+# --- training in-process ------------------------------------------------------------------------------------------
+
+def base_args(scorer_demo, out, *extra, train=None):
+    return ["--model_name_or_path", scorer_demo[0], "--train_shards", train or scorer_demo[1],
+            "--output_dir", str(out), "--num_types", "3", "--min_pixels", "1024", "--max_pixels", "4096",
+            "--use_cpu", "--report_to", "none", "--disable_tqdm", "true", "--seed", "1", "--logging_steps", "1",
+            "--save_strategy", "no", "--dataloader_num_workers", "0", "--per_device_train_batch_size", "4", *extra]
+
+
+def same_predictions(a, b, rel=1e-5):
+    assert [p["key"] for p in a] == [q["key"] for q in b]
+    for p, q in zip(a, b):
+        assert p["type"] == q["type"], (p, q)
+        assert p["score"] == pytest.approx(q["score"], rel=rel) and p["type_probs"] == pytest.approx(q["type_probs"])
+
+
+GROUPS = {"vision": "model.visual.", "llm": "model.language_model.", "heads": ("score_head.", "type_head.")}
+
+
+@pytest.mark.parametrize("flags, trained", [
+    (["--freeze_backbone"], {"heads"}), (["--freeze_vision"], {"llm", "heads"}), ([], {"vision", "llm", "heads"})])
+def test_each_mode_trains_exactly_its_parameters(scorer_demo, tmp_path, flags, trained):
+    out = tmp_path / "out"
+    trainer = train_scorer.main(base_args(scorer_demo, out, "--max_steps", "3", "--learning_rate", "1e-2",
+                                          "--weight_decay", "0", "--warmup_steps", "0", *flags))
+    before = safetensors.torch.load_file(os.path.join(scorer_demo[0], "model.safetensors"))
+    after = trainer.model.state_dict()
+    for name, value in after.items():
+        group = next(g for g, prefix in GROUPS.items() if name.startswith(prefix))
+        if group == "heads":
+            continue  # new parameters: nothing to compare with in the checkpoint
+        changed = not torch.equal(value, before[name])
+        assert changed == (group in trained), name
+    # activation checkpointing only where the backbone trains
+    assert trainer.args.activation_checkpointing == (flags != ["--freeze_backbone"])
+    saved = safetensors.torch.load_file(out / "model.safetensors")
+    if "--freeze_backbone" in flags:  # heads-only save + the base it sits on
+        assert sorted(saved) == ["score_head.bias", "score_head.weight", "type_head.bias", "type_head.weight"]
+        with open(out / "config.json") as f:
+            assert json.load(f)["scorer_base_model"] == os.path.abspath(scorer_demo[0])
+    else:
+        assert len(saved) == len(after)
+
+
+def test_losses_fall_on_a_repeated_batch_and_logs_add_up(scorer_demo, tmp_path):
+    shard = demo.write_shard(tmp_path / "four.tar", demo.make_vl_samples(4, seed=3))
+    out = tmp_path / "out"
+    train_scorer.main(base_args(scorer_demo, out, "--max_steps", "16", "--learning_rate", "1e-2",
+                                "--lr_scheduler_type", "constant", "--warmup_steps", "0", "--score_weight", "0.5",
+                                "--type_weight", "2", "--logging_steps", "4", train=shard))
+    logs = [h for h in log_history(out) if "loss_score" in h]
+    assert [h["step"] for h in logs] == [4, 8, 12, 16]
+    for h in logs:  # the Trainer's window-mean loss is the weighted sum of the heads' window means
+        assert h["loss"] == pytest.approx(0.5 * h["loss_score"] + 2 * h["loss_type"], rel=1e-5), h
+    assert logs[-1]["loss_score"] < 0.3 * logs[0]["loss_score"], logs
+    assert logs[-1]["loss_type"] < 0.7 * logs[0]["loss_type"], logs
+
+
+def test_head_lr_groups_and_cubic_schedule(scorer_demo, tmp_path):
+    trainer = train_scorer.main(base_args(scorer_demo, tmp_path / "o", "--max_steps", "8", "--warmup_steps", "2",
+                                          "--learning_rate", "1e-3", "--head_lr", "5e-2"))
+    groups = trainer.optimizer.param_groups
+    heads = {id(p) for m in (trainer.model.score_head, trainer.model.type_head) for p in m.parameters()}
+    for g in groups:
+        is_head = {id(p) in heads for p in g["params"]}
+        assert len(is_head) == 1  # no group mixes heads and backbone
+        assert g["initial_lr"] == (5e-2 if is_head.pop() else 1e-3)
+    assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in trainer.model.parameters())
+    # polynomial decay, power 3, after a linear warmup (lr logged before each step's scheduler update)
+    lrs = [h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h]
+    end = 1e-7
+    expected = [1e-3 * s / 2 if s < 2 else (1e-3 - end) * (1 - (s - 2) / 6) ** 3 + end for s in range(8)]
+    assert lrs == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["frozen", "full"])
+def test_save_load_predict_and_resume(scorer_demo, tmp_path, mode, capsys):
+    flags = ["--freeze_backbone", "--learning_rate", "1e-2"] if mode == "frozen" else ["--learning_rate", "2e-3"]
+    args = ["--max_steps", "6", "--save_strategy", "steps", "--save_steps", "3", "--eval_shards", scorer_demo[2],
+            "--do_predict", "--dataloader_num_workers", "1", *flags]
+    straight = tmp_path / "straight"
+    trainer = train_scorer.main(base_args(scorer_demo, straight, *args))
+    keys = [p["key"] for p in read_jsonl(straight / "predictions.jsonl")]
+    assert sorted(keys) == [f"e{i:05d}" for i in range(14)]
+    with open(straight / "eval_results.json") as f:
+        results = json.load(f)
+    assert results["eval_samples"] == 14 and results["eval_bad_samples"] == 0
+    for name in ("loss", "loss_score", "loss_type", "score_mae", "score_rmse", "score_pearson", "score_spearman",
+                 "type_accuracy", "type_macro_f1"):
+        assert f"eval_{name}" in results
+
+    # save -> load -> the same predictions: a predict-only run from the saved folder
+    again = tmp_path / "again.jsonl"
+    train_scorer.main(["--model_name_or_path", str(straight), "--predict_shards", scorer_demo[2], "--do_predict",
+                       "--predict_output", str(again), "--output_dir", str(tmp_path / "p"), "--use_cpu",
+                       "--min_pixels", "1024", "--max_pixels", "4096", "--dataloader_num_workers", "0"])
+    same_predictions(read_jsonl(again), read_jsonl(straight / "predictions.jsonl"))
+    loaded = Qwen3VLScorer.from_pretrained(str(straight))
+    for name, value in trainer.model.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[name]), name
+
+    # resume: a run that lost everything after step 3 continues from checkpoint-3 to the same end
+    resumed = tmp_path / "resumed"
+    train_scorer.main(base_args(scorer_demo, resumed, *args))
+    shutil.rmtree(resumed / "checkpoint-6")
+    os.remove(resumed / "trainer_state.json")
+    capsys.readouterr()
+    trainer = train_scorer.main(base_args(scorer_demo, resumed, *args))
+    assert f"resuming from {resumed / 'checkpoint-3'}" in capsys.readouterr().out
+    assert trainer.state.global_step == 6
+    a = {h["step"]: h["loss"] for h in log_history(straight) if "loss" in h}
+    b = {h["step"]: h["loss"] for h in log_history(resumed) if "loss" in h}
+    assert sorted(b) == list(range(1, 7))
+    for step in range(4, 7):  # the steps run after the resume see the same batches and weights
+        assert b[step] == pytest.approx(a[step], rel=1e-5), (step, a, b)
+    same_predictions(read_jsonl(resumed / "predictions.jsonl"), read_jsonl(straight / "predictions.jsonl"))
+
+
+def test_tensorboard_gets_both_losses(scorer_demo, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "o"
+    train_scorer.main(base_args(scorer_demo, out, "--max_steps", "2", "--report_to", "tensorboard",
+                                "--eval_shards", scorer_demo[2], "--eval_strategy", "steps", "--eval_steps", "2"))
+    events = [os.path.join(d, f) for d, _, files in os.walk(out) for f in files if "tfevents" in f]
+    assert events
+    tags = set()
+    for path in events:
+        acc = EventAccumulator(path)
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/loss_score", "train/loss_type", "eval/loss", "eval/loss_score",
+            "eval/loss_type", "eval/score_pearson", "eval/type_macro_f1"} <= tags, tags
+
+
+def test_config_file(scorer_demo, tmp_path):
+    import yaml
+
+    cfg = tmp_path / "scorer.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "model_name_or_path": scorer_demo[0], "train_shards": scorer_demo[1], "output_dir": str(tmp_path / "o"),
+        "num_types": 3, "min_pixels": 1024, "max_pixels": 4096, "use_cpu": True, "max_steps": 2,
+        "per_device_train_batch_size": 2, "dataloader_num_workers": 0, "report_to": "none",
+        "save_strategy": "no", "freeze_vision": True}))
+    trainer = train_scorer.main([str(cfg)])
+    assert trainer.state.global_step == 2 and trainer.args.per_device_train_batch_size == 2
+    assert not any(p.requires_grad for p in trainer.model.model.visual.parameters())
+
+
+# --- bad input ------------------------------------------------------------------------------------------------------
+
+def bad_samples():
+    """One sample per kind of bad input, named by its problem."""
+    good = demo.make_vl_samples(6, seed=9, prefix="bad")
+    corrupt = dict(good[0], **{"0.jpg": b"\xff\xd8\xff\xe0 not really a jpeg"})
+    missing_image = {k: v for k, v in good[1].items() if k != "0.jpg"}
+    assert "1.png" in missing_image
+    def record(s, **change):
+        return dict(s, json=json.dumps({**json.loads(s["json"]), **change}).encode())
+
+    missing_field = dict(good[2], json=json.dumps({"prompt": "p", "type": 0}).encode())
+    ill_typed = record(good[3], prompt=5)
+    out_of_range = record(good[4], type=7)
+    nan = dict(good[5], json=b'{"prompt": "p", "score": NaN, "type": 0}')
+    return {"image .0.jpg: cannot decode": corrupt, "image 0 is missing": missing_image,
+            "missing field 'score'": missing_field, "field 'prompt': expected str, got int": ill_typed,
+            "field 'type' is 7, outside 0..2": out_of_range, "field 'score' is nan": nan}
+
+
+def test_bad_samples_are_skipped_and_counted(scorer_demo, tmp_path, capsys):
+    bad = bad_samples()
+    samples = demo.make_vl_samples(10, seed=4, prefix="ok")
+    shard = demo.write_shard(tmp_path / "mixed.tar", samples[:5] + list(bad.values()) + samples[5:])
+    trainer = train_scorer.main(base_args(scorer_demo, tmp_path / "o", "--max_steps", "6", "--eval_shards", shard,
+                                          "--do_predict", train=shard))
+    out = capsys.readouterr().out
+    m = trainer.metrics
+    assert m["train_bad_samples"] == 6 and m["eval_bad_samples"] == 6 and m["eval_samples"] == 10
+    # prediction needs no labels: only the bad image, the missing image and the non-string prompt are bad there
+    assert m["predict_bad_samples"] == 3 and m["predict_samples"] == 13
+    assert "bad samples skipped 6 (per rank [6])" in out
+    assert len(read_jsonl(tmp_path / "o" / "predictions.jsonl")) == 13
+
+
+@pytest.mark.parametrize("problem", list(bad_samples()))
+def test_bad_sample_with_on_bad_sample_error_exits_2(scorer_demo, tmp_path, capsys, problem):
+    sample = bad_samples()[problem]
+    shard = demo.write_shard(tmp_path / "one-bad.tar", demo.make_vl_samples(2, seed=4, prefix="ok") + [sample])
+    err = exit_2_line(capsys, train_scorer.main, base_args(scorer_demo, tmp_path / "o", "--max_steps", "2",
+                                                           "--on_bad_sample", "error", train=shard))
+    assert err.startswith(f"error: {shard}: {sample['__key__']}: ") and problem in err, err
+
+
+@pytest.mark.parametrize("spec, message", [
+    (" , ", "--train_shards: empty shard list"),
+    ("{d}/nothing-{{000000..000003}}.tar", "--train_shards: {d}/nothing-000000.tar: no such shard file"),
+    ("{d}/nothing-*.tar", "--train_shards: {d}/nothing-*.tar: pattern matches no file"),
+])
+def test_unusable_shard_lists_exit_2(scorer_demo, tmp_path, capsys, spec, message):
+    err = exit_2_line(capsys, train_scorer.main, base_args(scorer_demo, tmp_path / "o", train=spec.format(d=tmp_path)))
+    assert err == "error: " + message.format(d=tmp_path)
+
+
+def test_resume_refuses_a_checkpoint_of_another_mode(scorer_demo, tmp_path, capsys):
+    """A heads-only checkpoint cannot resume a run that trains the language model (nor the other way round): its
+    optimizer state covers other parameters."""
+    out = tmp_path / "o"
+    args = ["--max_steps", "2", "--save_strategy", "steps", "--save_steps", "2"]
+    train_scorer.main(base_args(scorer_demo, out, *args, "--freeze_backbone"))
+    err = exit_2_line(capsys, train_scorer.main, base_args(scorer_demo, out, *args, "--max_steps", "4",
+                                                           "--freeze_vision"))
+    assert err.startswith(f"error: {out / 'checkpoint-2'}: saved with scorer_trains = heads, this run has llm+heads")
+
+
+# --- as users run it: bash run.sh with 2 CPU processes (gloo) --------------------------------------------------
+
+TWO = {"NPROC_PER_NODE": "2"}
+
+
+def check_logs_add_up(out, score_weight=1.0, type_weight=1.0):
+    """Each training log's loss (the Trainer's mean over the window and the ranks) must be the weighted sum of the
+    logged head losses: it is not if those were one rank's, or one step's."""
+    logs = [h for h in log_history(out) if "loss_score" in h]
+    assert logs
+    for h in logs:
+        assert h["loss"] == pytest.approx(score_weight * h["loss_score"] + type_weight * h["loss_type"], rel=1e-4)
+    return logs
+
+
+def test_demo_on_two_processes(tmp_path):
+    out = tmp_path / "out"
+    result = run_cli(["bash", "run.sh", "train_scorer.py", "--demo", "--output_dir", str(out)], env=TWO, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = result.stdout
+    assert "'loss_score'" in text and "'loss_type'" in text and "'eval_type_macro_f1'" in text
+    assert f"predictions for 14 samples written to {out / 'predictions.jsonl'}" in text
+    assert "per rank [0, 0]" in text
+    assert sorted(p["key"] for p in read_jsonl(out / "predictions.jsonl")) == [f"e{i:05d}" for i in range(14)]
+    logs = check_logs_add_up(out)
+    assert logs[-1]["loss_score"] < 0.5 * logs[0]["loss_score"] and logs[-1]["loss_type"] < logs[0]["loss_type"]
+    with open(out / "eval_results.json") as f:
+        assert json.load(f)["eval_samples"] == 14
+
+
+def test_two_processes_uneven_shards_text_only_batches_exact_eval_and_predict(scorer_demo, tmp_path):
+    """Rank 0 and rank 1 train on different shards, one of them text-only (so one rank's vision tower gets no real
+    gradient); eval shards of very different sizes; a predict shard with fewer shards than ranks x workers."""
+    texts = [demo.vl_sample(f"txt{i}", {"prompt": f"Please rate text {i}.", "score": float(i), "type": i % 3}, [])
+             for i in range(3)]
+    images = demo.make_vl_samples(7, seed=5, prefix="img")
+    broken = [dict(images[0], __key__="broken0", **{"0.jpg": b"not an image"}),
+              dict(images[1], __key__="broken1", json=b'{"prompt": "p", "score": 1.0, "type": 9}')]
+    demo.write_shard(tmp_path / "train-text.tar", texts)
+    demo.write_shard(tmp_path / "train-images.tar", images[:3] + broken + images[3:])
+    evals = demo.make_vl_samples(16, seed=6, prefix="ev")
+    demo.write_shards(tmp_path, "eval", evals, [4, 1, 6, 2, 3])
+    preds = demo.make_vl_samples(5, seed=7, prefix="pr")
+    demo.write_shard(tmp_path / "predict.tar", preds)
+    out = tmp_path / "out"
+    result = run_cli([
+        "bash", "run.sh", "train_scorer.py", "--model_name_or_path", scorer_demo[0], "--num_types", "3",
+        "--train_shards", f"{tmp_path}/train-*.tar", "--eval_shards", f"{tmp_path}/eval-{{000000..000004}}.tar",
+        "--predict_shards", f"{tmp_path}/predict.tar", "--do_predict", "--output_dir", str(out),
+        "--per_device_train_batch_size", "1", "--per_device_eval_batch_size", "2", "--max_steps", "8",
+        "--logging_steps", "2", "--learning_rate", "1e-3", "--min_pixels", "1024", "--max_pixels", "4096",
+        "--dataloader_num_workers", "2", "--use_cpu", "--save_strategy", "no", "--disable_tqdm", "true"],
+        env=TWO, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "an epoch is 12 samples = 6 steps of 2 x 1 x 1" in result.stdout
+    assert "bad samples skipped 2 (per rank [" in result.stdout
+    with open(out / "all_results.json") as f:
+        results = json.load(f)
+    assert results["train_bad_samples"] == 2
+    assert results["eval_samples"] == 16 and results["eval_bad_samples"] == 0
+    with open(out / "eval_results.json") as f:
+        assert json.load(f)["eval_samples"] == 16
+    keys = [p["key"] for p in read_jsonl(out / "predictions.jsonl")]
+    assert keys == [s["__key__"] for s in preds]  # each once, in shard order
+    check_logs_add_up(out)
+
+
+@pytest.mark.parametrize("phase", ["train", "eval"])
+def test_two_processes_bad_sample_error_exits_2_with_one_line(scorer_demo, tmp_path, phase):
+    """The bad sample sits in one rank's share: that rank alone meets it, yet the run ends cleanly everywhere."""
+    samples = demo.make_vl_samples(6, seed=8, prefix="ok")
+    samples[3]["json"] = b'{"prompt": "p", "score": 1.0}'
+    demo.write_shard(tmp_path / "data-000000.tar", demo.make_vl_samples(6, seed=9, prefix="fine"))
+    shard = demo.write_shard(tmp_path / "data-000001.tar", samples)
+    result = run_cli(["bash", "run.sh", "train_scorer.py", "--model_name_or_path", scorer_demo[0], "--num_types",
+                      "3", f"--{phase}_shards", f"{tmp_path}/data-*.tar", "--on_bad_sample", "error",
+                      "--output_dir", str(tmp_path / "o"), "--max_steps", "6", "--logging_steps", "2",
+                      "--per_device_train_batch_size", "2", "--save_strategy", "no", "--disable_tqdm", "true",
+                      "--min_pixels", "1024", "--max_pixels", "4096", "--dataloader_num_workers", "0", "--use_cpu"],
+                     env=TWO, timeout=120)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"error: {shard}: ok00003: json: missing field 'type'" in result.stderr.splitlines()
+    assert "Traceback" not in result.stderr and result.stderr.count("error: ") == 1, result.stderr[-3000:]
+
+
+# --- forking: a new label field, exactly as the README's "Forking" section says ------------------------------------
+
+NEW_LABELS_LINE = 'LABELS = {"score": "value", "type": "class", "aesthetic": "value"}'
+NEW_WEIGHT_FIELD = ('    aesthetic_weight: float = field(default=0.5, metadata={"help": "Weight of the aesthetic '
+                    'loss."})')
+
+
+def test_forking_recipe_adds_a_label_field(scorer_demo, tmp_path):
+    """The README's recipe for a new label: one line in collate.LABELS (+ an optional weight flag). A copy of the
+    project edited exactly so trains a head on the new field, logs its loss, evaluates it and predicts it."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    assert NEW_LABELS_LINE in readme and NEW_WEIGHT_FIELD in readme
+    fork = tmp_path / "fork"
+    shutil.copytree(ROOT, fork, ignore=shutil.ignore_patterns(".git", ".venv", "tests", "bench", "__pycache__"))
+    collate_py, script = fork / "collate.py", fork / "train_scorer.py"
+    collate_py.write_text(re.sub(r"^LABELS = .*$", NEW_LABELS_LINE, collate_py.read_text(), count=1, flags=re.M))
+    anchor = re.search(r"^    type_weight: .*\n", script.read_text(), flags=re.M).group(0)
+    script.write_text(script.read_text().replace(anchor, anchor + NEW_WEIGHT_FIELD + "\n"))
+
+    samples = demo.make_vl_samples(12, seed=3)
+    for i, s in enumerate(samples):  # the new field: here a copy of the score, halved
+        s["json"] = json.dumps({**json.loads(s["json"]), "aesthetic": i / 2}).encode()
+    shard = demo.write_shard(tmp_path / "aesthetic.tar", samples)
+    old = demo.write_shard(tmp_path / "old.tar", demo.make_vl_samples(1, seed=4, prefix="old"))  # without the field
+    out = tmp_path / "out"
+    result = run_cli([sys.executable, str(script), "--model_name_or_path", scorer_demo[0], "--num_types", "3",
+                      "--train_shards", shard, "--eval_shards", f"{shard},{old}", "--predict_shards", shard,
+                      "--do_predict", "--output_dir", str(out),
+                      "--max_steps", "2", "--logging_steps", "1", "--per_device_train_batch_size", "4",
+                      "--min_pixels", "1024", "--max_pixels", "4096", "--dataloader_num_workers", "0", "--use_cpu",
+                      "--save_strategy", "no", "--disable_tqdm", "true"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    logs = [h for h in log_history(out) if "loss_aesthetic" in h]
+    assert len(logs) == 2
+    for h in logs:
+        assert h["loss"] == pytest.approx(h["loss_score"] + h["loss_type"] + 0.5 * h["loss_aesthetic"], rel=1e-4)
+    with open(out / "eval_results.json") as f:
+        results = json.load(f)
+    assert {"eval_loss_aesthetic", "eval_aesthetic_mae", "eval_aesthetic_pearson"} <= set(results)
+    assert results["eval_samples"] == 12 and results["eval_bad_samples"] == 1  # the sample without the field
+    assert "aesthetic_head.weight" in safetensors.torch.load_file(out / "model.safetensors")
+    predictions = read_jsonl(out / "predictions.jsonl")
+    assert len(predictions) == 12 and all(isinstance(p["aesthetic"], float) for p in predictions)
