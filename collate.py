@@ -302,22 +302,23 @@ def parse_vl_sample(sample, classes=None, with_labels=True):
         raise DataError(f"malformed json: {e}") from None
     if not isinstance(record, dict):
         raise DataError(f"json: expected an object, got {type(record).__name__}")
-    fields = {"prompt": (str,), **({name: (int, float) if kind == "value" else (int,) for name, kind in
-                                    LABELS.items()} if with_labels else {})}
+    fields = {"prompt": (str,)}
+    if with_labels:
+        fields.update({name: (int, float) if kind == "value" else (int,) for name, kind in LABELS.items()})
     for name, types in fields.items():
         value = record.get(name)
         if value is None:
             raise DataError(f"json: missing field '{name}'")
         if not isinstance(value, types) or isinstance(value, bool):
             raise DataError(f"json: field '{name}': expected {types[-1].__name__}, got {type(value).__name__}")
-    labels = {}
-    for name, kind in LABELS.items() if with_labels else ():
-        value, n = record[name], (classes or {}).get(name)
-        if kind == "value" and not math.isfinite(value):
+    labels = {name: record[name] for name in fields if name != "prompt"}
+    for name, value in labels.items():
+        n = (classes or {}).get(name)
+        if LABELS[name] == "value" and not math.isfinite(value):
             raise DataError(f"json: field '{name}' is {value}")
-        if kind == "class" and n is not None and not 0 <= value < n:
+        if LABELS[name] == "class" and n is not None and not 0 <= value < n:
             raise DataError(f"json: field '{name}' is {value}, outside 0..{n - 1} (--num_{name}s {n})")
-        labels[name] = float(value) if kind == "value" else value
+        labels[name] = float(value) if LABELS[name] == "value" else value
 
     members = {}
     for name in sample:
@@ -404,8 +405,11 @@ class VLEncoder:
         s = parse_vl_sample(sample, self.classes, self.with_labels)
         images = [open_image(member, data) for member, data in s.images]
         for (member, _), image in zip(s.images, images):
-            resized_size(member, *image.size, self.min_pixels, self.max_pixels)
-        feature = dict(encode_vl_example(images, s.prompt, self.processor, self.min_pixels, self.max_pixels))
+            resized_size(member, *image.size, self.min_pixels, self.max_pixels)  # the verdict token_stats.py gives
+        try:
+            feature = dict(encode_vl_example(images, s.prompt, self.processor, self.min_pixels, self.max_pixels))
+        except (ValueError, OSError) as e:  # anything else the processor refuses: a bad sample, not a crash
+            raise DataError(f"cannot encode: {e}") from None
         if feature["input_ids"].shape[-1] > self.max_len:
             raise DataError(f"{feature['input_ids'].shape[-1]} tokens, more than --max_len {self.max_len}")
         return {**feature, **{f"{name}_labels": value for name, value in s.labels.items()}, "key": s.key}

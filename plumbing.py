@@ -1,4 +1,4 @@
-"""Plumbing every script does the same way: config files, the exit-2 rule, precision, demo folders, resume, rank-0 logs.
+"""What every script does the same way: config files, exit 2, training defaults, precision, demo, resume, rank-0 logs.
 
 Kept out of the scripts so that each of them reads as its own story (arguments -> data -> model -> trainer -> run)
 and out of `collate.py`, whose functions stay pure.
@@ -6,8 +6,10 @@ and out of `collate.py`, whose functions stay pure.
 
 import os
 import sys
+from dataclasses import dataclass, field
 
 import torch
+from transformers import TrainingArguments
 
 
 def log(*args, **kwargs):
@@ -51,6 +53,20 @@ def parse_arguments(parser, argv=None, demo_args=()):
         except ValueError as e:  # unknown keys etc.
             fail(f"{argv[0]}: {e}")
     return parser.parse_args_into_dataclasses(args=argv)
+
+
+@dataclass
+class TrainingDefaults(TrainingArguments):
+    """TrainingArguments with the defaults both training scripts share; each script's own subclass adds its own."""
+    bf16: bool = field(default=None, metadata={"help": "bf16 mixed precision (default: if the GPU supports it)."})
+    fp16: bool = field(default=None, metadata={"help": "fp16 mixed precision (default: on GPUs without bf16)."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
+    save_total_limit: int = field(default=3, metadata={"help": "Keep this many checkpoints (plus the best)."})
+    report_to: str = field(default="none", metadata={"help": "none, tensorboard, wandb, ..."})
+
+    def __post_init__(self):
+        resolve_mixed_precision(self)
+        super().__post_init__()
 
 
 def resolve_mixed_precision(args):

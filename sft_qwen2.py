@@ -29,12 +29,12 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments
+from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer
 
 from collate import IGNORE_INDEX, ChatFormat, DataError, encode_sft_batch, sft_collator, to_messages
 from data import load_sft_file, record_location
 from lean_loss import use_lean_causal_lm_loss
-from plumbing import fail, last_checkpoint_to_resume, log, parse_arguments, prepare_demo, resolve_mixed_precision
+from plumbing import TrainingDefaults, fail, last_checkpoint_to_resume, log, parse_arguments, prepare_demo
 
 
 @dataclass
@@ -69,7 +69,7 @@ class DataArguments(ChatFormat):  # --system_prompt, --query_key, --answer_key, 
 
 
 @dataclass
-class SFTArguments(TrainingArguments):
+class SFTArguments(TrainingDefaults):
     # Defaults a real full fine-tune wants; any flag overrides them.
     output_dir: str = field(default="outputs/sft-qwen2", metadata={"help": "Checkpoints and the final model."})
     learning_rate: float = field(default=1e-5, metadata={"help": "Peak learning rate."})
@@ -77,21 +77,12 @@ class SFTArguments(TrainingArguments):
     warmup_steps: float = field(default=0.03, metadata={"help": "Warmup: steps, or a share of all steps if < 1."})
     activation_checkpointing: bool = field(default=True, metadata={
         "help": "Recompute activations in backward (gradient checkpointing): much less memory, about 20%% slower."})
-    bf16: bool = field(default=None, metadata={"help": "bf16 mixed precision (default: if the GPU supports it)."})
-    fp16: bool = field(default=None, metadata={"help": "fp16 mixed precision (default: on GPUs without bf16)."})
-    logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
-    save_total_limit: int = field(default=3, metadata={"help": "Keep this many checkpoints (plus the best)."})
-    report_to: str = field(default="none", metadata={"help": "none, tensorboard, wandb, ..."})
     prediction_loss_only: bool = field(default=True, metadata={
         "help": "Evaluate the loss only (gathering 152k-wide logits of every eval token would exhaust memory)."})
     include_num_input_tokens_seen: str = field(default="non_padding", metadata={
         "help": "Count the tokens trained, for the logs and the summary's tokens/s: non_padding (real tokens), all, "
                 "or no (one small all-gather per step, negligible next to a real step).",
         "choices": ["non_padding", "all", "no"]})
-
-    def __post_init__(self):
-        resolve_mixed_precision(self)
-        super().__post_init__()
 
 
 DEMO_DIR = os.path.join(tempfile.gettempdir(), f"sft-qwen2-demo-{os.getuid()}")

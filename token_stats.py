@@ -39,8 +39,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from transformers import HfArgumentParser
 
-from collate import (ChatFormat, DataError, apply_overflow, encode_sft_batch, open_image, parse_vl_sample, resized_size,
-                     to_messages, vl_text)
+from collate import (IGNORE_INDEX, ChatFormat, DataError, apply_overflow, encode_sft_batch, open_image,
+                     parse_vl_sample, resized_size, to_messages, vl_text)
 from data import BadSample, expand_shards, load_sft_file, record_location, shard_samples
 from plumbing import fail, parse_arguments, prepare_demo
 
@@ -110,14 +110,14 @@ def _sft_job(job):
     out = np.zeros((len(results), 5), dtype=np.int64)
     for i, (enc, _) in enumerate(results):
         ids, labels = enc["input_ids"], enc["labels"]
-        answer = len(labels) - labels.count(-100)
+        answer = len(labels) - labels.count(IGNORE_INDEX)
         out[i, :2] = len(ids), answer
         if len(ids) > args.max_len:  # the very rule sft_qwen2.py applies
             kept, status = apply_overflow(ids, labels, args.max_len, "truncate")
             if kept is None:
                 out[i, 2:] = 2, len(ids), answer
             else:
-                out[i, 2:] = 1, len(ids) - args.max_len, answer - (args.max_len - kept["labels"].count(-100))
+                out[i, 2:] = 1, len(ids) - args.max_len, answer - (args.max_len - kept["labels"].count(IGNORE_INDEX))
     return out
 
 

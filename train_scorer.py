@@ -45,14 +45,13 @@ import numpy as np
 import torch
 from accelerate.utils import gather_object
 from torch import nn
-from transformers import (AutoConfig, AutoProcessor, HfArgumentParser, Trainer, TrainerCallback, TrainingArguments,
-                          set_seed)
+from transformers import AutoConfig, AutoProcessor, HfArgumentParser, Trainer, TrainerCallback, set_seed
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLModel, Qwen3VLPreTrainedModel
 
 from collate import LABELS, DataError, VLEncoder
 from data import BadSample, ShardStream, count_samples, expand_shards, make_loader
-from plumbing import fail, last_checkpoint_to_resume, log, parse_arguments, prepare_demo, resolve_mixed_precision
+from plumbing import TrainingDefaults, fail, last_checkpoint_to_resume, log, parse_arguments, prepare_demo
 
 CLASS_LABELS = [name for name, kind in LABELS.items() if kind == "class"]  # each has a `num_<name>s` setting
 
@@ -95,7 +94,7 @@ class DataArguments:
 
 
 @dataclass
-class ScorerArguments(TrainingArguments):
+class ScorerArguments(TrainingDefaults):
     output_dir: str = field(default="outputs/scorer-qwen3-vl", metadata={"help": "Checkpoints and the final model."})
     learning_rate: float = field(default=1e-5, metadata={"help": "Peak learning rate (backbone)."})
     head_lr: float = field(default=None, metadata={"help": "Peak learning rate of the heads (default: learning_rate)."})
@@ -109,14 +108,8 @@ class ScorerArguments(TrainingArguments):
     ddp_find_unused_parameters: bool = field(default=False, metadata={
         "help": "Every trainable parameter gets a gradient every step in every mode, so DDP need not search."})
     dataloader_num_workers: int = field(default=4, metadata={"help": "Processes decoding and encoding samples."})
-    bf16: bool = field(default=None, metadata={"help": "bf16 mixed precision (default: if the GPU supports it)."})
-    fp16: bool = field(default=None, metadata={"help": "fp16 mixed precision (default: on GPUs without bf16)."})
-    logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
-    save_total_limit: int = field(default=3, metadata={"help": "Keep this many checkpoints (plus the best)."})
-    report_to: str = field(default="none", metadata={"help": "none, tensorboard, wandb, ..."})
 
     def __post_init__(self):
-        resolve_mixed_precision(self)
         # Unset means "when the backbone trains" (main() knows the freezing flags); the Trainer turns None into False.
         unset = self.activation_checkpointing is None and self.gradient_checkpointing is None
         self.activation_checkpointing_auto = unset

@@ -129,7 +129,8 @@ def child(a):
         trainer, counter = run_trl(a, a.child)
     history = trainer.state.log_history
     losses = [h["loss"] for h in history if "loss" in h]
-    runtime = next(h["train_runtime"] for h in history if "train_runtime" in h)
+    # the run's own figure: the last one (with include_num_input_tokens_seen every log carries a running one)
+    runtime = [h["train_runtime"] for h in history if "train_runtime" in h][-1]
     emit({"variant": a.child, "real_tokens": counter.real, "total_tokens": counter.total, "runtime_s": runtime,
           "losses": losses, "steps": trainer.state.global_step, "peak_rss_gb": peak_rss_gb()})
 

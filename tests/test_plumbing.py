@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 import pytest
 from transformers import HfArgumentParser, TrainingArguments
 
-from plumbing import fail, last_checkpoint_to_resume, log, parse_arguments, prepare_demo, resolve_mixed_precision
+from plumbing import (TrainingDefaults, fail, last_checkpoint_to_resume, log, parse_arguments, prepare_demo,
+                      resolve_mixed_precision)
 
 
 @dataclass
@@ -82,6 +83,12 @@ class PrecisionArgs:
 def test_resolve_mixed_precision(given, expected):
     resolve_mixed_precision(given)
     assert (given.bf16, given.fp16) == expected
+
+
+def test_training_defaults(tmp_path):
+    args = TrainingDefaults(output_dir=str(tmp_path), use_cpu=True)
+    assert (args.bf16, args.fp16, args.logging_steps, args.save_total_limit) == (False, False, 10, 3)
+    assert args.report_to in ("none", [])  # no reporting service unless asked
 
 
 def test_prepare_demo_rebuilds_a_fresh_folder(tmp_path):
