@@ -125,10 +125,11 @@ def _scorer_job(shard):
     """All samples of one shard: a list of (key, text tokens, [image tokens of each image]). A sample training
     would refuse (collate.parse_vl_sample, the same checks and the same error line) stops the run."""
     processor, args = _STATE["processor"], _STATE["args"]
+    classes = {"type": args.num_types} if args.num_types else None
     keys, texts, image_tokens = [], [], []
     for sample in shard_samples(shard):
         try:
-            s = parse_vl_sample(sample, {"type": args.num_types} if args.num_types else None, args.with_labels)
+            s = parse_vl_sample(sample, classes, args.with_labels)
             texts.append(vl_text(processor, len(s.images), s.prompt))
             image_tokens.append([_image_tokens(member, data, processor, args) for member, data in s.images])
         except DataError as e:

@@ -176,6 +176,10 @@ class Qwen3VLScorer(Qwen3VLPreTrainedModel):
     def head(self, name):
         return getattr(self, f"{name}_head")
 
+    def loss_weights(self):
+        """{label: weight of its loss in the total} (`<label>_weight` in the config, 1.0 where a fork set none)."""
+        return {name: getattr(self.config, f"{name}_weight", 1.0) for name in LABELS}
+
     @classmethod
     def from_pretrained(cls, path, *args, config=None, **kwargs):
         """Load a scorer (full, or heads-only on a recorded base) or start one from a Qwen3-VL checkpoint."""
@@ -224,7 +228,8 @@ class Qwen3VLScorer(Qwen3VLPreTrainedModel):
             return ScorerOutput(heads=heads)
         losses = {name: nn.functional.mse_loss(out, labels[f"{name}_labels"].float()) if LABELS[name] == "value"
                   else nn.functional.cross_entropy(out, labels[f"{name}_labels"]) for name, out in heads.items()}
-        loss = sum(getattr(self.config, f"{name}_weight", 1.0) * value for name, value in losses.items())
+        weights = self.loss_weights()
+        loss = sum(weights[name] * value for name, value in losses.items())
         if pixel_values is None and self.training:
             # A text-only batch leaves the vision tower out of the graph; DDP without find_unused_parameters
             # would then wait forever for its gradients. Zero-valued terms give it zero gradients instead.
@@ -442,8 +447,7 @@ class ScorerTrainer(Trainer):
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         start = time.time()
         rows, bad = self.exact_pass(eval_dataset or self.eval_dataset)
-        weights = {name: getattr(self.model.config, f"{name}_weight", 1.0) for name in LABELS}
-        metrics = scorer_metrics(rows, weights, metric_key_prefix)
+        metrics = scorer_metrics(rows, self.model.loss_weights(), metric_key_prefix)
         metrics[f"{metric_key_prefix}_bad_samples"] = len(bad)
         metrics[f"{metric_key_prefix}_runtime"] = round(time.time() - start, 4)
         self.log(metrics)
@@ -553,7 +557,7 @@ def main(argv=None):
             metrics.update(result.metrics)
             per_rank, total = trainer.gathered_train_bad()
             metrics["train_bad_samples"] = total
-            last = next((h for h in reversed(trainer.state.log_history) if "loss" in h and "step" in h), {})
+            last = next((h for h in reversed(trainer.state.log_history) if "loss" in h), {})
             heads = ", ".join(f"{name} {last.get(f'loss_{name}', 0):.4f}" for name in LABELS)
             summary.append(f"trained {trainer.state.global_step} steps, last logged loss {last.get('loss', 0):.4f} "
                            f"({heads}); bad samples skipped {total} (per rank {per_rank}); model saved to "
