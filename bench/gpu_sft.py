@@ -1,15 +1,19 @@
 """SFT training speed and memory at real model sizes on one GPU: Qwen2-1.5B and Qwen2-7B architectures with random
-weights, bf16, through the same model patch and collators sft_qwen2.py uses.
+weights, trained as sft_qwen2.py trains them: its precision policy (training_plan.py: fp32 master weights under bf16
+autocast, or --pure_bf16, or LoRA), model patch and collators.
 
     python bench/gpu_sft.py                           # every setting below on the visible GPU
     python bench/gpu_sft.py --models qwen2-1.5b --attn sdpa --padding_free on
+    python bench/gpu_sft.py --models qwen2-7b --padding_free on --ckpt on --train masters,pure_bf16,lora --batch 2
+                                                      # peak memory of each policy next to the memory plan's figure
     python bench/gpu_sft.py --tiny                    # CPU smoke run of the same code (tiny model, fp32)
 
 Settings: attention sdpa vs flash_attention_2 (if flash_attn imports), padding-free on/off, Liger kernels on/off
 (if liger_kernel imports; Liger brings its own fused linear + cross-entropy, replacing ours), gradient
 checkpointing on/off. Each setting runs in its own process (fresh memory, and Liger patches classes globally).
 Data: skewed chat lengths (log-normal, median ~250 answer tokens, p99 ~2,500, max_len 4096), prompt tokens masked.
-Reports real tokens/s, samples/s, peak GPU memory and MFU: model FLOPs per token (6 x non-embedding parameters
+Reports real tokens/s, samples/s, peak GPU memory next to the memory plan's weights + gradients + optimizer states +
+autocast copies (activations come on top of the plan), and MFU: model FLOPs per token (6 x non-embedding parameters
 + 6 x output layer + 12 x layers x hidden x mean sequence length, the PaLM convention, counting the full output
 layer even where we skip it) over the bf16 matmul peak measured on the same GPU in the same run.
 """
@@ -19,6 +23,7 @@ import itertools
 import os
 import sys
 import time
+from types import SimpleNamespace
 
 from common import QWEN2_VOCAB, emit, importable, matmul_peak_tflops, run_child, skewed_lengths, sync
 
@@ -62,23 +67,33 @@ def child(a):
     from collate import sft_collator
     from lean_loss import use_lean_causal_lm_loss
 
+    from training_plan import add_lora, lora_settings, plan_bytes, use_precision_policy
+
     device = "cuda" if torch.cuda.is_available() and not a.tiny else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    cuda = device == "cuda"
     cfg = CONFIGS[a.model]
     if a.liger == "on":
         from liger_kernel.transformers import apply_liger_kernel_to_qwen2
         apply_liger_kernel_to_qwen2()
     torch.manual_seed(0)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(Qwen2Config(**cfg, use_cache=False), dtype=dtype,
+    with torch.device(device):  # loaded in the half dtype, as the script loads a checkpoint (training_plan.load_dtype)
+        model = AutoModelForCausalLM.from_config(Qwen2Config(**cfg, use_cache=False),
+                                                 dtype=torch.bfloat16 if cuda else torch.float32,
                                                  attn_implementation=a.attn)
     if a.liger == "off":
         use_lean_causal_lm_loss(model)
+    if a.train == "lora":
+        model = add_lora(model, lora_settings(model, SimpleNamespace(
+            lora_r=16, lora_alpha=32, lora_dropout=0.05, lora_target_modules=None), "model"))
+    args = SimpleNamespace(bf16=cuda, fp16=False, pure_bf16=a.train == "pure_bf16", use_cpu=not cuda, world_size=1,
+                           learning_rate=1e-5, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, weight_decay=0.0)
+    optimizer = use_precision_policy(model, args)
+    plan = plan_bytes(model, args)
     if a.ckpt == "on":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    # bf16 AdamW states keep the 7B model inside one 80 GB GPU; the bench measures speed, not convergence
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device == "cuda")
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = optimizer[0](params, **optimizer[1]) if optimizer else torch.optim.AdamW(params, lr=1e-5, fused=cuda)
     tok = demo.build_tokenizer()  # only its pad id is used: the ids are random
     collate = sft_collator(tok, padding_free=a.padding_free == "on", pad_to_multiple_of=8 if device == "cuda" else None,
                            flash_attn_kwargs=a.attn.startswith("flash"))
@@ -91,7 +106,8 @@ def child(a):
                 torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
         batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in collate(feats).items()}
-        loss = model(**batch).loss
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=cuda):
+            loss = model(**batch).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -102,7 +118,8 @@ def child(a):
     elapsed = time.perf_counter() - start
     mean_len = tokens / samples
     emit({"tokens_per_s": tokens / elapsed, "samples_per_s": samples / elapsed, "loss": float(loss),
-          "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan"),
+          "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if cuda else float("nan"),
+          "plan_gb": (plan["total"] + plan["autocast_copies"]) / 1e9,
           "flops_per_token": flops_per_token(cfg, mean_len)})
 
 
@@ -114,6 +131,8 @@ def main():
     p.add_argument("--padding_free", default="off,on")
     p.add_argument("--liger", default=None, help="comma list: off, on")
     p.add_argument("--ckpt", default="on,off", help="gradient checkpointing settings")
+    p.add_argument("--train", default="masters", help="comma list: masters (fp32 master weights, the default policy), "
+                   "pure_bf16, lora")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--max_len", type=int, default=4096)
     p.add_argument("--warmup", type=int, default=2)
@@ -139,23 +158,23 @@ def main():
         print("flash_attention_2: flash_attn is not installed, skipped")
     if device == "cuda" and not importable("liger_kernel"):
         print("liger: liger_kernel is not installed, skipped")
-    print(f"\n{'model':<12}{'attn':<20}{'packed':<8}{'liger':<7}{'ckpt':<6}{'tok/s':>10}{'samples/s':>11}"
-          f"{'peak GB':>9}{'MFU':>7}")
-    for model, attn, pf, liger, ckpt in itertools.product(models, attns, a.padding_free.split(","), ligers,
-                                                          a.ckpt.split(",")):
+    print(f"\n{'model':<12}{'attn':<20}{'packed':<8}{'liger':<7}{'ckpt':<6}{'train':<11}{'tok/s':>10}{'samples/s':>11}"
+          f"{'peak GB':>9}{'plan GB':>9}{'MFU':>7}")
+    for model, attn, pf, liger, ckpt, train in itertools.product(models, attns, a.padding_free.split(","), ligers,
+                                                                 a.ckpt.split(","), a.train.split(",")):
         cmd = [sys.executable, os.path.join(HERE, "gpu_sft.py"), "--child", "--model", model, "--attn", attn,
-               "--padding_free", pf, "--liger", liger, "--ckpt", ckpt, "--batch", str(a.batch),
+               "--padding_free", pf, "--liger", liger, "--ckpt", ckpt, "--train", train, "--batch", str(a.batch),
                "--max_len", str(a.max_len), "--warmup", str(a.warmup), "--steps", str(a.steps)]
         if a.tiny:
             cmd.append("--tiny")
         r, error = run_child(cmd)
-        row = f"{model:<12}{attn:<20}{pf:<8}{liger:<7}{ckpt:<6}"
+        row = f"{model:<12}{attn:<20}{pf:<8}{liger:<7}{ckpt:<6}{train:<11}"
         if r is None:
             print(row + f"  failed: {error:.120}", flush=True)
             continue
         mfu = r["tokens_per_s"] * r["flops_per_token"] / (peak * 1e12)
-        print(row + f"{r['tokens_per_s']:>10.0f}{r['samples_per_s']:>11.2f}{r['peak_mem_gb']:>9.1f}{mfu:>7.1%}",
-              flush=True)
+        print(row + f"{r['tokens_per_s']:>10.0f}{r['samples_per_s']:>11.2f}{r['peak_mem_gb']:>9.1f}"
+              f"{r['plan_gb']:>9.1f}{mfu:>7.1%}", flush=True)
 
 
 if __name__ == "__main__":

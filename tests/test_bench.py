@@ -7,13 +7,14 @@ from conftest import run_cli
 
 
 def test_gpu_sft_tiny_runs_every_cpu_setting():
-    res = run_cli([sys.executable, "bench/gpu_sft.py", "--tiny"])
+    res = run_cli([sys.executable, "bench/gpu_sft.py", "--tiny", "--train", "masters,lora"])
     assert res.returncode == 0, res.stderr[-2000:]
     rows = [line.split() for line in res.stdout.splitlines() if line.startswith("tiny ")]
-    # padding-free off/on x gradient checkpointing on/off, each with a throughput and an MFU figure
-    assert sorted((r[2], r[4]) for r in rows) == [("off", "off"), ("off", "on"), ("on", "off"), ("on", "on")]
+    # padding-free off/on x gradient checkpointing on/off x full/LoRA, each with throughput, plan and MFU figures
+    assert sorted((r[2], r[4], r[5]) for r in rows) == sorted(
+        (pf, ckpt, train) for pf in ("off", "on") for ckpt in ("off", "on") for train in ("masters", "lora")), rows
     for r in rows:
-        assert float(r[5]) > 0 and float(r[6]) > 0 and re.fullmatch(r"[\d.]+%", r[8]), r
+        assert float(r[6]) > 0 and float(r[7]) > 0 and float(r[9]) >= 0 and re.fullmatch(r"[\d.]+%", r[10]), r
 
 
 def test_scorer_pipeline_quick_times_every_row_and_shows_stack_failing_on_mixed_sizes():
