@@ -76,8 +76,10 @@ def build_tokenizer(vocab_size=400, corpus=None):
     return tok
 
 
-def build_tiny_qwen2(out_dir, seed=0, hidden_size=64, num_layers=2, vocab_size=None, intermediate_size=None):
-    """Save a random-weight fp32 Qwen2 causal LM plus its tokenizer to `out_dir` and return the path.
+def build_tiny_qwen2(out_dir, seed=0, hidden_size=64, num_layers=2, vocab_size=None, intermediate_size=None,
+                     dtype="float32"):
+    """Save a random-weight Qwen2 causal LM (fp32, or `dtype` as real Qwen checkpoints are stored: bfloat16) plus its
+    tokenizer to `out_dir` and return the path.
 
     `vocab_size` may exceed the tiny tokenizer's (benchmarks use Qwen2's real 151,936 so the output layer costs
     what it costs in real runs); the extra rows are simply never produced by the tokenizer.
@@ -95,7 +97,7 @@ def build_tiny_qwen2(out_dir, seed=0, hidden_size=64, num_layers=2, vocab_size=N
         tie_word_embeddings=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
         bos_token_id=None,
     )
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
     return str(out_dir)

@@ -60,6 +60,10 @@ class TrainingDefaults(TrainingArguments):
     """TrainingArguments with the defaults both training scripts share; each script's own subclass adds its own."""
     bf16: bool = field(default=None, metadata={"help": "bf16 mixed precision (default: if the GPU supports it)."})
     fp16: bool = field(default=None, metadata={"help": "fp16 mixed precision (default: on GPUs without bf16)."})
+    pure_bf16: bool = field(default=False, metadata={
+        "help": "bf16 weights, gradients and AdamW states (10 instead of 16 bytes per trained parameter) with a "
+                "Kahan-compensated AdamW (torch-optimi), for full fine-tunes short of memory. Default under bf16: "
+                "fp32 master weights and bf16 autocast."})
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
     save_total_limit: int = field(default=3, metadata={"help": "Keep this many checkpoints (plus the best)."})
     report_to: str = field(default="none", metadata={"help": "none, tensorboard, wandb, ..."})

@@ -7,18 +7,25 @@ Every assistant answer (content + the closing <|im_end|>) is trained; system, us
   # CPU demo: a tiny random model and generated data, no downloads (about a minute)
   bash run.sh sft_qwen2.py --demo
 
-  # one GPU
-  python sft_qwen2.py --train_file data/train.jsonl --val_size 0.01 --output_dir outputs/qwen2-sft
+  # one GPU, Qwen2-7B: LoRA (15.9 GB of weights + adapters + states; the merged model also goes to OUTPUT_DIR/merged)
+  python sft_qwen2.py --train_file data/train.jsonl --val_size 0.01 --use_peft --learning_rate 2e-4 --merge_lora
 
-  # every GPU of this node (torchrun via run.sh), packed batches
-  bash run.sh sft_qwen2.py --train_file data/train.jsonl --padding_free --per_device_train_batch_size 4
+  # one 80 GB+ GPU: full fine-tune, bf16 weights and states with Kahan-compensated AdamW (76.2 GB)
+  python sft_qwen2.py --train_file data/train.jsonl --bf16 true --pure_bf16 --per_device_train_batch_size 1
+
+  # every GPU of this node (torchrun via run.sh), LoRA, packed batches
+  bash run.sh sft_qwen2.py --train_file data/train.jsonl --use_peft --learning_rate 2e-4 --padding_free
 
   # two nodes: run this on each, NODE_RANK=0 on the master
-  NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 MASTER_PORT=29500 bash run.sh sft_qwen2.py --train_file data/train.jsonl
+  NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 MASTER_PORT=29500 bash run.sh sft_qwen2.py --train_file data/train.jsonl \\
+      --use_peft --learning_rate 2e-4
 
   # every flag can come from one config file instead (keys = flag names)
-  bash run.sh sft_qwen2.py configs/sft.yaml
+  bash run.sh sft_qwen2.py my_run.yaml
 
+Precision: under bf16 the trained weights are fp32 masters (frozen ones stay bf16); rank 0 prints the policy and a
+per-GPU memory plan at start (training_plan.py). Full fine-tuning with fp32 masters needs 16 bytes per parameter
+(122 GB for 7B): shard it over several GPUs, or use --use_peft or --pure_bf16.
 A run that finds `checkpoint-*` folders in --output_dir resumes from the newest one.
 """
 
@@ -35,6 +42,8 @@ from collate import IGNORE_INDEX, ChatFormat, DataError, encode_sft_batch, sft_c
 from data import load_sft_file, record_location
 from lean_loss import use_lean_causal_lm_loss
 from plumbing import TrainingDefaults, fail, last_checkpoint_to_resume, log, parse_arguments, prepare_demo
+from training_plan import (LoraArguments, add_lora, check_precision_flags, checkpoint_dtype, load_dtype,
+                           lora_parameter_count, lora_settings, memory_plan, to_base_dtype, use_precision_policy)
 
 
 @dataclass
@@ -151,10 +160,14 @@ def show_example(example, tokenizer):
 
 def main(argv=None):
     start = time.time()
-    parser = HfArgumentParser((ModelArguments, DataArguments, SFTArguments))
-    model_args, data_args, args = parse_arguments(parser, argv, demo_args=DEMO_ARGS)
+    parser = HfArgumentParser((ModelArguments, DataArguments, LoraArguments, SFTArguments))
+    model_args, data_args, lora_args, args = parse_arguments(parser, argv, demo_args=DEMO_ARGS)
     if not data_args.train_file:
         fail("--train_file is required (or --demo)")
+    if lora_args.merge_lora and not lora_args.use_peft:
+        fail("--merge_lora needs --use_peft")
+    if problem := check_precision_flags(args, lora_args):
+        fail(problem)
     if data_args.demo:
         import demo
         prepare_demo(DEMO_DIR, demo.build_sft_demo, args)
@@ -187,15 +200,25 @@ def main(argv=None):
         fail(f"{', '.join(data_args.train_file)}: every example was dropped (max_len {data_args.max_len})")
     log(show_example(train_ds[0], tokenizer))
 
-    # Model: the training dtype is bf16 when training in bf16; fp16 mixed precision needs fp32 master weights.
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, dtype=dtype,
+    # Model: loaded in the half dtype of the run; what trains becomes fp32 master weights (training_plan.py)
+    path = model_args.model_name_or_path
+    base_dtype = checkpoint_dtype(path, trust_remote_code=model_args.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=load_dtype(args),
                                                  attn_implementation=model_args.attn_implementation,
                                                  trust_remote_code=model_args.trust_remote_code)
     # Packed rows rely on position_ids to keep examples apart, which the model only does without a KV cache.
     model.config.use_cache = False
     if not args.use_liger_kernel:  # Liger brings its own fused linear + cross-entropy
         use_lean_causal_lm_loss(model)  # logits only at answer tokens, in chunks: never (tokens x 152k) at once
+    lora = lora_settings(model, lora_args, "model")  # the decoder's linear layers; lm_head is outside it
+    adapters = lora_parameter_count(model, lora)
+    if lora_args.use_peft:
+        model = add_lora(model, lora)
+        if not args.use_liger_kernel and hasattr(model.get_base_model().lm_head, "lora_A"):
+            fail("--lora_target_modules: the lean loss reads lm_head.weight directly and would skip an adapter "
+                 "there; leave lm_head out")
+    optimizer = use_precision_policy(model, args)
+    memory_plan(model, args, adapters)
 
     # Trainer
     pad_multiple = data_args.pad_to_multiple_of
@@ -205,15 +228,23 @@ def main(argv=None):
     padding_free = flash if data_args.padding_free is None else data_args.padding_free
     collator = sft_collator(tokenizer, padding_free, pad_multiple, flash_attn_kwargs=flash)
     trainer = Trainer(model=model, args=args, data_collator=collator, train_dataset=train_ds, eval_dataset=eval_ds,
-                      processing_class=tokenizer)
+                      processing_class=tokenizer, optimizer_cls_and_kwargs=optimizer)
 
     # Run: train (resuming from the newest checkpoint in output_dir), save, evaluate
     result = trainer.train(resume_from_checkpoint=last_checkpoint_to_resume(args))
-    trainer.save_model(args.output_dir)  # model + tokenizer, HF format
+    if not lora_args.use_peft:  # the fp32 masters back in the checkpoint's dtype (an adapter stays fp32: small)
+        to_base_dtype(model, base_dtype)
+    trainer.save_model(args.output_dir)  # model (LoRA: the adapter) + tokenizer, HF format
     trainer.save_state()
     metrics = dict(result.metrics)
     if eval_ds is not None:
         metrics.update(trainer.evaluate())
+    if lora_args.merge_lora:  # base weights + adapters in one model that plain from_pretrained loads
+        merged = model.merge_and_unload()
+        to_base_dtype(merged, base_dtype)
+        if args.should_save:
+            merged.save_pretrained(os.path.join(args.output_dir, "merged"))
+            tokenizer.save_pretrained(os.path.join(args.output_dir, "merged"))
     trainer.log_metrics("all", metrics)
     trainer.save_metrics("all", metrics)
     trainer.metrics = metrics  # for callers of main()
@@ -226,7 +257,8 @@ def main(argv=None):
         f"wall {time.time() - start:.1f}s, " + (f"{speed:.0f} tokens/s, " if speed else "")
         + f"final train loss {metrics['train_loss']:.4f}"
         + (f", eval loss {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else "")
-        + f"; model saved to {args.output_dir}")
+        + f"; {'adapter' if lora_args.use_peft else 'model'} saved to {args.output_dir}"
+        + (f" (merged model in {args.output_dir}/merged)" if lora_args.merge_lora else ""))
     return trainer
 
 

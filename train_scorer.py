@@ -13,14 +13,18 @@ The label fields and their heads come from `collate.LABELS` (README "Forking": a
   python train_scorer.py --train_shards 'data/train-{000000..000099}.tar' --eval_shards 'data/val-*.tar' \\
       --num_types 5 --freeze_backbone --learning_rate 1e-3 --output_dir outputs/scorer
 
-  # every GPU of this node: language model + heads, vision tower frozen, heads at a higher learning rate
+  # one GPU: LoRA on the language model + heads (17.0 GB for the 8B; saves hold the adapters and the heads)
+  python train_scorer.py --train_shards 'data/train-{000000..000099}.tar' --eval_shards 'data/val-*.tar' \\
+      --num_types 5 --use_peft --learning_rate 2e-4 --head_lr 1e-3 --output_dir outputs/scorer-lora
+
+  # every GPU of this node: LoRA + heads, heads at a higher learning rate, merged model for serving at the end
   bash run.sh train_scorer.py --train_shards 'data/train-{000000..000099}.tar' --eval_shards 'data/val-*.tar' \\
-      --num_types 5 --freeze_vision --learning_rate 1e-5 --head_lr 1e-4 --per_device_train_batch_size 4
+      --num_types 5 --use_peft --learning_rate 2e-4 --head_lr 1e-3 --per_device_train_batch_size 4 --merge_lora
 
   # two nodes: run this on each, NODE_RANK=0 on the master; every flag can come from one config file
-  NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 MASTER_PORT=29500 bash run.sh train_scorer.py configs/scorer.yaml
+  NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 MASTER_PORT=29500 bash run.sh train_scorer.py my_scorer.yaml
 
-  # predictions (JSON Lines, one object per sample) from a trained scorer, either save format
+  # predictions (JSON Lines, one object per sample) from a trained scorer, any save format
   bash run.sh train_scorer.py --model_name_or_path outputs/scorer --predict_shards 'data/test-*.tar' \\
       --do_predict --predict_output outputs/scorer/test.jsonl
 
@@ -32,6 +36,8 @@ epoch. Evaluation and prediction read every sample exactly once, whatever the nu
 Bad samples (undecodable image, missing image, bad json field, type out of range, NaN score) are skipped and
 counted (`--on_bad_sample skip`) or stop the run with exit code 2 (`error`).
 A run that finds `checkpoint-*` folders in --output_dir resumes from the newest one.
+Precision and memory as in sft_qwen2.py (training_plan.py): under bf16 what trains is fp32 master weights, frozen
+parts stay bf16, the heads are fp32; rank 0 prints the policy and a per-GPU memory plan at start.
 """
 
 import json
@@ -52,6 +58,8 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLModel, Qwen3VL
 from collate import LABELS, DataError, VLEncoder
 from data import BadSample, ShardStream, count_samples, expand_shards, make_loader
 from plumbing import TrainingDefaults, fail, last_checkpoint_to_resume, log, parse_arguments, prepare_demo
+from training_plan import (LoraArguments, add_lora, check_precision_flags, checkpoint_dtype, load_dtype,
+                           lora_parameter_count, lora_settings, memory_plan, to_base_dtype, use_precision_policy)
 
 CLASS_LABELS = [name for name, kind in LABELS.items() if kind == "class"]  # each has a `num_<name>s` setting
 
@@ -151,14 +159,20 @@ def pool_last_token(hidden, attention_mask):
 
 
 HEADS = tuple(f"{name}_head." for name in LABELS)  # parameter-name prefixes of the heads
+SAVED_WITH_BASE = HEADS + ("lora_",)  # name parts of what a save holds when it names its base: heads, adapters
+
+
+def saved_with_base(key):
+    return any(part in key for part in SAVED_WITH_BASE)
 
 
 class Qwen3VLScorer(Qwen3VLPreTrainedModel):
     """Qwen3-VL backbone (no LM head) + one fp32 head per label on the last real token.
 
-    `config` is the Qwen3-VL config plus `num_<class label>s`, `<label>_weight`, `scorer_trains` (what trained)
-    and `scorer_base_model`: set when the backbone is frozen, saves then hold only the heads and `from_pretrained`
-    rebuilds the backbone from there.
+    `config` is the Qwen3-VL config plus `num_<class label>s`, `<label>_weight`, `scorer_trains` (what trained),
+    `scorer_lora` (LoRA settings, when the backbone carries adapters) and `scorer_base_model`: set when the backbone
+    is frozen or carries adapters; saves then hold only the heads and adapters, and `from_pretrained` rebuilds the
+    backbone from there.
     """
 
     _keep_in_fp32_modules_strict = [f"{name}_head" for name in LABELS]  # fp32 even on a bf16 backbone
@@ -188,25 +202,44 @@ class Qwen3VLScorer(Qwen3VLPreTrainedModel):
         model = super().from_pretrained(base or path, *args, config=config, **kwargs)
         for name in LABELS:  # heads created here (not loaded) come in the backbone's dtype
             model.head(name).float()
+        if getattr(config, "scorer_lora", None):  # a LoRA save: the base backbone with these adapters
+            model.add_lora(config.scorer_lora)
         if base:
             import safetensors.torch
 
-            heads = safetensors.torch.load_file(os.path.join(path, "model.safetensors"))
-            result = model.load_state_dict(heads, strict=False)
-            if result.unexpected_keys or any(k.startswith(HEADS) for k in result.missing_keys):
-                raise ValueError(f"{path}: not a heads-only scorer save ({result})")
+            saved = safetensors.torch.load_file(os.path.join(path, "model.safetensors"))
+            result = model.load_state_dict(saved, strict=False)
+            if result.unexpected_keys or any(saved_with_base(k) for k in result.missing_keys):
+                raise ValueError(f"{path}: not a heads/adapter scorer save ({result})")
         return model
 
+    def add_lora(self, settings):
+        """Put LoRA adapters (training_plan.lora_settings) into the backbone; the heads stay outside, fully trained."""
+        self.model = add_lora(self.model, settings)
+        self.config.scorer_lora = settings
+
+    def merge_lora(self):
+        """Fold the adapters into the backbone's weights: a plain full scorer that needs no base and no peft."""
+        self.model = self.model.merge_and_unload()
+        self.config.scorer_lora = self.config.scorer_base_model = None
+        self._keys_to_ignore_on_save = set()
+
     def set_trainable(self, freeze_backbone, freeze_vision, base_record):
-        """Choose what trains. A frozen backbone is saved as a reference to `base_record`, not as weights."""
-        self.model.requires_grad_(not freeze_backbone)
-        self.model.visual.requires_grad_(not (freeze_backbone or freeze_vision))
+        """Choose what trains. A frozen backbone, or one with adapters, is saved as a reference to `base_record`
+        (plus the adapters), not as weights."""
+        lora = bool(getattr(self.config, "scorer_lora", None))
+        for name, p in self.model.named_parameters():  # with LoRA only the adapters of the backbone train
+            p.requires_grad_(not freeze_backbone and (not lora or "lora_" in name))
+        if freeze_vision:
+            self.model.visual.requires_grad_(False)
         for name in LABELS:
             self.head(name).requires_grad_(True)
-        self.config.scorer_base_model = base_record if freeze_backbone else None
-        self.config.scorer_trains = "heads" if freeze_backbone else "llm+heads" if freeze_vision else "all"
-        self._keys_to_ignore_on_save = {k for k in self.state_dict() if not k.startswith(HEADS)} \
-            if freeze_backbone else set()
+        by_reference = freeze_backbone or lora
+        self.config.scorer_base_model = base_record if by_reference else None
+        self.config.scorer_trains = ("heads" if freeze_backbone else ("lora-" if lora else "")
+                                     + ("llm+heads" if freeze_vision else "all"))
+        self._keys_to_ignore_on_save = {k for k in self.state_dict() if not saved_with_base(k)} \
+            if by_reference else set()
 
     def pooled(self, input_ids, attention_mask, mm_token_type_ids=None, pixel_values=None, image_grid_thw=None):
         """Hidden state of each sample's last real token (the backbone runs without autograd when frozen)."""
@@ -239,8 +272,9 @@ class Qwen3VLScorer(Qwen3VLPreTrainedModel):
         return ScorerOutput(loss=loss, head_losses={k: v.detach() for k, v in losses.items()}, heads=heads)
 
 
-def load_scorer(model_args, dtype):
-    """The scorer, from a Qwen3-VL checkpoint (new heads) or a scorer save; trainable parts set from the flags."""
+def load_scorer(model_args, dtype, lora_args=None):
+    """The scorer, from a Qwen3-VL checkpoint (new heads) or a scorer save; with `lora_args.use_peft` new adapters
+    (unless the save has them); trainable parts set from the flags."""
     path = model_args.model_name_or_path
     config = AutoConfig.from_pretrained(path)
     for name in CLASS_LABELS:  # the class count: from the flag, else from a scorer save; never two different ones
@@ -257,7 +291,9 @@ def load_scorer(model_args, dtype):
         setattr(config, f"{name}_weight", getattr(model_args, f"{name}_weight", 1.0))
     model = Qwen3VLScorer.from_pretrained(path, config=config, dtype=dtype,
                                           attn_implementation=model_args.attn_implementation)
-    # The base a frozen backbone refers to: the one a heads-only save already names, else this checkpoint.
+    if lora_args is not None and lora_args.use_peft and not getattr(config, "scorer_lora", None):
+        model.add_lora(lora_settings(model.model, lora_args, "language_model"))  # vision tower: only when named
+    # The base a frozen or adapted backbone refers to: the one a heads/adapter save already names, else this one.
     base = getattr(config, "scorer_base_model", None) or (os.path.abspath(path) if os.path.isdir(path) else path)
     model.set_trainable(model_args.freeze_backbone, model_args.freeze_vision, base)
     return model
@@ -366,7 +402,8 @@ class ScorerTrainer(Trainer):
             head_lr = self.head_lr or self.args.learning_rate
             params = [{"params": ps, "weight_decay": self.args.weight_decay if d else 0.0, "lr": head_lr if h else
                        self.args.learning_rate} for (h, d), ps in sorted(groups.items())]  # backbone groups first
-            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+            optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs or self.get_optimizer_cls_and_kwargs(
+                self.args, model)  # the first: --pure_bf16's compensated AdamW
             self.optimizer = optimizer_cls(params, **optimizer_kwargs)
         return self.optimizer
 
@@ -474,8 +511,8 @@ class ScorerTrainer(Trainer):
 
 def main(argv=None):
     start = time.time()
-    parser = HfArgumentParser((ModelArguments, DataArguments, ScorerArguments))
-    model_args, data_args, args = parse_arguments(parser, argv, demo_args=DEMO_ARGS)
+    parser = HfArgumentParser((ModelArguments, DataArguments, LoraArguments, ScorerArguments))
+    model_args, data_args, lora_args, args = parse_arguments(parser, argv, demo_args=DEMO_ARGS)
     if data_args.demo:
         import demo
         prepare_demo(DEMO_DIR, demo.build_scorer_demo, args)
@@ -486,6 +523,12 @@ def main(argv=None):
         fail("nothing to do: give --train_shards, --eval_shards or --do_predict (or --demo)")
     if args.eval_strategy != "no" and data_args.eval_shards is None:
         fail(f"--eval_strategy {args.eval_strategy} needs --eval_shards")
+    if lora_args.use_peft and model_args.freeze_backbone:
+        fail("--use_peft trains adapters in the backbone, --freeze_backbone only the heads: choose one")
+    if lora_args.merge_lora and not lora_args.use_peft:
+        fail("--merge_lora needs --use_peft")
+    if problem := check_precision_flags(args, lora_args):
+        fail(problem)
     if model_args.freeze_backbone:
         args.activation_checkpointing = False  # nothing to recompute: the backbone runs without autograd
     elif args.activation_checkpointing_auto:
@@ -504,9 +547,12 @@ def main(argv=None):
         epoch_samples = data_args.epoch_samples or (count_samples(shards["train"]) if "train" in shards else 0)
         processor = AutoProcessor.from_pretrained(model_args.model_name_or_path)
         set_seed(args.seed)  # new heads start the same way in every run with this seed
-        model = load_scorer(model_args, torch.bfloat16 if args.bf16 else torch.float32)
+        model = load_scorer(model_args, load_dtype(args), lora_args)
+        save_dtype = checkpoint_dtype(model_args.model_name_or_path)
     except DataError as e:
         fail(e)
+    if getattr(model.config, "scorer_lora", None) and not lora_args.use_peft and "train" in shards:
+        fail(f"{model_args.model_name_or_path}: a LoRA scorer (adapters + heads); train it further with --use_peft")
     classes = {name: getattr(model.config, f"num_{name}s") for name in CLASS_LABELS}
 
     # Your data: each sample is checked (collate.parse_vl_sample: the json fields of collate.LABELS, image order) and
@@ -532,11 +578,15 @@ def main(argv=None):
         eval_stream = stream("eval", args.per_device_eval_batch_size)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, {trainable:,} trained "
-        f"({'heads only' if model_args.freeze_backbone else 'LLM + heads' if model_args.freeze_vision else 'all'})")
+        f"({model.config.scorer_trains})")
+    optimizer = use_precision_policy(model, args)  # trainable -> fp32 masters (training_plan.py)
+    lora = getattr(model.config, "scorer_lora", None)
+    memory_plan(model, args, 0 if lora else lora_parameter_count(
+        model.model, lora_settings(model.model, lora_args, "language_model")))
 
     trainer = ScorerTrainer(model=model, args=args, train_dataset=train_stream, eval_dataset=eval_stream,
                             processing_class=processor, callbacks=callbacks, head_lr=args.head_lr,
-                            on_bad_sample=data_args.on_bad_sample)
+                            on_bad_sample=data_args.on_bad_sample, optimizer_cls_and_kwargs=optimizer)
 
     # Run: train, evaluate, predict. A bad sample in `error` mode stops every rank together (AllRanksError).
     metrics, summary = {}, []
@@ -552,7 +602,10 @@ def main(argv=None):
                              f"or another --output_dir")
             result = trainer.train(resume_from_checkpoint=resume)
             trainer.raise_train_error()  # a bad sample met after the last logging step
-            trainer.save_model(args.output_dir)  # heads-only when the backbone is frozen, else everything
+            # The fp32 masters back in the checkpoint's dtype (heads and adapters stay fp32: small); a save holds the
+            # heads (+ adapters) when the backbone is frozen (has adapters), else everything.
+            to_base_dtype(model, save_dtype, keep=SAVED_WITH_BASE)
+            trainer.save_model(args.output_dir)
             trainer.save_state()
             metrics.update(result.metrics)
             per_rank, total = trainer.gathered_train_bad()
@@ -579,6 +632,13 @@ def main(argv=None):
             summary.append(f"predictions for {n} samples written to {path} ({bad} bad samples skipped)")
     except DataError as e:
         fail(e, every_rank=isinstance(e, AllRanksError))
+    if lora_args.merge_lora:  # one full scorer that from_pretrained loads without the base or peft
+        model.merge_lora()
+        to_base_dtype(model, save_dtype, keep=HEADS)
+        if args.should_save:
+            model.save_pretrained(os.path.join(args.output_dir, "merged"))
+            processor.save_pretrained(os.path.join(args.output_dir, "merged"))
+        summary.append(f"merged model saved to {os.path.join(args.output_dir, 'merged')}")
     trainer.log_metrics("all", metrics)
     trainer.save_metrics("all", metrics)  # all_results.json
     trainer.metrics = metrics  # for callers of main()

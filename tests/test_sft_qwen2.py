@@ -6,6 +6,7 @@ import os
 import shutil
 
 import pytest
+import safetensors.torch
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -116,6 +117,79 @@ def test_config_file(sft_demo, tmp_path):
         "save_strategy": "no", "disable_tqdm": True}))
     trainer = sft_qwen2.main([str(cfg)])
     assert trainer.state.global_step == 2 and trainer.args.per_device_train_batch_size == 2
+
+
+# --- LoRA ------------------------------------------------------------------------------------------------------
+
+class TestLora:
+    LORA = ["--use_peft", "--per_device_train_batch_size", "4", "--learning_rate", "1e-2", "--warmup_steps", "0",
+            "--lr_scheduler_type", "constant"]
+
+    def test_only_adapters_train_and_the_merged_model_is_base_plus_adapters(self, sft_demo, tmp_path):
+        from peft import PeftModel
+
+        out = tmp_path / "out"
+        sft_qwen2.main(base_args(sft_demo, out, None, *self.LORA, "--max_steps", "4", "--merge_lora"))
+        saved = safetensors.torch.load_file(out / "adapter_model.safetensors")
+        assert saved and all(".lora_A." in k or ".lora_B." in k for k in saved), list(saved)
+        assert not (out / "model.safetensors").exists() and (out / "tokenizer_config.json").is_file()
+
+        base = AutoModelForCausalLM.from_pretrained(sft_demo[0])
+        merged = AutoModelForCausalLM.from_pretrained(out / "merged")  # plain transformers, no peft
+        targeted = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+        base_weights = base.state_dict()
+        for name, w in merged.state_dict().items():
+            if name.endswith(tuple(f"{t}.weight" for t in targeted)):  # base + B @ A * alpha / r
+                assert not torch.equal(w, base_weights[name]), name
+            else:  # embeddings, norms, biases, lm_head: never trained, so exactly the base
+                assert torch.equal(w, base_weights[name]), name
+        adapter = PeftModel.from_pretrained(base, out)
+        ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])
+        with torch.no_grad():
+            torch.testing.assert_close(merged.eval()(ids).logits, adapter.eval()(ids).logits, rtol=1e-5, atol=1e-5)
+
+    def test_adapter_round_trip_resume_and_gradient_checkpointing(self, sft_demo, tmp_path, capsys):
+        from peft import PeftModel
+
+        args = [*self.LORA, "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2"]
+        straight = tmp_path / "straight"
+        trainer = sft_qwen2.main(base_args(sft_demo, straight) + args)
+        assert trainer.model.get_base_model().is_gradient_checkpointing  # the default, with LoRA too
+        loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(sft_demo[0]), straight)
+        ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])
+        with torch.no_grad():
+            torch.testing.assert_close(loaded.eval()(ids).logits, trainer.model.eval()(ids).logits, rtol=0, atol=0)
+
+        resumed = tmp_path / "resumed"
+        sft_qwen2.main(base_args(sft_demo, resumed) + args)
+        shutil.rmtree(resumed / "checkpoint-4")  # a crash after step 2
+        os.remove(resumed / "trainer_state.json")
+        capsys.readouterr()
+        sft_qwen2.main(base_args(sft_demo, resumed) + args)
+        assert f"resuming from {resumed / 'checkpoint-2'}" in capsys.readouterr().out
+        a, b = losses(straight), losses(resumed)
+        assert sorted(b) == [1, 2, 3, 4] and all(b[s] == pytest.approx(a[s], rel=1e-6) for s in b), (a, b)
+        p, q = (safetensors.torch.load_file(d / "adapter_model.safetensors") for d in (straight, resumed))
+        for name in p:
+            torch.testing.assert_close(p[name], q[name], rtol=1e-6, atol=1e-7)
+
+    def test_run_sh_two_processes(self, tmp_path):
+        res = run_cli(["bash", "run.sh", "sft_qwen2.py", "--demo", "--use_peft", "--max_steps", "6",
+                       "--output_dir", str(tmp_path / "out")], env={"NPROC_PER_NODE": "2"})
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        assert res.stdout.count("summary:") == 1 and "adapter saved to" in res.stdout
+        assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--pure_bf16"], "--pure_bf16 needs bf16"),
+    (["--bf16", "true", "--pure_bf16", "--use_peft"], "--pure_bf16 is for full fine-tunes"),
+    (["--merge_lora"], "--merge_lora needs --use_peft"),
+    (["--bf16", "true", "--pure_bf16", "--weight_decay", "0.01"], "--pure_bf16 with --weight_decay 0.01: torch-optimi"),
+])
+def test_precision_and_lora_flags_that_cannot_train_together_exit_2(sft_demo, tmp_path, capsys, flags, message):
+    line = exit_2_line(capsys, sft_qwen2.main, base_args(sft_demo, tmp_path / "o", None, *flags))
+    assert message in line, line
 
 
 # --- as users run it: bad input, run.sh -------------------------------------------------------------------------

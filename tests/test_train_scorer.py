@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
+import transformers
 
 import demo
 import train_scorer
@@ -110,6 +111,23 @@ def test_heads_stay_fp32_on_a_bf16_backbone(scorer_demo, vl_processor, vl_featur
     with torch.no_grad():
         out = model(**model_inputs(collate_vl(vl_features, vl_processor.tokenizer.pad_token_id)))
     assert out.heads["score"].dtype == out.heads["type"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("flags, lora", [({"freeze_vision": True}, False), ({}, True), ({"freeze_backbone": True}, False)])
+def test_precision_policy_fp32_masters_frozen_parts_bf16(scorer_demo, flags, lora, capsys):
+    """Under bf16: whatever trains is fp32 (masters, heads, adapters), whatever is frozen stays bf16."""
+    from training_plan import LoraArguments, use_precision_policy
+
+    model = load_scorer(ModelArguments(model_name_or_path=scorer_demo[0], num_types=3, **flags), torch.bfloat16,
+                        LoraArguments(use_peft=lora))
+    args = train_scorer.ScorerArguments(output_dir="unused", bf16=True, use_cpu=True)
+    assert use_precision_policy(model, args) is None  # the Trainer's own AdamW, on fp32 masters
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    for name, p in model.named_parameters():
+        assert p.dtype == (torch.float32 if p.requires_grad else torch.bfloat16), name
+    assert (f"precision: bf16 autocast, fp32 master weights for {trained:,} trainable parameters; "
+            f"frozen: {frozen:,} bf16") in capsys.readouterr().out
 
 
 def test_frozen_backbone_saves_heads_only_and_loads_the_full_scorer(scorer_demo, vl_processor, vl_features, tmp_path):
@@ -243,9 +261,10 @@ def test_head_lr_groups_and_cubic_schedule(scorer_demo, tmp_path):
     assert lrs == pytest.approx(expected, rel=1e-6)
 
 
-@pytest.mark.parametrize("mode", ["frozen", "full"])
+@pytest.mark.parametrize("mode", ["frozen", "full", "lora"])
 def test_save_load_predict_and_resume(scorer_demo, tmp_path, mode, capsys):
-    flags = ["--freeze_backbone", "--learning_rate", "1e-2"] if mode == "frozen" else ["--learning_rate", "2e-3"]
+    flags = {"frozen": ["--freeze_backbone", "--learning_rate", "1e-2"], "full": ["--learning_rate", "2e-3"],
+             "lora": ["--use_peft", "--learning_rate", "1e-2"]}[mode]
     args = ["--max_steps", "6", "--save_strategy", "steps", "--save_steps", "3", "--eval_shards", scorer_demo[2],
             "--do_predict", "--dataloader_num_workers", "1", *flags]
     straight = tmp_path / "straight"
@@ -382,6 +401,60 @@ def test_resume_refuses_a_checkpoint_of_another_mode(scorer_demo, tmp_path, caps
     assert err.startswith(f"error: {out / 'checkpoint-2'}: saved with scorer_trains = heads, this run has llm+heads")
 
 
+def test_lora_trains_adapters_and_heads_composes_with_freeze_vision_and_merges(scorer_demo, tmp_path, capsys):
+    """Adapters in the language model and, named, in the vision tower (frozen by --freeze_vision); the base never
+    changes; the save holds heads + adapters; the merged folder is a plain full scorer with the same outputs."""
+    out = tmp_path / "out"
+    trainer = train_scorer.main(base_args(scorer_demo, out, "--use_peft", "--freeze_vision", "--lora_target_modules",
+                                          "q_proj", "v_proj", "qkv", "--max_steps", "3", "--learning_rate", "1e-2",
+                                          "--warmup_steps", "0", "--eval_shards", scorer_demo[2], "--do_predict"))
+    assert "(lora-llm+heads)" in capsys.readouterr().out
+    saved = safetensors.torch.load_file(out / "model.safetensors")
+    heads = {"score_head.bias", "score_head.weight", "type_head.bias", "type_head.weight"}
+    adapters = {k for k in saved if ".lora_A." in k or ".lora_B." in k}
+    assert set(saved) == heads | adapters
+    vision = {k for k in adapters if ".visual." in k}
+    assert vision and {k.rsplit(".lora_", 1)[0].rsplit(".", 1)[-1] for k in adapters} == {"q_proj", "v_proj", "qkv"}
+    transformers.set_seed(1)  # as the run did before loading: the same fresh adapters
+    fresh = load_scorer(ModelArguments(model_name_or_path=scorer_demo[0], num_types=3), torch.float32,
+                        train_scorer.LoraArguments(use_peft=True, lora_target_modules=["q_proj", "v_proj", "qkv"]))
+    for k in adapters:  # lora_B starts at zero: the LLM's moved, the frozen vision tower's did not
+        if ".lora_B." in k:
+            assert torch.equal(saved[k], torch.zeros_like(saved[k])) == (k in vision), k
+    assert all(torch.equal(saved[k], fresh.state_dict()[k]) for k in vision)
+    with open(out / "config.json") as f:
+        config = json.load(f)
+    assert config["scorer_base_model"] == os.path.abspath(scorer_demo[0]) and config["scorer_lora"]["r"] == 16
+
+    # the merged scorer: every base weight that had no adapter is exactly the checkpoint's
+    base = safetensors.torch.load_file(os.path.join(scorer_demo[0], "model.safetensors"))
+    train_scorer.main(["--model_name_or_path", str(out), "--use_peft", "--merge_lora", "--output_dir", str(out),
+                       "--predict_shards", scorer_demo[2], "--do_predict", "--use_cpu", "--min_pixels", "1024",
+                       "--max_pixels", "4096", "--dataloader_num_workers", "0",
+                       "--predict_output", str(tmp_path / "lora.jsonl")])
+    merged = Qwen3VLScorer.from_pretrained(str(out / "merged"))
+    assert merged.config.scorer_base_model is None and merged.config.scorer_lora is None
+    for name, value in merged.model.state_dict().items():
+        if not name.endswith(("q_proj.weight", "v_proj.weight", "qkv.weight")):
+            assert torch.equal(value, base[f"model.{name}"]), name
+    train_scorer.main(["--model_name_or_path", str(out / "merged"), "--predict_shards", scorer_demo[2],
+                       "--do_predict", "--output_dir", str(tmp_path / "p"), "--use_cpu", "--min_pixels", "1024",
+                       "--max_pixels", "4096", "--dataloader_num_workers", "0"])
+    same_predictions(read_jsonl(tmp_path / "p" / "predictions.jsonl"), read_jsonl(tmp_path / "lora.jsonl"))
+    same_predictions(read_jsonl(tmp_path / "lora.jsonl"), read_jsonl(out / "predictions.jsonl"))
+
+    # training on from a LoRA save needs --use_peft (its adapters train on)
+    err = exit_2_line(capsys, train_scorer.main, base_args(scorer_demo, tmp_path / "o")[2:] + [
+        "--model_name_or_path", str(out), "--max_steps", "1"])
+    assert err == f"error: {out}: a LoRA scorer (adapters + heads); train it further with --use_peft"
+    assert trainer.model.config.scorer_trains == "lora-llm+heads"
+
+
+def test_lora_and_frozen_backbone_exit_2(scorer_demo, tmp_path, capsys):
+    err = exit_2_line(capsys, train_scorer.main, base_args(scorer_demo, tmp_path, "--use_peft", "--freeze_backbone"))
+    assert err == "error: --use_peft trains adapters in the backbone, --freeze_backbone only the heads: choose one"
+
+
 # --- as users run it: bash run.sh with 2 CPU processes (gloo) --------------------------------------------------
 
 TWO = {"NPROC_PER_NODE": "2"}
@@ -395,6 +468,16 @@ def check_logs_add_up(out, score_weight=1.0, type_weight=1.0):
     for h in logs:
         assert h["loss"] == pytest.approx(score_weight * h["loss_score"] + type_weight * h["loss_type"], rel=1e-4)
     return logs
+
+
+def test_lora_demo(tmp_path):
+    out = tmp_path / "out"
+    result = run_cli(["bash", "run.sh", "train_scorer.py", "--demo", "--use_peft", "--output_dir", str(out)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "precision: fp32 for 33,028 trainable parameters" in result.stdout  # adapters + heads
+    assert f"predictions for 14 samples written to {out / 'predictions.jsonl'}" in result.stdout
+    logs = check_logs_add_up(out)
+    assert logs[-1]["loss_type"] < logs[0]["loss_type"]
 
 
 def test_demo_on_two_processes(tmp_path):

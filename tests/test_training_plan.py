@@ -1,0 +1,182 @@
+"""training_plan.py: bf16 runs keep the fp32 run's updates (and plain bf16 AdamW does not), the precision line, the
+per-GPU memory plan of the real Qwen2-7B and Qwen3-VL-8B (built on the meta device from their config values)."""
+
+import os
+from types import SimpleNamespace
+
+import pytest
+import safetensors.torch
+import torch
+from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3VLConfig
+
+import demo
+import sft_qwen2
+from training_plan import lora_parameter_count, lora_settings, memory_plan, plan_bytes, use_precision_policy
+
+# ---------------------------------------------------------------------------------------------------------------
+# Precision: a tiny Qwen2 stored in bf16, lr 1e-5, 60 steps, constant schedule; the weight update (checkpoint minus
+# start) of each run against the fp32 run's.
+# ---------------------------------------------------------------------------------------------------------------
+
+STEPS = 60
+
+
+@pytest.fixture(scope="module")
+def bf16_checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bf16")
+    model = demo.build_tiny_qwen2(root / "model", dtype="bfloat16")
+    train = demo.write_jsonl(root / "train.jsonl", demo.make_sft_records(32, seed=3))
+    start = safetensors.torch.load_file(os.path.join(model, "model.safetensors"))
+    assert {t.dtype for t in start.values()} == {torch.bfloat16}
+    return model, train, start
+
+
+def update(bf16_checkpoint, out, *flags):
+    """The weight update of a 60-step run, flattened (fp64), and the checkpoint's tensors."""
+    model, train, start = bf16_checkpoint
+    sft_qwen2.main(["--model_name_or_path", model, "--train_file", train, "--output_dir", str(out), "--use_cpu",
+                    "--max_steps", str(STEPS), "--learning_rate", "1e-5", "--lr_scheduler_type", "constant",
+                    "--warmup_steps", "0", "--weight_decay", "0", "--per_device_train_batch_size", "2",
+                    "--max_len", "64", "--save_steps", str(STEPS), "--logging_steps", str(STEPS),
+                    "--disable_tqdm", "true", "--seed", "0", *flags])
+    saved = safetensors.torch.load_file(os.path.join(out, f"checkpoint-{STEPS}", "model.safetensors"))
+    return torch.cat([(saved[k].double() - start[k].double()).flatten() for k in sorted(start)]), saved
+
+
+@pytest.fixture(scope="module")
+def fp32_update(bf16_checkpoint, tmp_path_factory):
+    return update(bf16_checkpoint, tmp_path_factory.mktemp("fp32") / "out", "--bf16", "false")[0]
+
+
+def like_fp32(u, ref):
+    """(norm ratio, cosine) of update `u` against the fp32 run's; 'keeps the updates' = 0.8-1.25 and >= 0.9."""
+    return (u.norm() / ref.norm()).item(), torch.nn.functional.cosine_similarity(u, ref, dim=0).item()
+
+
+class TestPrecisionPolicy:
+    def test_default_bf16_trains_fp32_masters_and_saves_bf16(self, bf16_checkpoint, fp32_update, tmp_path, capsys):
+        u, checkpoint = update(bf16_checkpoint, tmp_path / "out", "--bf16", "true")
+        ratio, cosine = like_fp32(u, fp32_update)
+        assert 0.8 <= ratio <= 1.25 and cosine >= 0.9, (ratio, cosine)
+        out = capsys.readouterr().out
+        assert "precision: bf16 autocast, fp32 master weights for 127,296 trainable parameters; frozen: none" in out
+        assert {t.dtype for t in checkpoint.values()} == {torch.float32}  # a resume rounds nothing
+        final = safetensors.torch.load_file(tmp_path / "out" / "model.safetensors")
+        assert {t.dtype for t in final.values()} == {torch.bfloat16}  # the checkpoint's own dtype, not twice its size
+
+    def test_pure_bf16_with_kahan_keeps_the_updates(self, bf16_checkpoint, fp32_update, tmp_path, capsys):
+        u, checkpoint = update(bf16_checkpoint, tmp_path / "out", "--bf16", "true", "--pure_bf16")
+        ratio, cosine = like_fp32(u, fp32_update)
+        assert 0.8 <= ratio <= 1.25 and cosine >= 0.9, (ratio, cosine)
+        assert {t.dtype for t in checkpoint.values()} == {torch.bfloat16}
+        assert "precision: pure bf16, bf16 weights and AdamW states for 127,296" in capsys.readouterr().out
+        state = torch.load(tmp_path / "out" / f"checkpoint-{STEPS}" / "optimizer.pt", weights_only=True)["state"]
+        assert all(s["kahan_comp"].dtype == torch.bfloat16 for s in state.values())  # resumes with its compensation
+
+    def test_plain_bf16_adamw_fails_the_same_measure(self, bf16_checkpoint, fp32_update, tmp_path, monkeypatch):
+        """The same --pure_bf16 run with the compensation taken out: most updates round away."""
+        def plain_adamw(model, args):
+            _, kwargs = use_precision_policy(model, args)
+            kwargs.pop("kahan_sum")
+            return torch.optim.AdamW, kwargs
+
+        monkeypatch.setattr(sft_qwen2, "use_precision_policy", plain_adamw)
+        u, _ = update(bf16_checkpoint, tmp_path / "out", "--bf16", "true", "--pure_bf16")
+        ratio, cosine = like_fp32(u, fp32_update)
+        assert ratio < 0.8 and cosine < 0.9, (ratio, cosine)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Memory plan at real size: parameters on the meta device (no memory, no weights), bytes from their dtypes
+# ---------------------------------------------------------------------------------------------------------------
+
+QWEN2_7B = Qwen2Config(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                       num_key_value_heads=4, vocab_size=152_064, tie_word_embeddings=False)
+QWEN3_VL_8B = dict(  # Qwen/Qwen3-VL-8B-Instruct's config.json
+    text_config=dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                     num_key_value_heads=8, head_dim=128, vocab_size=151_936,
+                     rope_scaling={"mrope_interleaved": True, "mrope_section": [24, 20, 20], "rope_type": "default"}),
+    vision_config=dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=4096,
+                       patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
+                       deepstack_visual_indexes=[8, 16, 24]),
+    tie_word_embeddings=False)
+GPU_80GB = 80e9
+
+
+def bf16_args(world_size=1, pure_bf16=False):
+    return SimpleNamespace(bf16=True, fp16=False, pure_bf16=pure_bf16, use_cpu=False, world_size=world_size,
+                           learning_rate=1e-5, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, weight_decay=0.0)
+
+
+@pytest.fixture
+def qwen2_7b():
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(QWEN2_7B, dtype=torch.bfloat16)
+
+
+class TestMemoryPlan:
+    def test_qwen2_7b_full_fine_tune_needs_122_gb_and_says_what_fits(self, qwen2_7b, capsys):
+        assert sum(p.numel() for p in qwen2_7b.parameters()) == 7_615_616_512
+        args = bf16_args()
+        use_precision_policy(qwen2_7b, args)  # every parameter trains: all become fp32 masters
+        adapters = lora_parameter_count(qwen2_7b, lora_settings(qwen2_7b, SimpleNamespace(
+            lora_r=16, lora_alpha=32, lora_dropout=0.05, lora_target_modules=None), "model"))
+        assert adapters == 28 * 16 * (2 * (3584 + 3584) + 2 * (3584 + 512) + 3 * (3584 + 18944))  # 40,370,176
+        plan = memory_plan(qwen2_7b, args, adapters, gpu_bytes=GPU_80GB, gpu_name="an 80 GB GPU")
+        n = 7_615_616_512
+        assert (plan["weights"], plan["gradients"], plan["optimizer"]) == (4 * n, 4 * n, 8 * n)
+        assert plan["total"] == 16 * n and plan["autocast_copies"] == 2 * n and plan["ddp_buckets"] == 0
+        first, warning = plan["lines"]
+        assert "weights 30.5 GB + gradients 30.5 GB + AdamW states 60.9 GB = 121.8 GB" in first
+        assert warning.startswith("WARNING: weights, gradients and optimizer states alone need 121.8 GB per GPU, "
+                                  "more than this GPU's 80.0 GB")
+        # LoRA: bf16 base 15.2 GB + 16 bytes per adapter parameter; pure bf16: 10 bytes per parameter; FSDP / 2
+        assert "--use_peft (LoRA) 15.9 GB; --pure_bf16 76.2 GB; full fine-tuning sharded over 2 GPUs" in warning
+        assert capsys.readouterr().out.count("WARNING") == 1
+
+    def test_qwen2_7b_lora_fits_one_gpu(self, qwen2_7b):
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(qwen2_7b.to(torch.bfloat16), LoraConfig(**lora_settings(
+            qwen2_7b, SimpleNamespace(lora_r=16, lora_alpha=32, lora_dropout=0.05, lora_target_modules=None),
+            "model")))
+        use_precision_policy(model, bf16_args())
+        plan = memory_plan(model, bf16_args(), 0, gpu_bytes=GPU_80GB, gpu_name="an 80 GB GPU")
+        adapters = 40_370_176
+        assert plan["weights"] == 2 * 7_615_616_512 + 4 * adapters  # frozen bf16 base + fp32 adapters
+        assert (plan["gradients"], plan["optimizer"]) == (4 * adapters, 8 * adapters)
+        assert len(plan["lines"]) == 1 and "= 15.9 GB" in plan["lines"][0]
+
+    def test_pure_bf16_and_ddp(self, qwen2_7b):
+        model = qwen2_7b.to(torch.bfloat16).requires_grad_(True)
+        args = bf16_args(world_size=8, pure_bf16=True)
+        use_precision_policy(model, args)
+        plan = plan_bytes(model, args, world_size=8)
+        n = 7_615_616_512
+        # bf16 weight + bf16 gradient + two bf16 moments + the bf16 Kahan buffer; DDP keeps a gradient bucket copy
+        assert (plan["weights"], plan["gradients"], plan["optimizer"]) == (2 * n, 2 * n, 6 * n)
+        assert plan["ddp_buckets"] == 2 * n and plan["autocast_copies"] == 0
+
+    def test_qwen3_vl_8b_scorer(self):
+        from train_scorer import Qwen3VLScorer
+
+        config = Qwen3VLConfig(**QWEN3_VL_8B)
+        config.num_types = 5
+        with torch.device("meta"):
+            scorer = Qwen3VLScorer(config).to(torch.bfloat16)
+        heads = 4096 + 1 + 4096 * 5 + 5
+        backbone = sum(p.numel() for p in scorer.model.parameters())
+        assert backbone == 8_144_793_840  # Qwen3-VL-8B's 8,767,123,696 less its 151,936 x 4096 output layer
+        scorer.set_trainable(freeze_backbone=True, freeze_vision=False, base_record="Qwen/Qwen3-VL-8B-Instruct")
+        args = bf16_args()
+        use_precision_policy(scorer, args)
+        plan = memory_plan(scorer, args, 0, gpu_bytes=GPU_80GB, gpu_name="an 80 GB GPU")
+        assert plan["weights"] == 2 * backbone + 4 * heads and plan["optimizer"] == 8 * heads
+        assert "= 16.3 GB" in plan["lines"][0] and len(plan["lines"]) == 1
+
+        scorer.set_trainable(freeze_backbone=False, freeze_vision=True, base_record=None)
+        use_precision_policy(scorer, args)
+        vision = sum(p.numel() for p in scorer.model.visual.parameters())
+        plan = memory_plan(scorer, args, 0, gpu_bytes=GPU_80GB, gpu_name="an 80 GB GPU")
+        trained = backbone - vision + heads
+        assert plan["total"] == 2 * vision + 16 * trained and plan["lines"][1].startswith("WARNING")
