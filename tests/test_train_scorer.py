@@ -113,7 +113,8 @@ def test_heads_stay_fp32_on_a_bf16_backbone(scorer_demo, vl_processor, vl_featur
     assert out.heads["score"].dtype == out.heads["type"].dtype == torch.float32
 
 
-@pytest.mark.parametrize("flags, lora", [({"freeze_vision": True}, False), ({}, True), ({"freeze_backbone": True}, False)])
+@pytest.mark.parametrize("flags, lora", [({"freeze_vision": True}, False), ({}, True),
+                                         ({"freeze_backbone": True}, False)])
 def test_precision_policy_fp32_masters_frozen_parts_bf16(scorer_demo, flags, lora, capsys):
     """Under bf16: whatever trains is fp32 (masters, heads, adapters), whatever is frozen stays bf16."""
     from training_plan import LoraArguments, use_precision_policy
@@ -448,6 +449,13 @@ def test_lora_trains_adapters_and_heads_composes_with_freeze_vision_and_merges(s
         "--model_name_or_path", str(out), "--max_steps", "1"])
     assert err == f"error: {out}: a LoRA scorer (adapters + heads); train it further with --use_peft"
     assert trainer.model.config.scorer_trains == "lora-llm+heads"
+    further = train_scorer.main(base_args(scorer_demo, tmp_path / "further", "--max_steps", "2", "--use_peft",
+                                          "--learning_rate", "1e-2", "--warmup_steps", "0")[2:]
+                                + ["--model_name_or_path", str(out)])
+    again = further.model.state_dict()
+    llm = [k for k in adapters if k not in vision]
+    assert all(not torch.equal(again[k], saved[k]) for k in llm if ".lora_B." in k)  # the same adapters, trained on
+    assert further.model.config.scorer_base_model == os.path.abspath(scorer_demo[0])  # still the original base
 
 
 def test_lora_and_frozen_backbone_exit_2(scorer_demo, tmp_path, capsys):
