@@ -39,20 +39,22 @@ def parse_arguments(parser, argv=None, demo_args=()):
     """Parse flags, or a single `.yaml`/`.yml`/`.json` config file given in their place (keys = flag names).
 
     With `--demo` among the flags, `demo_args` go first, so the user's own flags still win. A config file that is
-    missing or has unknown keys exits 2.
+    missing or has unknown keys, and flags that TrainingArguments rejects (invalid combinations, a backend such as
+    --deepspeed that is not installed), exit 2 with one line.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--demo" in argv:
         argv = list(demo_args) + argv
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")):
+    config = len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json"))
+    if config and not os.path.isfile(argv[0]):
+        fail(f"{argv[0]}: config file not found")
+    try:
+        if not config:
+            return parser.parse_args_into_dataclasses(args=argv)
         path = os.path.abspath(argv[0])
-        if not os.path.isfile(path):
-            fail(f"{argv[0]}: config file not found")
-        try:
-            return parser.parse_json_file(path) if path.endswith(".json") else parser.parse_yaml_file(path)
-        except ValueError as e:  # unknown keys etc.
-            fail(f"{argv[0]}: {e}")
-    return parser.parse_args_into_dataclasses(args=argv)
+        return parser.parse_json_file(path) if path.endswith(".json") else parser.parse_yaml_file(path)
+    except (ValueError, ImportError) as e:  # unknown keys, invalid combinations, missing backends
+        fail((f"{argv[0]}: " if config else "") + " ".join(str(e).split()))
 
 
 @dataclass

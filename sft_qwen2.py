@@ -42,8 +42,8 @@ from collate import IGNORE_INDEX, ChatFormat, DataError, encode_sft_batch, sft_c
 from data import load_sft_file, record_location
 from lean_loss import use_lean_causal_lm_loss
 from plumbing import TrainingDefaults, fail, last_checkpoint_to_resume, log, parse_arguments, prepare_demo
-from training_plan import (LoraArguments, add_lora, check_precision_flags, checkpoint_dtype, load_dtype,
-                           lora_parameter_count, lora_settings, memory_plan, to_base_dtype, use_precision_policy)
+from training_plan import (LoraArguments, add_lora, check_flags, checkpoint_dtype, load_dtype, lora_parameter_count,
+                           lora_settings, memory_plan, to_base_dtype, use_precision_policy)
 
 
 @dataclass
@@ -166,8 +166,8 @@ def main(argv=None):
         fail("--train_file is required (or --demo)")
     if lora_args.merge_lora and not lora_args.use_peft:
         fail("--merge_lora needs --use_peft")
-    if problem := check_precision_flags(args, lora_args):
-        fail(problem)
+    if problem := check_flags(args, lora_args):
+        fail(problem, every_rank=True)  # every rank meets it at the same point
     if data_args.demo:
         import demo
         prepare_demo(DEMO_DIR, demo.build_sft_demo, args)

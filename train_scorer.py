@@ -58,7 +58,7 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLModel, Qwen3VL
 from collate import LABELS, DataError, VLEncoder
 from data import BadSample, ShardStream, count_samples, expand_shards, make_loader
 from plumbing import TrainingDefaults, fail, last_checkpoint_to_resume, log, parse_arguments, prepare_demo
-from training_plan import (LoraArguments, add_lora, check_precision_flags, checkpoint_dtype, load_dtype,
+from training_plan import (LoraArguments, add_lora, check_flags, checkpoint_dtype, load_dtype,
                            lora_parameter_count, lora_settings, memory_plan, to_base_dtype, use_precision_policy)
 
 CLASS_LABELS = [name for name, kind in LABELS.items() if kind == "class"]  # each has a `num_<name>s` setting
@@ -527,8 +527,8 @@ def main(argv=None):
         fail("--use_peft trains adapters in the backbone, --freeze_backbone only the heads: choose one")
     if lora_args.merge_lora and not lora_args.use_peft:
         fail("--merge_lora needs --use_peft")
-    if problem := check_precision_flags(args, lora_args):
-        fail(problem)
+    if problem := check_flags(args, lora_args):
+        fail(problem, every_rank=True)  # every rank meets it at the same point
     if model_args.freeze_backbone:
         args.activation_checkpointing = False  # nothing to recompute: the backbone runs without autograd
     elif args.activation_checkpointing_auto:

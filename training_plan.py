@@ -110,8 +110,13 @@ def checkpoint_dtype(path, **kwargs):
     return AutoConfig.from_pretrained(path, **kwargs).dtype or torch.float32
 
 
-def check_precision_flags(args, lora_args):
-    """The one-line reason these flags cannot train together, or None."""
+def check_flags(args, lora_args):
+    """The one-line reason these flags cannot train together here, or None."""
+    sharded = "--fsdp" if args.fsdp else "--deepspeed" if args.deepspeed else None
+    if sharded and (args.use_cpu or not torch.cuda.is_available()):
+        # accelerate would drop the sharding without a word and train plain DDP: not what was asked
+        return (f"{sharded}: sharded training (FSDP / DeepSpeed ZeRO) needs GPUs, and this run has none; on CPU "
+                f"leave {sharded} out (the processes then train with DDP)")
     if args.pure_bf16 and not args.bf16:
         return "--pure_bf16 needs bf16 (--bf16 true; on CPU add --use_cpu, autocast runs there too)"
     if args.pure_bf16 and args.weight_decay > 0:  # measured in bench/bf16_optimizers.py: a decay share of 0.000

@@ -245,6 +245,26 @@ def test_run_sh_demo_two_processes(tmp_path):
     assert (tmp_path / "demo-out" / "model.safetensors").is_file()
 
 
+def test_fsdp_on_cpu_exits_2_with_one_line_never_silent_ddp(tmp_path):
+    """accelerate would drop --fsdp on CPU without a word and train plain DDP; the script refuses instead."""
+    config = tmp_path / "fsdp.json"
+    config.write_text(json.dumps({"version": 2, "transformer_layer_cls_to_wrap": ["Qwen2DecoderLayer"]}))
+    res = run_cli(["bash", "run.sh", "sft_qwen2.py", "--demo", "--fsdp", "--fsdp_config", str(config),
+                   "--output_dir", str(tmp_path / "out")], env={"NPROC_PER_NODE": "2"})
+    assert res.returncode == 2, res.stderr[-3000:]
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: --fsdp: sharded training (FSDP / DeepSpeed ZeRO) needs GPUs, and this run has none; "
+                      "on CPU leave --fsdp out (the processes then train with DDP)"], res.stderr[-3000:]
+    assert "Traceback" not in res.stderr and not (tmp_path / "out").exists()
+
+
+def test_deepspeed_without_a_gpu_or_the_package_exits_2_with_one_line(sft_demo, tmp_path, capsys):
+    config = tmp_path / "zero3.json"
+    config.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    line = exit_2_line(capsys, sft_qwen2.main, base_args(sft_demo, tmp_path / "o", None, "--deepspeed", str(config)))
+    assert "deepspeed" in line.lower(), line
+
+
 def test_run_sh_passes_arguments_through_unchanged(tmp_path):
     script = tmp_path / "echo_args.py"
     script.write_text("import json, os, sys\nprint(json.dumps([os.environ['WORLD_SIZE'], sys.argv[1:]]))\n"
