@@ -164,8 +164,6 @@ def main(argv=None):
     model_args, data_args, lora_args, args = parse_arguments(parser, argv, demo_args=DEMO_ARGS)
     if not data_args.train_file:
         fail("--train_file is required (or --demo)")
-    if lora_args.merge_lora and not lora_args.use_peft:
-        fail("--merge_lora needs --use_peft")
     if problem := check_flags(args, lora_args):
         fail(problem, every_rank=True)  # every rank meets it at the same point
     if data_args.demo:

@@ -525,8 +525,6 @@ def main(argv=None):
         fail(f"--eval_strategy {args.eval_strategy} needs --eval_shards")
     if lora_args.use_peft and model_args.freeze_backbone:
         fail("--use_peft trains adapters in the backbone, --freeze_backbone only the heads: choose one")
-    if lora_args.merge_lora and not lora_args.use_peft:
-        fail("--merge_lora needs --use_peft")
     if problem := check_flags(args, lora_args):
         fail(problem, every_rank=True)  # every rank meets it at the same point
     if model_args.freeze_backbone:

@@ -112,6 +112,8 @@ def checkpoint_dtype(path, **kwargs):
 
 def check_flags(args, lora_args):
     """The one-line reason these flags cannot train together here, or None."""
+    if lora_args.merge_lora and not lora_args.use_peft:
+        return "--merge_lora needs --use_peft"
     sharded = "--fsdp" if args.fsdp else "--deepspeed" if args.deepspeed else None
     if sharded and (args.use_cpu or not torch.cuda.is_available()):
         # accelerate would drop the sharding without a word and train plain DDP: not what was asked
@@ -135,16 +137,16 @@ def use_precision_policy(model, args):
     for p in model.parameters():
         if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32 and not args.pure_bf16:
             p.data = p.data.float()
-    trained = {}
+    counts = {}  # (trained or frozen, dtype) -> parameters
     for p in model.parameters():
         key = ("trained" if p.requires_grad else "frozen", p.dtype)
-        trained[key] = trained.get(key, 0) + p.numel()
-    frozen = ", ".join(f"{n:,} {_name(d)}" for (kind, d), n in trained.items() if kind == "frozen") or "none"
-    fp32 = trained.get(("trained", torch.float32), 0)
+        counts[key] = counts.get(key, 0) + p.numel()
+    frozen = ", ".join(f"{n:,} {_name(d)}" for (kind, d), n in counts.items() if kind == "frozen") or "none"
+    fp32 = counts.get(("trained", torch.float32), 0)
     if half is None:
         log(f"precision: fp32 for {fp32:,} trainable parameters; frozen: {frozen}")
     elif args.pure_bf16:
-        bf16 = trained.get(("trained", torch.bfloat16), 0)
+        bf16 = counts.get(("trained", torch.bfloat16), 0)
         log(f"precision: pure bf16, bf16 weights and AdamW states for {bf16:,} trainable parameters with Kahan-"
             f"compensated AdamW (torch-optimi)" + (f", fp32 for {fp32:,} (heads)" if fp32 else "")
             + f"; frozen: {frozen}")
@@ -182,6 +184,7 @@ def plan_bytes(model, args, world_size=1, shards=1):
     requires_grad already set), plus the transient extras. `shards`: ranks the model states are sharded over
     (FSDP / ZeRO-3); unsharded DDP also keeps a gradient-sized bucket copy when `world_size` > 1."""
     weights = grads = states = autocast = 0
+    autocast_run = half_dtype(args) is not None
     for p in model.parameters():
         size = p.numel() * p.element_size()
         weights += size
@@ -189,7 +192,7 @@ def plan_bytes(model, args, world_size=1, shards=1):
             grads += size
             # AdamW: two moments in the parameter's dtype; Kahan adds one buffer per low-precision parameter
             states += 2 * size + (size if args.pure_bf16 and p.dtype != torch.float32 else 0)
-            if half_dtype(args) is not None and p.dtype == torch.float32:
+            if autocast_run and p.dtype == torch.float32:
                 autocast += p.numel() * 2  # the half copy autocast keeps of each fp32 weight during forward
     plan = {"weights": weights / shards, "gradients": grads / shards, "optimizer": states / shards}
     plan["total"] = sum(plan.values())
@@ -198,17 +201,18 @@ def plan_bytes(model, args, world_size=1, shards=1):
     return plan
 
 
-def alternatives(model, adapters):
-    """{what to change: bytes per GPU of weights + gradients + optimizer} for the setups that could make a full
-    fine-tune fit: LoRA with `adapters` parameters, --pure_bf16, full fine-tuning sharded over N GPUs."""
+def what_would_fit(model, adapters, gpu_bytes):
+    """The setups that would bring a full fine-tune's weights + gradients + optimizer states within `gpu_bytes`, each
+    with its bytes per GPU: LoRA with `adapters` parameters, --pure_bf16, and the fewest GPUs to shard over."""
     n_all = sum(p.numel() for p in model.parameters())
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    options = {"--use_peft (LoRA)": 2 * n_all + 16 * adapters,
-               "--pure_bf16": 2 * (n_all - n_trained) + 10 * n_trained}
-    full = 2 * (n_all - n_trained) + 16 * n_trained
-    for n in (2, 4, 8, 16, 32, 64):
-        options[f"full fine-tuning sharded over {n} GPUs (FSDP or ZeRO-3)"] = full / n
-    return options
+    frozen = 2 * (n_all - n_trained)  # bf16
+    options = [("--use_peft (LoRA)", 2 * n_all + 16 * adapters), ("--pure_bf16", frozen + 10 * n_trained)]
+    shards = next((n for n in (2, 4, 8, 16, 32, 64) if (frozen + 16 * n_trained) / n <= gpu_bytes), None)
+    if shards:
+        options.append((f"full fine-tuning sharded over {shards} GPUs (FSDP or ZeRO-3)",
+                        (frozen + 16 * n_trained) / shards))
+    return [f"{what} {_size(need)}" for what, need in options if need <= gpu_bytes]
 
 
 def memory_plan(model, args, lora_adapters, gpu_bytes=None, gpu_name=None):
@@ -228,9 +232,7 @@ def memory_plan(model, args, lora_adapters, gpu_bytes=None, gpu_name=None):
              f"AdamW states {_size(plan['optimizer'])} = {_size(plan['total'])}; on top: "
              + ", ".join(extras + ["activations (gradient checkpointing keeps them small)"])]
     if gpu_bytes and plan["total"] > gpu_bytes:
-        fits = [f"{what} {_size(need)}" for what, need in alternatives(model, lora_adapters).items()
-                if need <= gpu_bytes]
-        fits = [f for f in fits if "sharded" not in f][:2] + [f for f in fits if "sharded" in f][:1]
+        fits = what_would_fit(model, lora_adapters, gpu_bytes)
         lines.append(f"WARNING: weights, gradients and optimizer states alone need {_size(plan['total'])} per "
                      f"GPU, more than this GPU's {_size(gpu_bytes)}: the run will fail with out-of-memory. "
                      f"What would fit: {'; '.join(fits) if fits else 'nothing listed here'}")

@@ -67,7 +67,7 @@ def child(a):
     from collate import sft_collator
     from lean_loss import use_lean_causal_lm_loss
 
-    from training_plan import add_lora, lora_settings, plan_bytes, use_precision_policy
+    from training_plan import LoraArguments, add_lora, lora_settings, plan_bytes, use_precision_policy
 
     device = "cuda" if torch.cuda.is_available() and not a.tiny else "cpu"
     cuda = device == "cuda"
@@ -83,8 +83,7 @@ def child(a):
     if a.liger == "off":
         use_lean_causal_lm_loss(model)
     if a.train == "lora":
-        model = add_lora(model, lora_settings(model, SimpleNamespace(
-            lora_r=16, lora_alpha=32, lora_dropout=0.05, lora_target_modules=None), "model"))
+        model = add_lora(model, lora_settings(model, LoraArguments(), "model"))  # the scripts' defaults: r=16
     args = SimpleNamespace(bf16=cuda, fp16=False, pure_bf16=a.train == "pure_bf16", use_cpu=not cuda, world_size=1,
                            learning_rate=1e-5, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, weight_decay=0.0)
     optimizer = use_precision_policy(model, args)

@@ -11,7 +11,8 @@ from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3VLConfig
 
 import demo
 import sft_qwen2
-from training_plan import lora_parameter_count, lora_settings, memory_plan, plan_bytes, use_precision_policy
+from training_plan import (LoraArguments, add_lora, lora_parameter_count, lora_settings, memory_plan, plan_bytes,
+                           use_precision_policy)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Precision: a tiny Qwen2 stored in bf16, lr 1e-5, 60 steps, constant schedule; the weight update (checkpoint minus
@@ -119,8 +120,7 @@ class TestMemoryPlan:
         assert sum(p.numel() for p in qwen2_7b.parameters()) == 7_615_616_512
         args = bf16_args()
         use_precision_policy(qwen2_7b, args)  # every parameter trains: all become fp32 masters
-        adapters = lora_parameter_count(qwen2_7b, lora_settings(qwen2_7b, SimpleNamespace(
-            lora_r=16, lora_alpha=32, lora_dropout=0.05, lora_target_modules=None), "model"))
+        adapters = lora_parameter_count(qwen2_7b, lora_settings(qwen2_7b, LoraArguments(), "model"))  # r=16
         assert adapters == 28 * 16 * (2 * (3584 + 3584) + 2 * (3584 + 512) + 3 * (3584 + 18944))  # 40,370,176
         plan = memory_plan(qwen2_7b, args, adapters, gpu_bytes=GPU_80GB, gpu_name="an 80 GB GPU")
         n = 7_615_616_512
@@ -135,11 +135,7 @@ class TestMemoryPlan:
         assert capsys.readouterr().out.count("WARNING") == 1
 
     def test_qwen2_7b_lora_fits_one_gpu(self, qwen2_7b):
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(qwen2_7b.to(torch.bfloat16), LoraConfig(**lora_settings(
-            qwen2_7b, SimpleNamespace(lora_r=16, lora_alpha=32, lora_dropout=0.05, lora_target_modules=None),
-            "model")))
+        model = add_lora(qwen2_7b, lora_settings(qwen2_7b, LoraArguments(), "model"))  # the defaults: r=16
         use_precision_policy(model, bf16_args())
         plan = memory_plan(model, bf16_args(), 0, gpu_bytes=GPU_80GB, gpu_name="an 80 GB GPU")
         adapters = 40_370_176
