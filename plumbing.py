@@ -30,9 +30,18 @@ def fail(error, every_rank=False):
     if not shared or dist.get_rank() == 0:
         print(f"error: {error}", file=sys.stderr, flush=True)
     if shared:
-        dist.barrier()
-        dist.destroy_process_group()  # left to interpreter exit, gloo aborts when a peer is already gone
+        leave_process_group()
     sys.exit(2)
+
+
+def leave_process_group():
+    """Every rank waits for the others, then leaves the process group (a no-op in a single process). Left to
+    interpreter exit, gloo can abort a rank whose peer is already gone: a finished run then ends with exit code -6."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def parse_arguments(parser, argv=None, demo_args=()):

@@ -41,7 +41,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, 
 from collate import IGNORE_INDEX, ChatFormat, DataError, encode_sft_batch, sft_collator, to_messages
 from data import load_sft_file, record_location
 from lean_loss import use_lean_causal_lm_loss
-from plumbing import TrainingDefaults, fail, last_checkpoint_to_resume, log, parse_arguments, prepare_demo
+from plumbing import (TrainingDefaults, fail, last_checkpoint_to_resume, leave_process_group, log, parse_arguments,
+                      prepare_demo)
 from training_plan import (LoraArguments, add_lora, check_flags, checkpoint_dtype, load_dtype, lora_parameter_count,
                            lora_settings, memory_plan, to_base_dtype, use_precision_policy)
 
@@ -257,6 +258,7 @@ def main(argv=None):
         + (f", eval loss {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else "")
         + f"; {'adapter' if lora_args.use_peft else 'model'} saved to {args.output_dir}"
         + (f" (merged model in {args.output_dir}/merged)" if lora_args.merge_lora else ""))
+    leave_process_group()  # every rank is here: leave together
     return trainer
 
 

@@ -57,7 +57,8 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLModel, Qwen3VL
 
 from collate import LABELS, DataError, VLEncoder
 from data import BadSample, ShardStream, count_samples, expand_shards, make_loader
-from plumbing import TrainingDefaults, fail, last_checkpoint_to_resume, log, parse_arguments, prepare_demo
+from plumbing import (TrainingDefaults, fail, last_checkpoint_to_resume, leave_process_group, log, parse_arguments,
+                      prepare_demo)
 from training_plan import (LoraArguments, add_lora, check_flags, checkpoint_dtype, load_dtype,
                            lora_parameter_count, lora_settings, memory_plan, to_base_dtype, use_precision_policy)
 
@@ -641,6 +642,7 @@ def main(argv=None):
     trainer.save_metrics("all", metrics)  # all_results.json
     trainer.metrics = metrics  # for callers of main()
     log(f"summary ({time.time() - start:.1f}s):\n  " + "\n  ".join(summary))
+    leave_process_group()  # every rank is here: leave together
     return trainer
 
 
