@@ -22,27 +22,31 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, chunk):
         w = weight.to(hidden.dtype)
         acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32 logits (fp64 stays fp64, for tests)
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        # A frozen output layer (LoRA) needs no weight gradient: not its (vocab x hidden) fp32 buffer (2.2 GB at 7B)
+        # nor its matmul.
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         loss = torch.zeros((), dtype=acc, device=hidden.device)
-        grad_h = torch.empty_like(hidden) if need_grad else None
-        grad_w = torch.zeros_like(weight, dtype=acc) if need_grad else None
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=acc) if need_w else None
         for s in range(0, hidden.shape[0], chunk):
             h, t = hidden[s:s + chunk], targets[s:s + chunk]
             logp = torch.log_softmax((h @ w.T).to(acc), dim=-1)  # one fused pass; the logits die here
             loss -= logp.gather(1, t[:, None]).sum()
-            if need_grad:
+            if need_h or need_w:
                 p = logp.exp_()  # softmax, in place: no second chunk-sized buffer
                 p[torch.arange(len(t), device=t.device), t] -= 1
                 p = p.to(hidden.dtype)
-                grad_h[s:s + chunk] = p @ w
-                grad_w.addmm_(p.T.to(acc), h.to(acc))
-        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if need_grad else None)
+                if need_h:
+                    grad_h[s:s + chunk] = p @ w
+                if need_w:
+                    grad_w.addmm_(p.T.to(acc), h.to(acc))
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if need_w else None)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_loss.to(grad_h.dtype), grad_w * grad_loss.to(grad_w.dtype), None, None
+        return tuple(None if g is None else g * grad_loss.to(g.dtype) for g in (grad_h, grad_w)) + (None, None)
 
 
 def chunked_linear_cross_entropy(hidden, weight, targets, chunk=None):
@@ -54,6 +58,22 @@ def chunked_linear_cross_entropy(hidden, weight, targets, chunk=None):
         return (hidden.sum() + weight.sum()) * 0.0  # keeps every parameter in the graph (DDP needs that)
     chunk = chunk or max(64, (64 << 20) // weight.shape[0])
     return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk)
+
+
+def full_weight(module):
+    """`module.weight`, whole, although `module`'s own forward does not run.
+
+    Sharded training gathers a layer's weight in hooks around that layer's forward; the lean loss reads the output
+    layer's weight directly, so it gathers it itself. FSDP2 (`fully_shard`): `unshard()` (a no-op when the layer's
+    group is already gathered, as in accelerate's layout, where it shares a group with the final norm); its
+    gradient is reduce-scattered at the end of backward like any other. DeepSpeed ZeRO-3: the weight is registered
+    as an external parameter of the model (`use_lean_causal_lm_loss`), so the model's own forward gathers it.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(module, FSDPModule):
+        module.unshard()
+    return module.weight
 
 
 def use_lean_causal_lm_loss(model, chunk=None):
@@ -77,7 +97,7 @@ def use_lean_causal_lm_loss(model, chunk=None):
                              **kwargs).last_hidden_state
         targets = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]  # position i predicts i+1
         keep = targets != IGNORE_INDEX
-        loss = chunked_linear_cross_entropy(hidden[keep], model.lm_head.weight, targets[keep], chunk)
+        loss = chunked_linear_cross_entropy(hidden[keep], full_weight(model.lm_head), targets[keep], chunk)
         denominator = num_items_in_batch if num_items_in_batch is not None else keep.sum()
         return CausalLMOutputWithPast(loss=loss / denominator)
 

@@ -25,6 +25,12 @@ def test_chunked_cross_entropy_matches_torch():
     torch.testing.assert_close(cw, gw, rtol=1e-10, atol=1e-10)
     with torch.no_grad():  # evaluation path: no gradient buffers
         torch.testing.assert_close(chunked_linear_cross_entropy(h, w, t, chunk=64), ref, rtol=1e-12, atol=1e-9)
+    # a frozen output layer (LoRA): the hidden states' gradient only, the weight's is never computed
+    frozen = w.detach()
+    (fh,) = torch.autograd.grad(chunked_linear_cross_entropy(h, frozen, t, chunk=64) * 3, (h,))
+    torch.testing.assert_close(fh, gh, rtol=1e-10, atol=1e-10)
+    out = chunked_linear_cross_entropy(h.detach(), w, t, chunk=64)  # and the reverse
+    torch.testing.assert_close(torch.autograd.grad(out * 3, (w,))[0], gw, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("padding_free", [False, True])
