@@ -46,6 +46,43 @@ def make_records(tokenizer, n, seed=0, **length_kw):
     return records
 
 
+def sft_training_setup(cfg, device, attn="sdpa", train="masters", ckpt=False, lean_loss=True, lr=1e-5):
+    """A random-weight Qwen2 of config `cfg` (a dict) set up as sft_qwen2.py trains it: created in bf16 on a GPU as
+    the script loads a checkpoint (fp32 on CPU), the lean loss (unless Liger brings its own), LoRA with the scripts'
+    defaults (train="lora"), the precision policy (train="masters": fp32 master weights under bf16 autocast;
+    "pure_bf16": bf16 weights with Kahan AdamW), gradient checkpointing. Returns (model in train mode, its
+    optimizer, training_plan.plan_bytes' plan)."""
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from lean_loss import use_lean_causal_lm_loss
+    from training_plan import LoraArguments, add_lora, lora_settings, plan_bytes, use_precision_policy
+
+    cuda = device == "cuda"
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(Qwen2Config(**cfg, use_cache=False),
+                                                 dtype=torch.bfloat16 if cuda else torch.float32,
+                                                 attn_implementation=attn)
+    if lean_loss:
+        use_lean_causal_lm_loss(model)
+    if train == "lora":
+        model = add_lora(model, lora_settings(model, LoraArguments(), "model"))  # the scripts' defaults: r=16
+    # the TrainingArguments fields the policy and the plan read (one process, no sharding)
+    args = SimpleNamespace(bf16=cuda, fp16=False, pure_bf16=train == "pure_bf16", use_cpu=not cuda, world_size=1,
+                           fsdp="", deepspeed=None, learning_rate=lr, adam_beta1=0.9, adam_beta2=0.999,
+                           adam_epsilon=1e-8, weight_decay=0.0)
+    optimizer = use_precision_policy(model, args)
+    plan = plan_bytes(model, args)
+    if ckpt:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = optimizer[0](params, **optimizer[1]) if optimizer else torch.optim.AdamW(params, lr=lr, fused=cuda)
+    return model, opt, plan
+
+
 def peak_rss_gb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 

@@ -23,9 +23,9 @@ import itertools
 import os
 import sys
 import time
-from types import SimpleNamespace
 
-from common import QWEN2_VOCAB, emit, importable, matmul_peak_tflops, run_child, skewed_lengths, sync
+from common import (QWEN2_VOCAB, emit, importable, matmul_peak_tflops, run_child, sft_training_setup,
+                    skewed_lengths, sync)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIGS = {  # from the released checkpoints' config.json
@@ -61,13 +61,9 @@ def make_batches(n_batches, batch, max_len, vocab, seed=0):
 
 def child(a):
     import torch
-    from transformers import AutoModelForCausalLM, Qwen2Config
 
     import demo
     from collate import sft_collator
-    from lean_loss import use_lean_causal_lm_loss
-
-    from training_plan import LoraArguments, add_lora, lora_settings, plan_bytes, use_precision_policy
 
     device = "cuda" if torch.cuda.is_available() and not a.tiny else "cpu"
     cuda = device == "cuda"
@@ -76,23 +72,7 @@ def child(a):
         from liger_kernel.transformers import apply_liger_kernel_to_qwen2
         apply_liger_kernel_to_qwen2()
     torch.manual_seed(0)
-    with torch.device(device):  # loaded in the half dtype, as the script loads a checkpoint (training_plan.load_dtype)
-        model = AutoModelForCausalLM.from_config(Qwen2Config(**cfg, use_cache=False),
-                                                 dtype=torch.bfloat16 if cuda else torch.float32,
-                                                 attn_implementation=a.attn)
-    if a.liger == "off":
-        use_lean_causal_lm_loss(model)
-    if a.train == "lora":
-        model = add_lora(model, lora_settings(model, LoraArguments(), "model"))  # the scripts' defaults: r=16
-    args = SimpleNamespace(bf16=cuda, fp16=False, pure_bf16=a.train == "pure_bf16", use_cpu=not cuda, world_size=1,
-                           learning_rate=1e-5, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, weight_decay=0.0)
-    optimizer = use_precision_policy(model, args)
-    plan = plan_bytes(model, args)
-    if a.ckpt == "on":
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = optimizer[0](params, **optimizer[1]) if optimizer else torch.optim.AdamW(params, lr=1e-5, fused=cuda)
+    model, opt, plan = sft_training_setup(cfg, device, a.attn, a.train, a.ckpt == "on", lean_loss=a.liger == "off")
     tok = demo.build_tokenizer()  # only its pad id is used: the ids are random
     collate = sft_collator(tok, padding_free=a.padding_free == "on", pad_to_multiple_of=8 if device == "cuda" else None,
                            flash_attn_kwargs=a.attn.startswith("flash"))

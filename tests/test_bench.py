@@ -1,5 +1,6 @@
 """Smoke tests of the benchmarks that must stay runnable from the suite (the GPU ones in their --tiny CPU mode)."""
 
+import json
 import re
 import sys
 
@@ -42,3 +43,22 @@ def test_gpu_scorer_tiny_runs_every_cpu_setting():
         assert float(r[4]) > 0 and float(r[5]) > 0 and re.fullmatch(r"[\d.]+%", r[7]), r
     trainable = {r[1]: float(r[8][:-1]) for r in rows}
     assert trainable["frozen"] < trainable["full"], rows  # heads only vs the whole model
+
+
+
+def test_gpu_check_tiny_passes(tmp_path):
+    res = run_cli([sys.executable, "bench/gpu_check.py", "--tiny", "--wheels", str(tmp_path)])  # nothing missing here
+    out = res.stdout.splitlines()
+    assert "wheels: every needed module imports, nothing to install" in out, res.stdout
+    names = ["sft-1.5b", "packed==padded/sdpa", "packed==padded/eager", "lora-7b", "fsdp2-save", "scorer-2b-frozen",
+             "scorer-2b-full"]
+    verdicts = {line.split()[0]: line.split()[1] for line in out if line.split() and line.split()[0] in names}
+    assert verdicts == {name: "PASS" for name in names}, res.stdout + res.stderr[-2000:]
+    assert "CPU: exit 2, error: --fsdp: sharded training" in res.stdout  # on CPU the script refuses, never DDP
+    assert out[-1] == f"gpu_check: {len(names)}/{len(names)} pass", res.stdout
+    assert res.returncode == 0
+    # On a GPU each check runs in a child process; its row comes back as a RESULT line, a failure included.
+    child = run_cli([sys.executable, "bench/gpu_check.py", "--tiny", "--child", "no-such-check", "--workdir",
+                     str(tmp_path)])
+    results = [json.loads(line[len("RESULT "):]) for line in child.stdout.splitlines() if line.startswith("RESULT ")]
+    assert results == [{"check": "no-such-check", "pass": False, "figures": "KeyError: 'no-such-check'"}], child.stdout
