@@ -77,7 +77,7 @@ def build_tokenizer(vocab_size=400, corpus=None):
 
 
 def build_tiny_qwen2(out_dir, seed=0, hidden_size=64, num_layers=2, vocab_size=None, intermediate_size=None,
-                     dtype="float32"):
+                     dtype="float32", tie_word_embeddings=False):
     """Save a random-weight Qwen2 causal LM (fp32, or `dtype` as real Qwen checkpoints are stored: bfloat16) plus its
     tokenizer to `out_dir` and return the path.
 
@@ -94,7 +94,7 @@ def build_tiny_qwen2(out_dir, seed=0, hidden_size=64, num_layers=2, vocab_size=N
         vocab_size=vocab_size or len(tok), hidden_size=hidden_size,
         intermediate_size=intermediate_size or hidden_size * 2,
         num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-        tie_word_embeddings=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=tie_word_embeddings, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
         bos_token_id=None,
     )
     model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))

@@ -20,8 +20,9 @@ Every assistant answer (content + the closing <|im_end|>) is trained; system, us
   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 MASTER_PORT=29500 bash run.sh sft_qwen2.py --train_file data/train.jsonl \\
       --use_peft --learning_rate 2e-4
 
-  # every flag can come from one config file instead (keys = flag names)
-  bash run.sh sft_qwen2.py my_run.yaml
+  # every flag can come from one config file instead (keys = flag names); recipes in configs/, e.g. a full
+  # fine-tune with fp32 master weights sharded by FSDP2 over 8 GPUs (15.2 GB a GPU)
+  bash run.sh sft_qwen2.py configs/sft-qwen2-7b-full-fsdp2-8gpu.yaml
 
 Precision: under bf16 the trained weights are fp32 masters (frozen ones stay bf16); rank 0 prints the policy and a
 per-GPU memory plan at start (training_plan.py). Full fine-tuning with fp32 masters needs 16 bytes per parameter
@@ -44,7 +45,8 @@ from lean_loss import use_lean_causal_lm_loss
 from plumbing import (TrainingDefaults, fail, last_checkpoint_to_resume, leave_process_group, log, parse_arguments,
                       prepare_demo)
 from training_plan import (LoraArguments, add_lora, check_flags, checkpoint_dtype, load_dtype, lora_parameter_count,
-                           lora_settings, memory_plan, to_base_dtype, use_precision_policy)
+                           lora_settings, memory_plan, save_final_model, to_base_dtype, use_fsdp_precision,
+                           use_precision_policy)
 
 
 @dataclass
@@ -77,6 +79,9 @@ class DataArguments(ChatFormat):  # --system_prompt, --query_key, --answer_key, 
     demo: bool = field(default=False, metadata={
         "help": "Build a tiny random Qwen2 and demo data in a temporary folder and train a few steps on CPU."})
 
+    def __post_init__(self):  # a config file may give one file as a plain string
+        self.train_file, self.eval_file = ([f] if isinstance(f, str) else f for f in (self.train_file, self.eval_file))
+
 
 @dataclass
 class SFTArguments(TrainingDefaults):
@@ -94,6 +99,8 @@ class SFTArguments(TrainingDefaults):
                 "or no (one small all-gather per step, negligible next to a real step).",
         "choices": ["non_padding", "all", "no"]})
 
+
+ARGUMENTS = (ModelArguments, DataArguments, LoraArguments, SFTArguments)  # flags and config-file keys
 
 DEMO_DIR = os.path.join(tempfile.gettempdir(), f"sft-qwen2-demo-{os.getuid()}")
 # Flags the demo puts before the user's own (so a user flag still wins): tiny model, a few fast steps on CPU.
@@ -161,7 +168,7 @@ def show_example(example, tokenizer):
 
 def main(argv=None):
     start = time.time()
-    parser = HfArgumentParser((ModelArguments, DataArguments, LoraArguments, SFTArguments))
+    parser = HfArgumentParser(ARGUMENTS)
     model_args, data_args, lora_args, args = parse_arguments(parser, argv, demo_args=DEMO_ARGS)
     if not data_args.train_file:
         fail("--train_file is required (or --demo)")
@@ -228,12 +235,12 @@ def main(argv=None):
     collator = sft_collator(tokenizer, padding_free, pad_multiple, flash_attn_kwargs=flash)
     trainer = Trainer(model=model, args=args, data_collator=collator, train_dataset=train_ds, eval_dataset=eval_ds,
                       processing_class=tokenizer, optimizer_cls_and_kwargs=optimizer)
+    use_fsdp_precision(trainer, args)  # with --fsdp: bf16 compute, fp32 gradient reduction
 
     # Run: train (resuming from the newest checkpoint in output_dir), save, evaluate
     result = trainer.train(resume_from_checkpoint=last_checkpoint_to_resume(args))
-    if not lora_args.use_peft:  # the fp32 masters back in the checkpoint's dtype (an adapter stays fp32: small)
-        to_base_dtype(model, base_dtype)
-    trainer.save_model(args.output_dir)  # model (LoRA: the adapter) + tokenizer, HF format
+    # Model (LoRA: the adapter, fp32: small) + tokenizer, HF format, the fp32 masters back in the checkpoint's dtype
+    save_final_model(trainer, model, args.output_dir, base_dtype, keep=("lora_",))
     trainer.save_state()
     metrics = dict(result.metrics)
     if eval_ds is not None:

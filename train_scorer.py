@@ -21,8 +21,10 @@ The label fields and their heads come from `collate.LABELS` (README "Forking": a
   bash run.sh train_scorer.py --train_shards 'data/train-{000000..000099}.tar' --eval_shards 'data/val-*.tar' \\
       --num_types 5 --use_peft --learning_rate 2e-4 --head_lr 1e-3 --per_device_train_batch_size 4 --merge_lora
 
-  # two nodes: run this on each, NODE_RANK=0 on the master; every flag can come from one config file
-  NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 MASTER_PORT=29500 bash run.sh train_scorer.py my_scorer.yaml
+  # every flag can come from one config file (keys = flag names); recipes in configs/, e.g. everything trained,
+  # fp32 master weights sharded by FSDP2 over 8 GPUs, on two nodes: run this on each, NODE_RANK=0 on the master
+  NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 MASTER_PORT=29500 bash run.sh train_scorer.py \\
+      configs/scorer-qwen3vl-8b-full-fsdp2-8gpu.yaml
 
   # predictions (JSON Lines, one object per sample) from a trained scorer, any save format
   bash run.sh train_scorer.py --model_name_or_path outputs/scorer --predict_shards 'data/test-*.tar' \\
@@ -59,8 +61,9 @@ from collate import LABELS, DataError, VLEncoder
 from data import BadSample, ShardStream, count_samples, expand_shards, make_loader
 from plumbing import (TrainingDefaults, fail, last_checkpoint_to_resume, leave_process_group, log, parse_arguments,
                       prepare_demo)
-from training_plan import (LoraArguments, add_lora, check_flags, checkpoint_dtype, load_dtype,
-                           lora_parameter_count, lora_settings, memory_plan, to_base_dtype, use_precision_policy)
+from training_plan import (LoraArguments, add_lora, check_flags, checkpoint_dtype, keep_fp32_under_fsdp, load_dtype,
+                           lora_parameter_count, lora_settings, memory_plan, save_final_model, to_base_dtype,
+                           use_fsdp_precision, use_precision_policy)
 
 CLASS_LABELS = [name for name, kind in LABELS.items() if kind == "class"]  # each has a `num_<name>s` setting
 
@@ -124,6 +127,8 @@ class ScorerArguments(TrainingDefaults):
         self.activation_checkpointing_auto = unset
         super().__post_init__()
 
+
+ARGUMENTS = (ModelArguments, DataArguments, LoraArguments, ScorerArguments)  # flags and config-file keys
 
 DEMO_DIR = os.path.join(tempfile.gettempdir(), f"scorer-qwen3-vl-demo-{os.getuid()}")
 # Flags the demo puts before the user's own (so a user flag still wins): tiny model and images, a few CPU steps.
@@ -245,10 +250,33 @@ class Qwen3VLScorer(Qwen3VLPreTrainedModel):
     def pooled(self, input_ids, attention_mask, mm_token_type_ids=None, pixel_values=None, image_grid_thw=None):
         """Hidden state of each sample's last real token (the backbone runs without autograd when frozen)."""
         trains = any(p.requires_grad for p in self.model.parameters())
-        with torch.set_grad_enabled(torch.is_grad_enabled() and trains):
-            hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, mm_token_type_ids=mm_token_type_ids,
-                                pixel_values=pixel_values, image_grid_thw=image_grid_thw, use_cache=False)
-        return pool_last_token(hidden.last_hidden_state, attention_mask)
+        blank, hook = [], None
+        if pixel_values is None:  # the tower runs anyway, where a batch with images runs it: after the embedding
+            hook = self.model.get_input_embeddings().register_forward_hook(
+                lambda *_: blank.append(self.vision_tower_on_nothing(input_ids.device)))
+        try:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and trains):
+                hidden = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                                    mm_token_type_ids=mm_token_type_ids, pixel_values=pixel_values,
+                                    image_grid_thw=image_grid_thw, use_cache=False)
+        finally:
+            if hook:
+                hook.remove()
+        pooled = pool_last_token(hidden.last_hidden_state, attention_mask)
+        return pooled + 0.0 * blank[0] if blank else pooled
+
+    def vision_tower_on_nothing(self, device):
+        """The vision tower's outputs for one blank minimal image, summed: what a text-only batch adds, times zero,
+        to its features. Other ranks' batches may have images at the same step, and every rank must run the same
+        collectives in the same order: DDP waits for the tower's gradients, FSDP2 and ZeRO-3 gather the tower's
+        layers (between the embedding's and the language model's) and reduce their gradients. Costs one 4-patch
+        pass of the tower."""
+        vision = self.config.vision_config
+        m = vision.spatial_merge_size
+        pixels = torch.zeros(m * m, vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2,
+                             device=device)
+        out = self.model.get_image_features(pixels, torch.tensor([[1, m, m]], device=device))
+        return sum(t.sum() for t in out.pooler_output) + sum(f.sum() for fs in out.deepstack_features for f in fs)
 
     def forward(self, input_ids, attention_mask, mm_token_type_ids=None, pixel_values=None, image_grid_thw=None,
                 **labels):
@@ -264,12 +292,6 @@ class Qwen3VLScorer(Qwen3VLPreTrainedModel):
                   else nn.functional.cross_entropy(out, labels[f"{name}_labels"]) for name, out in heads.items()}
         weights = self.loss_weights()
         loss = sum(weights[name] * value for name, value in losses.items())
-        if pixel_values is None and self.training:
-            # A text-only batch leaves the vision tower out of the graph; DDP without find_unused_parameters
-            # would then wait forever for its gradients. Zero-valued terms give it zero gradients instead.
-            unused = [p.sum() for p in self.model.visual.parameters() if p.requires_grad]
-            if unused:
-                loss = loss + 0.0 * torch.stack(unused).sum()
         return ScorerOutput(loss=loss, head_losses={k: v.detach() for k, v in losses.items()}, heads=heads)
 
 
@@ -512,7 +534,7 @@ class ScorerTrainer(Trainer):
 
 def main(argv=None):
     start = time.time()
-    parser = HfArgumentParser((ModelArguments, DataArguments, LoraArguments, ScorerArguments))
+    parser = HfArgumentParser(ARGUMENTS)
     model_args, data_args, lora_args, args = parse_arguments(parser, argv, demo_args=DEMO_ARGS)
     if data_args.demo:
         import demo
@@ -528,10 +550,13 @@ def main(argv=None):
         fail("--use_peft trains adapters in the backbone, --freeze_backbone only the heads: choose one")
     if problem := check_flags(args, lora_args):
         fail(problem, every_rank=True)  # every rank meets it at the same point
+    if args.deepspeed:
+        fail("--deepspeed: DeepSpeed casts the whole model to bf16, the scorer's fp32 heads too; shard the scorer "
+             "with --fsdp (configs/scorer-qwen3vl-8b-full-fsdp2-8gpu.yaml)", every_rank=True)
     if model_args.freeze_backbone:
         args.activation_checkpointing = False  # nothing to recompute: the backbone runs without autograd
-    elif args.activation_checkpointing_auto:
-        args.activation_checkpointing = True
+    elif args.activation_checkpointing_auto:  # under FSDP its own checkpointing (fsdp_config) replaces the Trainer's
+        args.activation_checkpointing = not (args.fsdp and args.fsdp_config.get("activation_checkpointing"))
 
     # Data: shard lists now (a typo exits before any model loads); samples are read and encoded by the loaders.
     try:
@@ -579,6 +604,7 @@ def main(argv=None):
     log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, {trainable:,} trained "
         f"({model.config.scorer_trains})")
     optimizer = use_precision_policy(model, args)  # trainable -> fp32 masters (training_plan.py)
+    keep_fp32_under_fsdp([model.head(name) for name in LABELS], args)  # with --fsdp: heads compute in fp32
     lora = getattr(model.config, "scorer_lora", None)
     memory_plan(model, args, 0 if lora else lora_parameter_count(
         model.model, lora_settings(model.model, lora_args, "language_model")))
@@ -586,6 +612,7 @@ def main(argv=None):
     trainer = ScorerTrainer(model=model, args=args, train_dataset=train_stream, eval_dataset=eval_stream,
                             processing_class=processor, callbacks=callbacks, head_lr=args.head_lr,
                             on_bad_sample=data_args.on_bad_sample, optimizer_cls_and_kwargs=optimizer)
+    use_fsdp_precision(trainer, args)  # with --fsdp: bf16 compute, fp32 gradient reduction, outputs as computed
 
     # Run: train, evaluate, predict. A bad sample in `error` mode stops every rank together (AllRanksError).
     metrics, summary = {}, []
@@ -603,8 +630,7 @@ def main(argv=None):
             trainer.raise_train_error()  # a bad sample met after the last logging step
             # The fp32 masters back in the checkpoint's dtype (heads and adapters stay fp32: small); a save holds the
             # heads (+ adapters) when the backbone is frozen (has adapters), else everything.
-            to_base_dtype(model, save_dtype, keep=SAVED_WITH_BASE)
-            trainer.save_model(args.output_dir)
+            save_final_model(trainer, model, args.output_dir, save_dtype, keep=SAVED_WITH_BASE)
             trainer.save_state()
             metrics.update(result.metrics)
             per_rank, total = trainer.gathered_train_bad()

@@ -2,7 +2,12 @@
 
 Both training scripts call these in the same order once the model is loaded (in `load_dtype`):
   lora_settings -> add_lora (with --use_peft) -> use_precision_policy -> memory_plan -> Trainer(optimizer=...)
-and `to_base_dtype` before the final save.
+  -> use_fsdp_precision (with --fsdp) -> train -> save_final_model
+
+Sharded training (FSDP2 through --fsdp, DeepSpeed ZeRO through --deepspeed) needs GPUs; the precision policy below
+holds under FSDP2 (accelerate keeps what trains in fp32 and all-gathers it in bf16 for compute; gradients are
+reduced in fp32; fp32 heads get their own fp32 unit, `keep_fp32_under_fsdp`). Under DeepSpeed the weights are bf16
+and its ZeRO optimizer keeps the fp32 master weights.
 
 Precision (bf16 or fp16 runs). Plain AdamW on bf16 weights loses most small updates (an update below half the
 bf16 spacing of a weight rounds away: for a weight near 0.02 that is 6e-5, for a norm weight near 1.0 it is 4e-3,
@@ -17,6 +22,7 @@ so lr 1e-5 never moves it). So:
   weight decay, a plain multiply of the bf16 weight, rounds away, so --pure_bf16 requires --weight_decay 0.
 """
 
+import json
 import re
 from dataclasses import dataclass, field
 
@@ -125,6 +131,13 @@ def check_flags(args, lora_args):
         return (f"--pure_bf16 with --weight_decay {args.weight_decay:g}: torch-optimi decays a bf16 weight by "
                 f"multiplying it by 1 - lr x weight_decay, which rounds back to the same bf16 value, so no decay would "
                 f"happen; add --weight_decay 0, or train with fp32 master weights (no --pure_bf16)")
+    if lora_args.merge_lora and sharded:
+        return (f"--merge_lora with {sharded}: the adapters end the run sharded over the GPUs; train without it and "
+                f"merge the saved adapters afterwards in one process (peft's merge_and_unload)")
+    if args.pure_bf16 and sharded:
+        return (f"--pure_bf16 with {sharded}: sharded training keeps fp32 master weights of what trains (FSDP2 "
+                f"through accelerate upcasts them, ZeRO keeps them in its optimizer) and divides their memory by the "
+                f"number of GPUs instead; drop --pure_bf16")
     if args.pure_bf16 and lora_args.use_peft:
         return "--pure_bf16 is for full fine-tunes: LoRA adapters are small and train in fp32 (drop one of the two)"
     return None
@@ -134,6 +147,10 @@ def use_precision_policy(model, args):
     """Make every trainable parameter an fp32 master weight (unless --pure_bf16), say so on rank 0, and return the
     (optimizer class, kwargs) the Trainer must use (None: its own AdamW)."""
     half = half_dtype(args)
+    if args.deepspeed:  # ZeRO-3 has already partitioned the weights; its optimizer holds the fp32 masters
+        log(f"precision: DeepSpeed, {_name(half or torch.float32)} weights and gradients, fp32 master weights and "
+            f"AdamW states inside its ZeRO optimizer")
+        return None
     for p in model.parameters():
         if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32 and not args.pure_bf16:
             p.data = p.data.float()
@@ -171,6 +188,59 @@ def to_base_dtype(model, dtype, keep=()):
             p.data = p.data.to(dtype)
 
 
+def keep_fp32_under_fsdp(modules, args):
+    """Give each of `modules` (the scorer's heads) its own FSDP2 unit that computes in fp32, before the Trainer
+    shards the rest: accelerate would otherwise all-gather them in bf16 with their layer group (its policy casts
+    every weight to the run's half dtype), and it leaves units that are already sharded as they are."""
+    if not args.fsdp or half_dtype(args) is None:
+        return
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    for module in modules:
+        fully_shard(module, mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32))
+
+
+def use_fsdp_precision(trainer, args):
+    """The FSDP2 policy of a half-precision run, set on the Trainer's plugin before training shards the model:
+    weights all-gathered in the half dtype for compute, gradients reduce-scattered in fp32 (accelerate's default
+    reduces them in bf16, adding one more rounding to every fp32 master update) and outputs left as computed
+    (its default casts them to bf16: the scorer's predictions and every logged loss would lose precision)."""
+    half = half_dtype(args)
+    if not args.fsdp or half is None:
+        return
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    trainer.accelerator.state.fsdp_plugin.mixed_precision_policy = MixedPrecisionPolicy(
+        param_dtype=half, reduce_dtype=torch.float32)
+
+
+def save_final_model(trainer, model, output_dir, dtype, keep=()):
+    """Save the trained `model` as one HF folder that `from_pretrained` loads, in the checkpoint's `dtype` (not twice
+    its size); tensors whose names contain one of `keep` (fp32 heads, LoRA adapters) stay as they are. A model
+    sharded with FSDP2 is gathered first (every rank takes part, rank 0 writes; one tensor at a time through the GPU
+    into host memory: 30 GB for a 7B model in fp32); under DeepSpeed the Trainer saves the bf16 weights ZeRO-3
+    gathers (`stage3_gather_16bit_weights_on_model_save`). The tokenizer or processor goes with it."""
+    if trainer.is_deepspeed_enabled:
+        trainer.save_model(output_dir)
+        return
+    from torch.distributed.tensor import DTensor
+
+    sharded = any(isinstance(p, DTensor) for p in model.parameters())
+    state = full_state_dict(model) if sharded else model.state_dict()
+    if trainer.args.should_save:
+        state = {k: v.to(dtype) if v.is_floating_point() and not any(part in k for part in keep) else v
+                 for k, v in state.items()}
+        model.save_pretrained(output_dir, state_dict=state)
+        trainer.processing_class.save_pretrained(output_dir)
+
+
+def full_state_dict(model):
+    """Every tensor of `model`, whole and on the CPU, on rank 0 (FSDP2 shards gathered; other ranks get {})."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 def _name(dtype):
     return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
 
@@ -179,26 +249,57 @@ def _name(dtype):
 # Memory plan
 # ---------------------------------------------------------------------------------------------------------------
 
-def plan_bytes(model, args, world_size=1, shards=1):
+def sharding(args):
+    """(name, ranks, the parts sharded over them) of this run: FSDP2 and ZeRO-3 shard weights, gradients and
+    optimizer states over every rank, ZeRO-2 gradients and states, ZeRO-1 states; None: not sharded."""
+    parts = ("optimizer", "gradients", "weights")
+    if args.fsdp:
+        return "FSDP2", args.world_size, parts
+    if args.deepspeed:
+        config = args.deepspeed
+        if not isinstance(config, dict):
+            with open(config) as f:
+                config = json.load(f)
+        stage = int(config.get("zero_optimization", {}).get("stage", 0))
+        return f"DeepSpeed ZeRO-{stage}", args.world_size, parts[:stage]
+    return None
+
+
+def plan_bytes(model, args, world_size=1, sharded=None):
     """Bytes per GPU of weights, gradients and optimizer states for `model` as it will train (the dtypes and
-    requires_grad already set), plus the transient extras. `shards`: ranks the model states are sharded over
-    (FSDP / ZeRO-3); unsharded DDP also keeps a gradient-sized bucket copy when `world_size` > 1."""
+    requires_grad already set), plus the transient extras. `sharded`: `sharding(args)`, or None (unsharded DDP
+    then also keeps a gradient-sized bucket copy when `world_size` > 1)."""
     weights = grads = states = autocast = 0
     autocast_run = half_dtype(args) is not None
     for p in model.parameters():
-        size = p.numel() * p.element_size()
+        numel = getattr(p, "ds_numel", p.numel())  # ZeRO-3 leaves an empty placeholder and records the full size
+        size = numel * p.element_size()
         weights += size
         if p.requires_grad:
             grads += size
-            # AdamW: two moments in the parameter's dtype; Kahan adds one buffer per low-precision parameter
-            states += 2 * size + (size if args.pure_bf16 and p.dtype != torch.float32 else 0)
-            if autocast_run and p.dtype == torch.float32:
-                autocast += p.numel() * 2  # the half copy autocast keeps of each fp32 weight during forward
-    plan = {"weights": weights / shards, "gradients": grads / shards, "optimizer": states / shards}
+            if args.deepspeed and autocast_run:  # ZeRO's optimizer: an fp32 master copy and two fp32 moments
+                states += 12 * numel
+            else:  # AdamW: two moments in the parameter's dtype; Kahan adds one buffer per low-precision parameter
+                states += 2 * size + (size if args.pure_bf16 and p.dtype != torch.float32 else 0)
+            if autocast_run and p.dtype == torch.float32 and not sharded:
+                autocast += numel * 2  # the half copy autocast keeps of each fp32 weight during forward
+    _, ranks, parts = sharded or ("", 1, ())
+    plan = {part: value / (ranks if part in parts else 1)
+            for part, value in (("weights", weights), ("gradients", grads), ("optimizer", states))}
     plan["total"] = sum(plan.values())
-    plan["autocast_copies"] = autocast / shards
-    plan["ddp_buckets"] = grads if world_size > 1 and shards == 1 else 0
+    plan["autocast_copies"] = autocast
+    plan["ddp_buckets"] = grads if world_size > 1 and not sharded else 0
+    plan["gathered"] = 2 * 2 * _largest_layer(model) if "weights" in parts else 0
     return plan
+
+
+def _largest_layer(model):
+    """The parameter count of the largest unit FSDP2 / ZeRO-3 gathers whole (a decoder layer, a vision block or the
+    embedding): the plan's "gathered" extra is two such units (one prefetched) in the half dtype."""
+    blocks = set(getattr(model, "_no_split_modules", None) or ())
+    sizes = [sum(getattr(p, "ds_numel", p.numel()) for p in m.parameters()) for m in model.modules()
+             if type(m).__name__ in blocks or isinstance(m, nn.Embedding)]
+    return max(sizes, default=0)
 
 
 def what_would_fit(model, adapters, gpu_bytes):
@@ -222,13 +323,17 @@ def memory_plan(model, args, lora_adapters, gpu_bytes=None, gpu_name=None):
     if gpu_bytes is None and torch.cuda.is_available() and not args.use_cpu:
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         gpu_bytes, gpu_name = props.total_memory, props.name
-    plan = plan_bytes(model, args, args.world_size)
+    sharded = sharding(args)
+    plan = plan_bytes(model, args, args.world_size, sharded)
     extras = [f"{name} {_size(plan[key])}" for key, name in
               (("autocast_copies", "autocast half copies of the fp32 weights during forward"),
-               ("ddp_buckets", "DDP gradient buckets")) if plan[key]]
+               ("ddp_buckets", "DDP gradient buckets"),
+               ("gathered", "the layers gathered whole at a time (bf16)")) if plan[key]]
     where = f"{gpu_name}, {_size(gpu_bytes)}" if gpu_bytes else "no GPU here"
-    lines = [f"memory plan per GPU ({args.world_size} process{'es' if args.world_size > 1 else ''}, not sharded; "
-             f"{where}): weights {_size(plan['weights'])} + gradients {_size(plan['gradients'])} + "
+    processes = f"{args.world_size} process{'es' if args.world_size > 1 else ''}"
+    how = f"{sharded[0]}, sharded over {sharded[1]} ranks" if sharded else f"{processes}, not sharded"
+    lines = [f"memory plan per GPU ({how}; {where}): weights {_size(plan['weights'])} + "
+             f"gradients {_size(plan['gradients'])} + "
              f"AdamW states {_size(plan['optimizer'])} = {_size(plan['total'])}; on top: "
              + ", ".join(extras + ["activations (gradient checkpointing keeps them small)"])]
     if gpu_bytes and plan["total"] > gpu_bytes:

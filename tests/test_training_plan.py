@@ -104,9 +104,10 @@ QWEN3_VL_8B = dict(  # Qwen/Qwen3-VL-8B-Instruct's config.json
 GPU_80GB = 80e9
 
 
-def bf16_args(world_size=1, pure_bf16=False):
+def bf16_args(world_size=1, pure_bf16=False, fsdp=False, deepspeed=None):
     return SimpleNamespace(bf16=True, fp16=False, pure_bf16=pure_bf16, use_cpu=False, world_size=world_size,
-                           learning_rate=1e-5, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, weight_decay=0.0)
+                           learning_rate=1e-5, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, weight_decay=0.0,
+                           fsdp=fsdp, deepspeed=deepspeed)
 
 
 @pytest.fixture
@@ -152,6 +153,31 @@ class TestMemoryPlan:
         # bf16 weight + bf16 gradient + two bf16 moments + the bf16 Kahan buffer; DDP keeps a gradient bucket copy
         assert (plan["weights"], plan["gradients"], plan["optimizer"]) == (2 * n, 2 * n, 6 * n)
         assert plan["ddp_buckets"] == 2 * n and plan["autocast_copies"] == 0
+
+    def test_qwen2_7b_sharded_over_8_gpus_fsdp2_and_zero3(self, qwen2_7b, tmp_path):
+        n, embedding = 7_615_616_512, 152_064 * 3584  # the largest unit gathered whole: the embedding (or lm_head)
+        args = bf16_args(world_size=8, fsdp=True)
+        use_precision_policy(qwen2_7b, args)  # FSDP2: fp32 masters, sharded
+        plan = memory_plan(qwen2_7b, args, 0, gpu_bytes=GPU_80GB, gpu_name="an 80 GB GPU")
+        assert (plan["weights"], plan["gradients"], plan["optimizer"]) == (4 * n / 8, 4 * n / 8, 8 * n / 8)
+        assert plan["gathered"] == 2 * 2 * embedding and plan["autocast_copies"] == plan["ddp_buckets"] == 0
+        assert len(plan["lines"]) == 1 and plan["lines"][0].startswith(
+            "memory plan per GPU (FSDP2, sharded over 8 ranks; an 80 GB GPU, 80.0 GB): weights 3.8 GB + gradients "
+            "3.8 GB + AdamW states 7.6 GB = 15.2 GB; on top: the layers gathered whole at a time (bf16) 2.2 GB")
+
+        zero3 = tmp_path / "zero3.json"
+        zero3.write_text('{"zero_optimization": {"stage": 3}}')
+        model = qwen2_7b.to(torch.bfloat16)
+        args = bf16_args(world_size=8, deepspeed=str(zero3))
+        use_precision_policy(model, args)  # DeepSpeed keeps bf16 weights; its optimizer holds the fp32 masters
+        assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+        plan = memory_plan(model, args, 0, gpu_bytes=GPU_80GB, gpu_name="an 80 GB GPU")
+        assert (plan["weights"], plan["gradients"], plan["optimizer"]) == (2 * n / 8, 2 * n / 8, 12 * n / 8)
+        assert "(DeepSpeed ZeRO-3, sharded over 8 ranks; " in plan["lines"][0] and "= 15.2 GB" in plan["lines"][0]
+        zero3.write_text('{"zero_optimization": {"stage": 2}}')  # ZeRO-2: weights whole on every GPU
+        plan = memory_plan(model, args, 0, gpu_bytes=GPU_80GB, gpu_name="an 80 GB GPU")
+        assert (plan["weights"], plan["gradients"], plan["optimizer"]) == (2 * n, 2 * n / 8, 12 * n / 8)
+        assert plan["gathered"] == 0
 
     def test_qwen3_vl_8b_scorer(self):
         from train_scorer import Qwen3VLScorer
