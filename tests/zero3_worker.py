@@ -1,0 +1,104 @@
+"""DeepSpeed ZeRO-3 through the Trainer with the shipped configs/deepspeed/zero3.json, run by tests/test_sharding.py.
+
+    python tests/zero3_worker.py WORKDIR plain                          # the reference: 1 process, no DeepSpeed
+    torchrun --nproc_per_node 2 tests/zero3_worker.py WORKDIR zero3     # ZeRO-3 over 2 CPU processes (gloo)
+
+Both train the same tiny Qwen2 with the scripts' lean loss (it reads lm_head.weight outside lm_head's forward; under
+ZeRO-3 that weight is an empty partition unless gathered) on the same batches (each rank its half), write the
+logged losses to WORKDIR/<mode>/losses.json and the final model with `trainer.save_model` to WORKDIR/<mode>/final.
+
+The scripts refuse --deepspeed on a machine without GPUs (accelerate counts one process there, so DeepSpeed's batch
+check fails); DeepSpeed itself runs on CPU with two adjustments made here, that GPU runs do not need: `use_cpu`,
+and DeepSpeed's communication set up (gloo) before the model is loaded partitioned.
+"""
+
+import json
+import os
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+
+import demo  # noqa: E402
+from collate import IGNORE_INDEX  # noqa: E402
+from lean_loss import use_lean_causal_lm_loss  # noqa: E402
+
+STEPS, BATCH = 4, 4  # global batch: 4 rows, 2 per rank under ZeRO-3
+
+
+class Rows(torch.utils.data.Dataset):
+    """Fixed token rows, the first 5 tokens of each masked out of the loss (a prompt)."""
+
+    def __init__(self, ids):
+        self.ids = ids
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        labels = self.ids[i].clone()
+        labels[:5] = IGNORE_INDEX
+        return {"input_ids": self.ids[i], "labels": labels}
+
+
+class InOrder(Trainer):
+    """Rows in order, so that rank r of step s gets rows [4s + 2r, 4s + 2r + 2): the reference's step s batch."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        return torch.utils.data.SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
+
+
+class Losses(TrainerCallback):
+    def __init__(self):
+        self.losses = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.losses.append(logs["loss"])
+
+
+def main(workdir, mode):
+    zero3 = mode == "zero3"
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    base = os.path.join(workdir, "base")
+    out = os.path.join(workdir, mode)
+    args = TrainingArguments(
+        output_dir=out, per_device_train_batch_size=BATCH // world, max_steps=STEPS, learning_rate=1e-3,
+        adam_epsilon=1e-4, lr_scheduler_type="constant", weight_decay=0.0, logging_steps=1, save_strategy="no",
+        report_to="none", seed=0, disable_tqdm=True, use_cpu=True,
+        deepspeed=os.path.join(ROOT, "configs", "deepspeed", "zero3.json") if zero3 else None)
+    if zero3:
+        import deepspeed
+
+        _ = args.device  # torch.distributed (gloo), through accelerate
+        deepspeed.init_distributed(dist_backend="gloo")  # before zero.Init reads the world size (from_pretrained)
+    else:
+        demo.build_tiny_qwen2(base, vocab_size=512)
+        torch.save(torch.randint(0, 512, (STEPS * BATCH, 24), generator=torch.Generator().manual_seed(1)),
+                   os.path.join(workdir, "rows.pt"))
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    partitioned = model.lm_head.weight.numel() == 0  # ZeRO-3 loaded every rank's share only
+    use_lean_causal_lm_loss(model)
+    losses = Losses()
+    trainer = InOrder(model=model, args=args, train_dataset=Rows(torch.load(os.path.join(workdir, "rows.pt"))),
+                      callbacks=[losses])
+    trainer.train()
+    trainer.save_model(os.path.join(out, "final"))  # ZeRO-3: every rank takes part in gathering the weights
+    if args.process_index == 0:
+        with open(os.path.join(out, "losses.json"), "w") as f:
+            json.dump({"losses": losses.losses, "partitioned": partitioned}, f)
+    if zero3:
+        import torch.distributed as dist
+
+        dist.barrier()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)  # DeepSpeed's teardown aborted a rank at interpreter exit in about 1 run of 20 (exit -6)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
