@@ -10,8 +10,9 @@ Settings: the backbone frozen (heads only; the backbone runs forward without aut
 has nothing to do and only runs off) or full (vision tower, language model and heads all train); attention sdpa vs
 flash_attention_2 (if flash_attn imports); gradient checkpointing on/off. Each setting runs in its own process.
 Data: synthetic samples of 2-3 images with sides 256-1024 px (multiples of 32, mixed sizes; random pixel patches
-as the processor would emit them) plus 30-150 text tokens, a fixed seed. Optimizer: AdamW on the trainable
-parameters in their own dtype (bf16 backbone, fp32 heads), as gpu_sft.py does.
+as the processor would emit them) plus 30-150 text tokens, a fixed seed. Precision as train_scorer.py trains
+(training_plan.use_precision_policy): what trains is fp32 master weights under bf16 autocast, the frozen backbone
+stays bf16, the heads fp32; AdamW.
 Reports language-model tokens/s (real tokens, image tokens included), samples/s, peak GPU memory and MFU: model
 FLOPs of each batch from the config (6 x matmul parameters x tokens, or 2 x where the backbone runs forward only,
 plus the attention terms, for the vision tower per patch and the language model per token) over the bf16 matmul
@@ -23,6 +24,7 @@ import itertools
 import os
 import sys
 import time
+from types import SimpleNamespace
 
 from common import QWEN2_VOCAB, emit, importable, matmul_peak_tflops, run_child, sync
 
@@ -129,6 +131,7 @@ def child(a):
 
     from collate import LABELS
     from train_scorer import Qwen3VLScorer
+    from training_plan import use_precision_policy
 
     device = "cuda" if torch.cuda.is_available() and not a.tiny else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -140,6 +143,7 @@ def child(a):
         model.head(name).float()
     frozen = a.mode == "frozen"
     model.set_trainable(freeze_backbone=frozen, freeze_vision=False, base_record="random weights")
+    use_precision_policy(model, SimpleNamespace(bf16=device == "cuda", fp16=False, pure_bf16=False, deepspeed=None))
     if a.ckpt == "on":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -155,7 +159,8 @@ def child(a):
                 torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        loss = model(**batch).loss
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            loss = model(**batch).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
