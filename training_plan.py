@@ -196,22 +196,25 @@ def keep_fp32_under_fsdp(modules, args):
         return
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    _ = args.device  # the process group and this rank's GPU, on which fully_shard's default mesh places the shards
     for module in modules:
         fully_shard(module, mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32))
 
 
 def use_fsdp_precision(trainer, args):
     """The FSDP2 policy of a half-precision run, set on the Trainer's plugin before training shards the model:
-    weights all-gathered in the half dtype for compute, gradients reduce-scattered in fp32 (accelerate's default
-    reduces them in bf16, adding one more rounding to every fp32 master update) and outputs left as computed
-    (its default casts them to bf16: the scorer's predictions and every logged loss would lose precision)."""
+    weights all-gathered in the half dtype for compute (accelerate adds no autocast under FSDP2: this is what makes
+    compute bf16), gradients reduce-scattered in fp32 (accelerate's default reduces them in bf16, one more rounding
+    of every fp32 master update), inputs and outputs left as they are (its default casts every float input, the
+    scorer's score labels too, and every output, its predictions and losses, to bf16). The models cast what they
+    compute on themselves: embeddings come out bf16, pixel values are cast to the vision tower's dtype."""
     half = half_dtype(args)
     if not args.fsdp or half is None:
         return
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     trainer.accelerator.state.fsdp_plugin.mixed_precision_policy = MixedPrecisionPolicy(
-        param_dtype=half, reduce_dtype=torch.float32)
+        param_dtype=half, reduce_dtype=torch.float32, cast_forward_inputs=False)
 
 
 def save_final_model(trainer, model, output_dir, dtype, keep=()):

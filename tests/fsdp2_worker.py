@@ -24,7 +24,8 @@ sys.path.insert(0, ROOT)
 import demo  # noqa: E402
 from collate import IGNORE_INDEX, collate_vl, encode_vl_example  # noqa: E402
 from lean_loss import use_lean_causal_lm_loss  # noqa: E402
-from training_plan import LoraArguments, add_lora, keep_fp32_under_fsdp, lora_settings, save_final_model  # noqa: E402
+from training_plan import (LoraArguments, add_lora, keep_fp32_under_fsdp, lora_settings,  # noqa: E402
+                           save_final_model, use_fsdp_precision)
 
 WORLD = 2
 NO_DROPOUT = LoraArguments(use_peft=True, lora_dropout=0.0)  # LoRA's dropout would draw different masks per copy
@@ -98,6 +99,14 @@ def compare_training(sharded, reference, rank_batches, loss_of, steps=2):
     worst["weights"] = model_rel(list(zip(sharded.parameters(), reference.parameters())))
     worst["trained"] = sum(int(p.grad is not None) for p in reference.parameters())  # tensors that trained
     return worst
+
+
+def fsdp_policy():
+    """The MixedPrecisionPolicy `use_fsdp_precision` sets on the Trainer's FSDP plugin for a bf16 run."""
+    plugin = SimpleNamespace()
+    use_fsdp_precision(SimpleNamespace(accelerator=SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin))),
+                       SimpleNamespace(fsdp=True, bf16=True, fp16=False))
+    return plugin.mixed_precision_policy
 
 
 def trainer_like(processor):
@@ -184,6 +193,13 @@ def check_sft(workdir, models, tokenizer):
     ids = batches[0]["input_ids"]
     results["sft_lora"]["saved_logits"] = rel(loaded(input_ids=ids).logits, reference(input_ids=ids).logits)
     results["sft_lora"]["saved_files"] = sorted(os.listdir(out))
+
+    # bf16 compute as the scripts set it (no autocast under FSDP2): the lean loss on bf16 hidden states and weight
+    model = shard_like_accelerate(load_sft(models["untied"]), fsdp_policy())
+    loss = sft_loss(batches)(model, batches[dist.get_rank()])
+    loss.backward()
+    results["sft_bf16_policy"] = {"loss_finite": bool(torch.isfinite(loss)), "grads_fp32": all(
+        p.grad.dtype == torch.float32 for p in model.parameters())}
     return results
 
 
@@ -226,7 +242,8 @@ def shard_scorer(model, mp_policy=None):
     from collate import LABELS
 
     # what train_scorer.py does before Trainer shards the rest (only under a half-precision --fsdp run)
-    keep_fp32_under_fsdp([model.head(name) for name in LABELS], SimpleNamespace(fsdp=True, bf16=True, fp16=False))
+    run = SimpleNamespace(fsdp=True, bf16=True, fp16=False, device="cpu")  # the TrainingArguments fields it reads
+    keep_fp32_under_fsdp([model.head(name) for name in LABELS], run)
     return shard_like_accelerate(model, mp_policy)
 
 
@@ -249,9 +266,9 @@ def check_scorer(workdir, path, processor):
             got, want = loaded(**inputs).heads, reference.eval()(**inputs).heads
         results[name]["saved_outputs"] = max(rel(got[k], want[k]) for k in want)
 
-    # bf16 compute as use_fsdp_precision sets it: the layers gather in bf16, the heads in fp32
-    model = shard_scorer(load_vl_scorer(path), MixedPrecisionPolicy(param_dtype=torch.bfloat16,
-                                                                    reduce_dtype=torch.float32))
+    # bf16 compute with the policy use_fsdp_precision sets on the Trainer's plugin, and no autocast (accelerate
+    # adds none under FSDP2): the layers gather in bf16, the heads in fp32, the float labels arrive unrounded
+    model = shard_scorer(load_vl_scorer(path), fsdp_policy())
     seen = {}
 
     def note(name):
@@ -260,9 +277,16 @@ def check_scorer(workdir, path, processor):
         return hook
     model.score_head.register_forward_pre_hook(note("head"))
     model.model.language_model.layers[0].self_attn.q_proj.register_forward_pre_hook(note("layer"))
-    scorer_loss(model, batches[dist.get_rank()]).backward()
+
+    def note_labels(module, args, kwargs):  # runs after FSDP2's own pre-forward hook, which casts inputs
+        seen["labels"] = str(kwargs["score_labels"].dtype)
+    model.register_forward_pre_hook(note_labels, with_kwargs=True)
+    batch = batches[dist.get_rank()]
+    out = model(**{k: v for k, v in batch.items() if k != "keys"})
+    out.loss.backward()
     results["scorer_bf16_policy"] = {**seen, "grads_fp32": all(p.grad.dtype == torch.float32
-                                                               for p in model.parameters() if p.grad is not None)}
+                                                               for p in model.parameters() if p.grad is not None),
+                                     "outputs": sorted({str(v.dtype) for v in out.heads.values()})}
     return results
 
 

@@ -43,8 +43,12 @@ class TestFSDP2:
         assert fsdp2["scorer"]["saved_outputs"] <= REL and fsdp2["scorer_lora"]["saved_outputs"] <= REL
 
     def test_heads_compute_in_fp32_while_layers_gather_in_bf16(self, fsdp2):
+        """The scripts' FSDP2 policy: layers in bf16, the heads' own unit in fp32, fp32 gradients, and neither the
+        float score labels nor the predictions rounded to bf16 on the way in or out."""
         assert fsdp2["scorer_bf16_policy"] == {"layer": "torch.bfloat16", "head": "torch.float32",
-                                               "grads_fp32": True}
+                                               "labels": "torch.float32", "grads_fp32": True,
+                                               "outputs": ["torch.float32"]}
+        assert fsdp2["sft_bf16_policy"] == {"loss_finite": True, "grads_fp32": True}
 
 
 
