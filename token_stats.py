@@ -25,6 +25,7 @@ suggested max_len (the smallest multiple of 64 covering --coverage of the exampl
       --max_pixels 1003520
 """
 
+import contextlib
 import functools
 import gc
 import json
@@ -415,30 +416,33 @@ def main(argv=None):
     if not 0 < args.coverage <= 1:
         fail(f"--coverage must be in (0, 1], not {args.coverage}")
     num_proc = args.num_proc or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
-    if args.demo:  # the SFT demo's tiny model and 2,000 of its records
-        import demo
-        prepare_demo(DEMO_DIR, functools.partial(demo.build_sft_demo, n_train=2000))
-        args.tokenizer, args.data = os.path.join(DEMO_DIR, "tiny-qwen2"), [os.path.join(DEMO_DIR, "train.jsonl")]
+    # Everything but the report goes to stderr: libraries print on stdout too (DeepSpeed announces its accelerator
+    # when a model is saved, as the demo does), and `--format json` promises one JSON object there.
+    with contextlib.redirect_stdout(sys.stderr):
+        if args.demo:  # the SFT demo's tiny model and 2,000 of its records
+            import demo
+            prepare_demo(DEMO_DIR, functools.partial(demo.build_sft_demo, n_train=2000))
+            args.tokenizer, args.data = os.path.join(DEMO_DIR, "tiny-qwen2"), [os.path.join(DEMO_DIR, "train.jsonl")]
 
-    if args.shards:
-        _STATE.update(args=args, processor=load_pretrained("AutoProcessor", args.processor, args.trust_remote_code,
-                                                           "--processor"))
-    else:
-        _STATE.update(args=args, tokenizer=load_pretrained("AutoTokenizer", args.tokenizer, args.trust_remote_code,
-                                                           "--tokenizer"))
-    t0 = time.time()
-    try:
-        report, lengths = (measure_scorer if args.shards else measure_sft)(args, num_proc)
-    except DataError as e:
-        fail(e)
-    except OSError as e:  # an output path that cannot be written, etc.
-        fail(f"{e.filename or args.output}: {e.strerror or e}")
-    seconds = time.time() - t0
-    num_proc = report["num_proc"]
-    report.update(seconds=round(seconds, 3), examples_per_s=round(report["count"] / seconds, 1),
-                  wall_seconds=round(time.time() - start, 3))
-    if args.plot:
-        write_plot(args.plot, lengths, report)
+        if args.shards:
+            _STATE.update(args=args, processor=load_pretrained("AutoProcessor", args.processor, args.trust_remote_code,
+                                                               "--processor"))
+        else:
+            _STATE.update(args=args, tokenizer=load_pretrained("AutoTokenizer", args.tokenizer, args.trust_remote_code,
+                                                               "--tokenizer"))
+        t0 = time.time()
+        try:
+            report, lengths = (measure_scorer if args.shards else measure_sft)(args, num_proc)
+        except DataError as e:
+            fail(e)
+        except OSError as e:  # an output path that cannot be written, etc.
+            fail(f"{e.filename or args.output}: {e.strerror or e}")
+        seconds = time.time() - t0
+        num_proc = report["num_proc"]
+        report.update(seconds=round(seconds, 3), examples_per_s=round(report["count"] / seconds, 1),
+                      wall_seconds=round(time.time() - start, 3))
+        if args.plot:
+            write_plot(args.plot, lengths, report)
     if args.format == "json":
         print(json.dumps(report, ensure_ascii=False))
     else:

@@ -200,7 +200,8 @@ def main():
     if a.tiny:
         a.models, a.batch, a.min_side, a.max_side, a.warmup, a.steps = "tiny", 2, 32, 96, 1, 2
     models = (a.models or "qwen3-vl-2b,qwen3-vl-8b").split(",")
-    attns = (a.attn or ("sdpa,flash_attention_2" if importable("flash_attn") and device == "cuda" else "sdpa")).split(",")
+    flash = importable("flash_attn") and device == "cuda"
+    attns = (a.attn or ("sdpa,flash_attention_2" if flash else "sdpa")).split(",")
     peak = matmul_peak_tflops(device, torch.bfloat16 if device == "cuda" else torch.float32)
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
     print(f"device: {name}; measured {'bf16' if device == 'cuda' else 'fp32'} matmul peak {peak:.3g} TFLOP/s")
