@@ -6,6 +6,7 @@ Errors raise `collate.DataError` naming the file, line or shard; the scripts pri
 import json
 import os
 import random
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,12 +119,13 @@ def _split_top_level_commas(spec):
     return [p.strip() for p in parts + [current] if p.strip()]
 
 
-def expand_shards(spec):
+def expand_shards(spec, allow_pipe=False):
     """The shard list a `--*_shards` value names, in order and without repeats.
 
     `spec` mixes brace patterns (`data/train-{000000..000099}.tar`), globs (`data/*.tar`) and comma lists. Local
-    paths must exist; URLs (`pipe:...`, `http://...`) are passed through unchecked. An empty spec, a glob that matches
-    nothing, or a named file that does not exist raise DataError: none of them is a run anyone meant to start.
+    paths must exist; URLs that webdataset streams (`http://...`, `s3://...` through its handlers) are passed through
+    unchecked. An empty spec, a glob that matches nothing, or a named file that does not exist raise DataError: none
+    of them is a run anyone meant to start. So does a `pipe:` shard, which runs a shell command, unless `allow_pipe`.
     """
     import glob
 
@@ -135,6 +137,8 @@ def expand_shards(spec):
     shards = []
     for item in items:
         for path in braceexpand.braceexpand(item):
+            if path.startswith("pipe:") and not allow_pipe:
+                raise DataError(f"{path}: a pipe: shard runs a shell command; pass --allow_pipe_shards if you wrote it")
             if "://" in path or path.startswith("pipe:"):
                 shards.append(path)
             elif any(c in path for c in "*?["):
@@ -306,10 +310,18 @@ def make_loader(stream, args):
     TrainingArguments (workers, pinning, prefetch)."""
     workers = args.dataloader_num_workers
     return torch.utils.data.DataLoader(
-        stream, batch_size=None, collate_fn=_as_is, num_workers=workers,
+        stream, batch_size=None, collate_fn=_as_is, num_workers=workers, worker_init_fn=_leave_stop_signals,
         pin_memory=args.dataloader_pin_memory and torch.cuda.is_available(),
         prefetch_factor=args.dataloader_prefetch_factor if workers else None,
         multiprocessing_context=args.dataloader_multiprocessing_context if workers else None)
+
+
+def _leave_stop_signals(worker_id):
+    """Loader workers ignore SIGTERM and SIGINT: torchrun sends them to each rank's whole process group, and a worker
+    killed by one would fail the step its rank must finish before a graceful stop (reliability.GracefulStop). The
+    workers still end with their rank."""
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, signal.SIG_IGN)
 
 
 def _as_is(batch):  # streams yield whole batches; the default collate would turn their tuples into lists

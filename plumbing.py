@@ -1,4 +1,5 @@
-"""What every script does the same way: config files, exit 2, training defaults, precision, demo, resume, rank-0 logs.
+"""What every script does the same way: config files, exit 2 and the early checks, training defaults, precision,
+demo, rank-0 logs.
 
 Kept out of the scripts so that each of them reads as its own story (arguments -> data -> model -> trainer -> run)
 and out of `collate.py`, whose functions stay pure.
@@ -42,6 +43,36 @@ def leave_process_group():
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def check_output_dir(path):
+    """Exit 2 now if `path` cannot be created or written, not at the first checkpoint after an hour of training."""
+    import tempfile
+
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        fail(f"--output_dir {path}: cannot write there ({e.strerror or e})")
+
+
+PICKLE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt")
+
+
+def weights_source(path, allow_pickle):
+    """`from_pretrained` keyword arguments that load weights from safetensors only: a pickle file (`.bin`) can run
+    arbitrary code when loaded. A local folder that holds only pickle weights exits 2 saying so, unless
+    `allow_pickle` (--allow_pickle)."""
+    if allow_pickle:
+        return {}
+    if os.path.isdir(path):
+        files = os.listdir(path)
+        pickles = sorted(f for f in files if f.endswith(PICKLE_WEIGHTS))
+        if pickles and not any(f.endswith(".safetensors") for f in files):
+            fail(f"{path}: its weights are pickle files ({', '.join(pickles)}), which can run arbitrary code when "
+                 f"loaded; convert them to safetensors, or pass --allow_pickle if you trust their source")
+    return {"use_safetensors": True}
 
 
 def parse_arguments(parser, argv=None, demo_args=()):
@@ -104,15 +135,3 @@ def prepare_demo(demo_dir, build, args=None):
         if args is None or args.local_process_index == 0:
             shutil.rmtree(demo_dir, ignore_errors=True)
             build(demo_dir)
-
-
-def last_checkpoint_to_resume(args):
-    """`--resume_from_checkpoint` if given, else the newest `checkpoint-*` in `output_dir` (None: start afresh)."""
-    from transformers.trainer_utils import get_last_checkpoint
-
-    resume = args.resume_from_checkpoint
-    if resume is None and os.path.isdir(args.output_dir):
-        resume = get_last_checkpoint(args.output_dir)
-        if resume:
-            log(f"resuming from {resume}")
-    return resume

@@ -44,14 +44,19 @@ export OMP_NUM_THREADS
 
 # torchrun reports any failed process as exit 1 with a long traceback of its own; this wrapper exits with the
 # first failed process's own code instead (2 for bad input), so callers and CI see what the script meant.
+# A SIGTERM or SIGINT to torchrun is passed on to every process, which stops after its step with a checkpoint
+# (reliability.py); torchrun waits up to 30 s for them, then kills them. This wrapper then exits 143 or 130.
 launcher='
 import sys
+from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import main
 try:
     main(sys.argv[1:])
 except ChildFailedError as e:
     sys.exit(e.get_first_failure()[1].exitcode or 1)
+except SignalException as e:
+    sys.exit(128 + e.sigval)
 '
 args=(--nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC_PER_NODE"
       --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" "$script" "$@")

@@ -42,8 +42,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, 
 from collate import IGNORE_INDEX, ChatFormat, DataError, encode_sft_batch, sft_collator, to_messages
 from data import load_sft_file, record_location
 from lean_loss import use_lean_causal_lm_loss
-from plumbing import (TrainingDefaults, fail, last_checkpoint_to_resume, leave_process_group, log, parse_arguments,
-                      prepare_demo)
+from plumbing import (TrainingDefaults, check_output_dir, fail, leave_process_group, log, parse_arguments, prepare_demo,
+                      weights_source)
+from reliability import GracefulStop, MarkComplete, checkpoint_to_resume, exit_if_stopped
 from training_plan import (LoraArguments, add_lora, check_flags, checkpoint_dtype, load_dtype, lora_parameter_count,
                            lora_settings, memory_plan, save_final_model, to_base_dtype, use_fsdp_precision,
                            use_precision_policy)
@@ -57,6 +58,8 @@ class ModelArguments:
                                      metadata={"help": "sdpa, flash_attention_2 or eager."})
     trust_remote_code: bool = field(default=False,
                                     metadata={"help": "Run code from the checkpoint's repo (Qwen2 does not need it)."})
+    allow_pickle: bool = field(default=False, metadata={
+        "help": "Also load pickle weights (.bin), which can run arbitrary code; by default only safetensors."})
 
 
 @dataclass
@@ -174,6 +177,7 @@ def main(argv=None):
         fail("--train_file is required (or --demo)")
     if problem := check_flags(args, lora_args):
         fail(problem, every_rank=True)  # every rank meets it at the same point
+    check_output_dir(args.output_dir)
     if data_args.demo:
         import demo
         prepare_demo(DEMO_DIR, demo.build_sft_demo, args)
@@ -211,7 +215,8 @@ def main(argv=None):
     base_dtype = checkpoint_dtype(path, trust_remote_code=model_args.trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=load_dtype(args),
                                                  attn_implementation=model_args.attn_implementation,
-                                                 trust_remote_code=model_args.trust_remote_code)
+                                                 trust_remote_code=model_args.trust_remote_code,
+                                                 **weights_source(path, model_args.allow_pickle))
     # Packed rows rely on position_ids to keep examples apart, which the model only does without a KV cache.
     model.config.use_cache = False
     if not args.use_liger_kernel:  # Liger brings its own fused linear + cross-entropy
@@ -233,12 +238,14 @@ def main(argv=None):
     flash = model_args.attn_implementation.startswith("flash")
     padding_free = flash if data_args.padding_free is None else data_args.padding_free
     collator = sft_collator(tokenizer, padding_free, pad_multiple, flash_attn_kwargs=flash)
+    stop = GracefulStop()  # SIGTERM / SIGINT: a checkpoint at the step every rank agrees on, then exit 143 / 130
     trainer = Trainer(model=model, args=args, data_collator=collator, train_dataset=train_ds, eval_dataset=eval_ds,
-                      processing_class=tokenizer, optimizer_cls_and_kwargs=optimizer)
+                      processing_class=tokenizer, optimizer_cls_and_kwargs=optimizer, callbacks=[stop, MarkComplete()])
     use_fsdp_precision(trainer, args)  # with --fsdp: bf16 compute, fp32 gradient reduction
 
-    # Run: train (resuming from the newest checkpoint in output_dir), save, evaluate
-    result = trainer.train(resume_from_checkpoint=last_checkpoint_to_resume(args))
+    # Run: train (resuming from the newest complete checkpoint in output_dir), save, evaluate
+    result = trainer.train(resume_from_checkpoint=checkpoint_to_resume(args))
+    exit_if_stopped(stop, args)
     # Model (LoRA: the adapter, fp32: small) + tokenizer, HF format, the fp32 masters back in the checkpoint's dtype
     save_final_model(trainer, model, args.output_dir, base_dtype, keep=("lora_",))
     trainer.save_state()

@@ -78,6 +78,8 @@ class StatsArguments(ChatFormat):  # --system_prompt, --query_key, --answer_key,
     output: str = field(default=None, metadata={"help": "Write one JSON line of lengths per example to this file."})
     num_proc: int = field(default=None, metadata={"help": "Worker processes (default: all cores)."})
     batch_size: int = field(default=500, metadata={"help": "Examples per tokenizer call (one job of a worker)."})
+    allow_pipe_shards: bool = field(default=False, metadata={
+        "help": "Accept `pipe:COMMAND` shards, which run a shell command (as train_scorer.py)."})
     trust_remote_code: bool = field(default=False, metadata={
         "help": "Run code from the tokenizer's/processor's repo (Qwen does not need it)."})
     demo: bool = field(default=False, metadata={
@@ -392,7 +394,7 @@ def measure_sft(args, num_proc):
 
 def measure_scorer(args, num_proc):
     """Lengths of every scorer sample (rows of _scorer_job), written to --output as they come."""
-    shards = expand_shards(args.shards)
+    shards = expand_shards(args.shards, args.allow_pipe_shards)
     rows = []
     with open(args.output or os.devnull, "w", encoding="utf-8") as out:
         sizes = [os.path.getsize(s) for s in shards]

@@ -59,8 +59,9 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLModel, Qwen3VL
 
 from collate import LABELS, DataError, VLEncoder
 from data import BadSample, ShardStream, count_samples, expand_shards, make_loader
-from plumbing import (TrainingDefaults, fail, last_checkpoint_to_resume, leave_process_group, log, parse_arguments,
-                      prepare_demo)
+from plumbing import (TrainingDefaults, check_output_dir, fail, leave_process_group, log, parse_arguments, prepare_demo,
+                      weights_source)
+from reliability import GracefulStop, MarkComplete, checkpoint_to_resume, exit_if_stopped
 from training_plan import (LoraArguments, add_lora, check_flags, checkpoint_dtype, keep_fp32_under_fsdp, load_dtype,
                            lora_parameter_count, lora_settings, memory_plan, save_final_model, to_base_dtype,
                            use_fsdp_precision, use_precision_policy)
@@ -78,6 +79,8 @@ class ModelArguments:
     freeze_backbone: bool = field(default=False, metadata={
         "help": "Train the heads only; saves then hold only the heads and the base model's name."})
     freeze_vision: bool = field(default=False, metadata={"help": "Freeze the vision tower; train LLM + heads."})
+    allow_pickle: bool = field(default=False, metadata={
+        "help": "Also load pickle weights (.bin), which can run arbitrary code; by default only safetensors."})
     score_weight: float = field(default=1.0, metadata={"help": "Weight of the score loss (MSE) in the total."})
     type_weight: float = field(default=1.0, metadata={"help": "Weight of the type loss (cross-entropy) in the total."})
 
@@ -101,6 +104,9 @@ class DataArguments:
         "help": "skip (count and go on) or error (exit 2 naming the shard, key and problem; in training at the "
                 "next logging step, when every rank stops together).",
         "choices": ["skip", "error"]})
+    allow_pipe_shards: bool = field(default=False, metadata={
+        "help": "Accept `pipe:COMMAND` shards, which run a shell command to read a shard (off: a shard list from "
+                "someone else could run anything)."})
     demo: bool = field(default=False, metadata={
         "help": "Build a tiny random Qwen3-VL and synthetic shards in a temporary folder; train, evaluate, predict."})
 
@@ -312,8 +318,10 @@ def load_scorer(model_args, dtype, lora_args=None):
             raise DataError(f"--{key} must be at least 1, not {getattr(config, key)}")
     for name in LABELS:
         setattr(config, f"{name}_weight", getattr(model_args, f"{name}_weight", 1.0))
+    weights = getattr(config, "scorer_base_model", None) or path  # a heads/adapter save names its base
     model = Qwen3VLScorer.from_pretrained(path, config=config, dtype=dtype,
-                                          attn_implementation=model_args.attn_implementation)
+                                          attn_implementation=model_args.attn_implementation,
+                                          **weights_source(weights, model_args.allow_pickle))
     if lora_args is not None and lora_args.use_peft and not getattr(config, "scorer_lora", None):
         model.add_lora(lora_settings(model.model, lora_args, "language_model"))  # vision tower: only when named
     # The base a frozen or adapted backbone refers to: the one a heads/adapter save already names, else this one.
@@ -550,6 +558,7 @@ def main(argv=None):
         fail("--use_peft trains adapters in the backbone, --freeze_backbone only the heads: choose one")
     if problem := check_flags(args, lora_args):
         fail(problem, every_rank=True)  # every rank meets it at the same point
+    check_output_dir(args.output_dir)
     if args.deepspeed:
         fail("--deepspeed: DeepSpeed casts the whole model to bf16, the scorer's fp32 heads too; shard the scorer "
              "with --fsdp (configs/scorer-qwen3vl-8b-full-fsdp2-8gpu.yaml)", every_rank=True)
@@ -565,7 +574,7 @@ def main(argv=None):
                            ("predict", predict_shards if args.do_predict else None)):
             if spec is not None:
                 try:
-                    shards[name] = expand_shards(spec)
+                    shards[name] = expand_shards(spec, data_args.allow_pipe_shards)
                 except DataError as e:
                     raise DataError(f"--{name}_shards: {e}") from None
         epoch_samples = data_args.epoch_samples or (count_samples(shards["train"]) if "train" in shards else 0)
@@ -589,7 +598,8 @@ def main(argv=None):
                            seed=args.seed, **kw)
 
     train_stream = eval_stream = None
-    callbacks = []
+    stop = GracefulStop()  # SIGTERM / SIGINT: a checkpoint at the step every rank agrees on, then exit 143 / 130
+    callbacks = [stop, MarkComplete()]
     if "train" in shards:
         accumulation = args.gradient_accumulation_steps
         steps = max(1, math.ceil(epoch_samples / (args.world_size * args.per_device_train_batch_size * accumulation)))
@@ -618,7 +628,7 @@ def main(argv=None):
     metrics, summary = {}, []
     try:
         if train_stream is not None:
-            resume = last_checkpoint_to_resume(args)
+            resume = checkpoint_to_resume(args)
             if resume:  # its optimizer state fits only the same trainable parameters on the same base
                 saved = AutoConfig.from_pretrained(resume)
                 for key in ("scorer_trains", "scorer_base_model"):
@@ -627,6 +637,7 @@ def main(argv=None):
                              f"{getattr(model.config, key)}; use the same model and freezing flags to resume, "
                              f"or another --output_dir")
             result = trainer.train(resume_from_checkpoint=resume)
+            exit_if_stopped(stop, args)
             trainer.raise_train_error()  # a bad sample met after the last logging step
             # The fp32 masters back in the checkpoint's dtype (heads and adapters stay fp32: small); a save holds the
             # heads (+ adapters) when the backbone is frozen (has adapters), else everything.

@@ -66,7 +66,11 @@ class TestShardLists:
         assert expand_shards(f"{tmp_path}/a-*.tar") == paths
         # a comma list whose items contain braces with commas, a glob repeating a brace item (kept once), a URL
         spec = f"{tmp_path}/b.tar, {tmp_path}/a-{{000001,000002}}.tar,{tmp_path}/a-00000[0-9].tar,pipe:cat x.tar"
-        assert expand_shards(spec) == [other, paths[1], paths[2], paths[0], "pipe:cat x.tar"]
+        assert expand_shards(spec, allow_pipe=True) == [other, paths[1], paths[2], paths[0], "pipe:cat x.tar"]
+        assert expand_shards("https://host/a.tar,s3://bucket/b.tar") == ["https://host/a.tar", "s3://bucket/b.tar"]
+        with pytest.raises(DataError, match="pipe:cat x.tar: a pipe: shard runs a shell command; pass "
+                                            "--allow_pipe_shards if you wrote it"):
+            expand_shards(spec)  # a shard list from someone else must not run commands unasked
 
     @pytest.mark.parametrize("spec, message", [
         ("", "empty shard list"), (" , ", "empty shard list"),

@@ -1,4 +1,4 @@
-"""plumbing.py: config files, the exit-2 rule, precision defaults, demo folders, resume lookup, rank-0 logs."""
+"""plumbing.py: config files, the exit-2 rule, precision defaults, demo folders, rank-0 logs."""
 
 import json
 from dataclasses import dataclass, field
@@ -6,8 +6,7 @@ from dataclasses import dataclass, field
 import pytest
 from transformers import HfArgumentParser, TrainingArguments
 
-from plumbing import (TrainingDefaults, fail, last_checkpoint_to_resume, log, parse_arguments, prepare_demo,
-                      resolve_mixed_precision)
+from plumbing import TrainingDefaults, fail, log, parse_arguments, prepare_demo, resolve_mixed_precision
 
 
 @dataclass
@@ -97,14 +96,3 @@ def test_prepare_demo_rebuilds_a_fresh_folder(tmp_path):
     (demo_dir / "stale.txt").write_text("from the last run")
     prepare_demo(str(demo_dir), lambda d: (tmp_path / "demo").mkdir() or (tmp_path / "demo" / "new.txt").write_text(d))
     assert sorted(p.name for p in demo_dir.iterdir()) == ["new.txt"]
-
-
-def test_last_checkpoint_to_resume(tmp_path, capsys):
-    args = TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none")
-    assert last_checkpoint_to_resume(args) is None  # no output folder yet: start afresh
-    for step in (2, 10):
-        (tmp_path / "out" / f"checkpoint-{step}").mkdir(parents=True)
-    assert last_checkpoint_to_resume(args) == str(tmp_path / "out" / "checkpoint-10")
-    assert f"resuming from {tmp_path / 'out' / 'checkpoint-10'}" in capsys.readouterr().out
-    args.resume_from_checkpoint = "chosen"
-    assert last_checkpoint_to_resume(args) == "chosen"

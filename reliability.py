@@ -1,0 +1,116 @@
+"""What keeps a long run's work: a graceful stop on SIGTERM / SIGINT, checkpoints that resume can trust, and the
+choice of the checkpoint to resume from.
+
+Both training scripts give their Trainer `callbacks=[GracefulStop(), MarkComplete()]`, find the checkpoint with
+`checkpoint_to_resume(args)`, and call `exit_if_stopped(stop, args)` right after `trainer.train()`.
+
+- SIGTERM (Slurm, Kubernetes) or SIGINT (Ctrl-C), to one process or to the whole group: the current optimizer step
+  finishes, every rank learns at its end whether any rank was asked to stop (one all-reduce of a flag per step), so
+  all of them save the same checkpoint (collective under DDP, FSDP, ZeRO-3) and stop; the script then exits with
+  143 or 130. A second signal, more than a second after the first, exits at once. transformers' own
+  `enable_jit_checkpoint` does not do this: SIGTERM only, decided per rank, after a fixed 3 s wait.
+- A checkpoint gets a `checkpoint-complete` marker once every rank has written its part; resume skips a
+  `checkpoint-N` without it (a save that a crash or a kill cut short), says so, and takes the newest complete one.
+"""
+
+import os
+import shlex
+import signal
+import sys
+import time
+
+import torch
+from transformers import TrainerCallback
+
+from plumbing import leave_process_group, log
+
+COMPLETE = "checkpoint-complete"
+EXIT_CODES = {signal.SIGTERM: 143, signal.SIGINT: 130}
+# A signal this soon after the first is the same request: a launcher forwards to its workers what the process group
+# has already received (torchrun does, for SIGTERM and SIGINT).
+REPEAT_S = 1.0
+
+
+def _all_ranks_max(value, device):
+    import torch.distributed as dist
+
+    flag = torch.tensor(value, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item())
+
+
+class GracefulStop(TrainerCallback):
+    """Stop at the end of the optimizer step during which a SIGTERM or SIGINT arrived, with a checkpoint of it."""
+
+    def __init__(self):
+        self.first = None  # (signal number, monotonic time) of the first signal this process received
+        self.stopped = self.stopped_step = None  # the signal every rank stopped for, and the step
+        self.previous = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.previous = {s: signal.signal(s, self._on_signal) for s in EXIT_CODES}
+
+    def _on_signal(self, signum, frame):
+        if self.first is None:
+            self.first = (signum, time.monotonic())
+            print(f"{signal.Signals(signum).name} received: stopping after this optimizer step, with a checkpoint "
+                  f"(a second signal stops at once)", file=sys.stderr, flush=True)
+        elif time.monotonic() - self.first[1] > REPEAT_S:
+            os._exit(EXIT_CODES[signal.Signals(signum)])
+
+    def on_step_end(self, args, state, control, **kwargs):
+        agreed = _all_ranks_max(self.first[0] if self.first else 0, args.device)
+        if agreed:
+            self.stopped, self.stopped_step = signal.Signals(agreed), state.global_step
+            control.should_save = control.should_training_stop = True
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+class MarkComplete(TrainerCallback):
+    """Write the completeness marker into a checkpoint once every rank has finished writing it."""
+
+    def on_save(self, args, state, control, **kwargs):
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+        if args.should_save:
+            path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", COMPLETE)
+            with open(path, "w") as f:
+                f.write(f"step {state.global_step}\n")
+
+
+def checkpoint_to_resume(args):
+    """`--resume_from_checkpoint` if given, else the newest complete `checkpoint-N` in `output_dir` (None: start
+    afresh); newer incomplete ones are named and skipped."""
+    resume = args.resume_from_checkpoint
+    if resume is not None or not os.path.isdir(args.output_dir):
+        return resume
+    steps = sorted((int(name.split("-")[1]), name) for name in os.listdir(args.output_dir)
+                   if name.startswith("checkpoint-") and name.split("-")[1].isdigit()
+                   and os.path.isdir(os.path.join(args.output_dir, name)))
+    for _, name in reversed(steps):
+        path = os.path.join(args.output_dir, name)
+        if os.path.isfile(os.path.join(path, COMPLETE)):
+            log(f"resuming from {path}")
+            return path
+        log(f"skipping {path}: incomplete (no {COMPLETE} marker; its save was cut short)")
+    return None
+
+
+def exit_if_stopped(stop, args):
+    """After `trainer.train()`: if a signal stopped the run, say where its checkpoint is and how to resume, and exit
+    143 (SIGTERM) or 130 (SIGINT) on every rank together."""
+    if stop.stopped is None:
+        return
+    path = os.path.join(args.output_dir, f"checkpoint-{stop.stopped_step}")
+    launcher = ["python"] if args.world_size == 1 else ["bash", "run.sh"]  # run.sh: on each node, as before
+    log(f"stopped by {stop.stopped.name} at step {stop.stopped_step}: checkpoint saved to {path}; the same command "
+        f"resumes from it: {shlex.join(launcher + sys.argv)}")
+    leave_process_group()
+    sys.exit(EXIT_CODES[stop.stopped])
