@@ -106,6 +106,9 @@ class TrainingDefaults(TrainingArguments):
         "help": "bf16 weights, gradients and AdamW states (10 instead of 16 bytes per trained parameter) with a "
                 "Kahan-compensated AdamW (torch-optimi), for full fine-tunes short of memory. Default under bf16: "
                 "fp32 master weights and bf16 autocast."})
+    max_bad_steps: int = field(default=10, metadata={
+        "help": "Optimizer steps with a non-finite loss or gradient are skipped (logged as skipped_steps); this many "
+                "in a row save a checkpoint and stop the run with exit code 2."})
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
     save_total_limit: int = field(default=3, metadata={"help": "Keep this many checkpoints (plus the best)."})
     report_to: str = field(default="none", metadata={"help": "none, tensorboard, wandb, ..."})

@@ -1,14 +1,17 @@
 """What keeps a long run's work: a graceful stop on SIGTERM / SIGINT, checkpoints that resume can trust, and the
 choice of the checkpoint to resume from.
 
-Both training scripts give their Trainer `callbacks=[GracefulStop(), MarkComplete()]`, find the checkpoint with
-`checkpoint_to_resume(args)`, and call `exit_if_stopped(stop, args)` right after `trainer.train()`.
+Both training scripts give their Trainer `callbacks=[stop, SkipNonFinite(args.max_bad_steps), MarkComplete()]`,
+find the checkpoint with `checkpoint_to_resume(args)`, and call `exit_if_stopped(stop, args)` and
+`exit_if_failed(skip, args)` right after `trainer.train()`.
 
 - SIGTERM (Slurm, Kubernetes) or SIGINT (Ctrl-C), to one process or to the whole group: the current optimizer step
   finishes, every rank learns at its end whether any rank was asked to stop (one all-reduce of a flag per step), so
   all of them save the same checkpoint (collective under DDP, FSDP, ZeRO-3) and stop; the script then exits with
   143 or 130. A second signal, more than a second after the first, exits at once. transformers' own
   `enable_jit_checkpoint` does not do this: SIGTERM only, decided per rank, after a fixed 3 s wait.
+- A step whose gradients are not finite (a NaN or inf loss, an overflow) is skipped: no optimizer update, counted,
+  logged as `skipped_steps`; after `--max_bad_steps` such steps in a row the run saves and exits 2.
 - A checkpoint gets a `checkpoint-complete` marker once every rank has written its part; resume skips a
   `checkpoint-N` without it (a save that a crash or a kill cut short), says so, and takes the newest complete one.
 """
@@ -22,7 +25,7 @@ import time
 import torch
 from transformers import TrainerCallback
 
-from plumbing import leave_process_group, log
+from plumbing import fail, leave_process_group, log
 
 COMPLETE = "checkpoint-complete"
 EXIT_CODES = {signal.SIGTERM: 143, signal.SIGINT: 130}
@@ -71,6 +74,45 @@ class GracefulStop(TrainerCallback):
             signal.signal(s, handler)
 
 
+class SkipNonFinite(TrainerCallback):
+    """Skip the optimizer step when any rank's gradients hold a NaN or an inf; stop after `max_bad` in a row.
+
+    Checked just before the optimizer step, after clipping (a non-finite norm makes every gradient NaN), on each
+    rank's own gradients (FSDP2 shards them), then agreed across ranks like a stop: all skip together. A skipped step
+    still counts as a step (the learning-rate schedule moves on), as when the step's batch had been left out.
+    DeepSpeed's optimizer steps on its own gradients and is not guarded here.
+    """
+
+    def __init__(self, max_bad):
+        self.max_bad = max_bad
+        self.skipped = self.in_a_row = 0
+        self.failed_step = None  # the step at which max_bad non-finite steps in a row ended the run
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        from torch.distributed.tensor import DTensor
+
+        grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+                 for p in model.parameters() if p.grad is not None]
+        bad = bool(grads) and not bool(torch.stack([g.isfinite().all() for g in grads]).all())
+        if not _all_ranks_max(int(bad), args.device):
+            self.in_a_row = 0
+            return control
+        for p in model.parameters():
+            p.grad = None  # the optimizer leaves parameters without a gradient (and their states) as they are
+        self.skipped += 1
+        self.in_a_row += 1
+        log(f"step {state.global_step + 1}: non-finite loss or gradient, optimizer step skipped "
+            f"({self.in_a_row} in a row, {self.skipped} in all)")
+        if self.in_a_row >= self.max_bad:
+            self.failed_step = state.global_step + 1
+            control.should_save = control.should_training_stop = True
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is not None and "loss" in logs:  # a training log: printed after this, and kept in the history
+            logs["skipped_steps"] = state.log_history[-1]["skipped_steps"] = self.skipped
+
+
 class MarkComplete(TrainerCallback):
     """Write the completeness marker into a checkpoint once every rank has finished writing it."""
 
@@ -114,3 +156,15 @@ def exit_if_stopped(stop, args):
         f"resumes from it: {shlex.join(launcher + sys.argv)}")
     leave_process_group()
     sys.exit(EXIT_CODES[stop.stopped])
+
+
+def exit_if_failed(skip, args, batch=None):
+    """After `trainer.train()`: if non-finite steps ended the run, exit 2 on every rank naming the step and, with
+    `batch` (a function every rank calls: the scorer's), the last batch's samples; its checkpoint is saved."""
+    if skip.failed_step is None:
+        return
+    batch = batch() if batch else None
+    path = os.path.join(args.output_dir, f"checkpoint-{skip.failed_step}")
+    fail(f"{skip.max_bad} optimizer steps in a row had a non-finite loss or gradient, the last at step "
+         f"{skip.failed_step}" + (f" (its batch: {batch})" if batch else "") + f"; checkpoint saved to {path}. "
+         f"Look for a bad sample, lower the learning rate or raise --max_bad_steps", every_rank=True)

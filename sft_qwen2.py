@@ -44,7 +44,8 @@ from data import load_sft_file, record_location
 from lean_loss import use_lean_causal_lm_loss
 from plumbing import (TrainingDefaults, check_output_dir, fail, leave_process_group, log, parse_arguments, prepare_demo,
                       weights_source)
-from reliability import GracefulStop, MarkComplete, checkpoint_to_resume, exit_if_stopped
+from reliability import (GracefulStop, MarkComplete, SkipNonFinite, checkpoint_to_resume, exit_if_failed,
+                         exit_if_stopped)
 from training_plan import (LoraArguments, add_lora, check_flags, checkpoint_dtype, load_dtype, lora_parameter_count,
                            lora_settings, memory_plan, save_final_model, to_base_dtype, use_fsdp_precision,
                            use_precision_policy)
@@ -239,13 +240,16 @@ def main(argv=None):
     padding_free = flash if data_args.padding_free is None else data_args.padding_free
     collator = sft_collator(tokenizer, padding_free, pad_multiple, flash_attn_kwargs=flash)
     stop = GracefulStop()  # SIGTERM / SIGINT: a checkpoint at the step every rank agrees on, then exit 143 / 130
+    skip = SkipNonFinite(args.max_bad_steps)  # a NaN/inf gradient: no update; too many in a row: save, exit 2
     trainer = Trainer(model=model, args=args, data_collator=collator, train_dataset=train_ds, eval_dataset=eval_ds,
-                      processing_class=tokenizer, optimizer_cls_and_kwargs=optimizer, callbacks=[stop, MarkComplete()])
+                      processing_class=tokenizer, optimizer_cls_and_kwargs=optimizer,
+                      callbacks=[stop, skip, MarkComplete()])
     use_fsdp_precision(trainer, args)  # with --fsdp: bf16 compute, fp32 gradient reduction
 
     # Run: train (resuming from the newest complete checkpoint in output_dir), save, evaluate
     result = trainer.train(resume_from_checkpoint=checkpoint_to_resume(args))
     exit_if_stopped(stop, args)
+    exit_if_failed(skip, args)
     # Model (LoRA: the adapter, fp32: small) + tokenizer, HF format, the fp32 masters back in the checkpoint's dtype
     save_final_model(trainer, model, args.output_dir, base_dtype, keep=("lora_",))
     trainer.save_state()

@@ -61,7 +61,8 @@ from collate import LABELS, DataError, VLEncoder
 from data import BadSample, ShardStream, count_samples, expand_shards, make_loader
 from plumbing import (TrainingDefaults, check_output_dir, fail, leave_process_group, log, parse_arguments, prepare_demo,
                       weights_source)
-from reliability import GracefulStop, MarkComplete, checkpoint_to_resume, exit_if_stopped
+from reliability import (GracefulStop, MarkComplete, SkipNonFinite, checkpoint_to_resume, exit_if_failed,
+                         exit_if_stopped)
 from training_plan import (LoraArguments, add_lora, check_flags, checkpoint_dtype, keep_fp32_under_fsdp, load_dtype,
                            lora_parameter_count, lora_settings, memory_plan, save_final_model, to_base_dtype,
                            use_fsdp_precision, use_precision_policy)
@@ -416,6 +417,7 @@ class ScorerTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.head_lr, self.on_bad_sample = head_lr, on_bad_sample
         self.train_bad = set()  # (shard, key) skipped on this rank while training
+        self.last_keys = []  # the sample keys of this rank's latest training batch
         self._train_error = None  # the first bad training sample in `error` mode
         self._head_sums, self._head_steps = torch.zeros(len(LABELS), device=self.args.device), 0
 
@@ -449,6 +451,10 @@ class ScorerTrainer(Trainer):
             else:
                 self.train_bad.add((bad.shard, bad.key))
 
+    def last_batches(self):
+        """Every rank's latest training batch, as sample keys (a collective: every rank calls it together)."""
+        return " | ".join(", ".join(keys) for keys in gather_object([self.last_keys]))
+
     def raise_train_error(self):
         """Stop every rank with the first training error any rank met (every rank calls this at the same step)."""
         errors = gather_object([self._train_error] if self._train_error else [])
@@ -457,6 +463,7 @@ class ScorerTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self._note_train_bad(inputs.get("bad_samples", []))
+        self.last_keys = inputs["keys"]  # named if non-finite losses stop the run
         outputs = model(**{k: v for k, v in inputs.items() if k not in self.META})
         if model.training:  # window sums of the per-head losses, logged as means across ranks by log()
             self._head_sums += torch.stack([outputs.head_losses[name] for name in LABELS])
@@ -599,7 +606,8 @@ def main(argv=None):
 
     train_stream = eval_stream = None
     stop = GracefulStop()  # SIGTERM / SIGINT: a checkpoint at the step every rank agrees on, then exit 143 / 130
-    callbacks = [stop, MarkComplete()]
+    skip = SkipNonFinite(args.max_bad_steps)  # a NaN/inf gradient: no update; too many in a row: save, exit 2
+    callbacks = [stop, skip, MarkComplete()]
     if "train" in shards:
         accumulation = args.gradient_accumulation_steps
         steps = max(1, math.ceil(epoch_samples / (args.world_size * args.per_device_train_batch_size * accumulation)))
@@ -638,6 +646,7 @@ def main(argv=None):
                              f"or another --output_dir")
             result = trainer.train(resume_from_checkpoint=resume)
             exit_if_stopped(stop, args)
+            exit_if_failed(skip, args, batch=trainer.last_batches)
             trainer.raise_train_error()  # a bad sample met after the last logging step
             # The fp32 masters back in the checkpoint's dtype (heads and adapters stay fp32: small); a save holds the
             # heads (+ adapters) when the backbone is frozen (has adapters), else everything.

@@ -193,3 +193,164 @@ class TestFailBeforeTraining:
 
         line = exit_2_line(capsys, train_scorer.main, ["--demo", "--no_such_flag", "1"])
         assert "--no_such_flag" in line
+
+
+def sft_args(sft_demo, out, *extra):
+    return ["--model_name_or_path", sft_demo[0], "--train_file", sft_demo[1], "--output_dir", str(out), "--use_cpu",
+            "--report_to", "none", "--disable_tqdm", "true", "--max_len", "256", "--logging_steps", "1",
+            "--save_strategy", "no", "--learning_rate", "1e-3", *extra]
+
+
+def poison(monkeypatch, steps):
+    """Make the training loss NaN at these (1-based) forward calls: one call per step here (no accumulation)."""
+    import itertools
+
+    import lean_loss
+
+    original, calls = lean_loss.chunked_linear_cross_entropy, itertools.count(1)
+
+    def poisoned(*args, **kwargs):
+        loss = original(*args, **kwargs)
+        return loss * float("nan") if next(calls) in steps else loss
+    monkeypatch.setattr(lean_loss, "chunked_linear_cross_entropy", poisoned)
+
+
+class TestNonFiniteSteps:
+    def test_a_nan_step_is_skipped_counted_and_the_run_goes_on(self, sft_demo, tmp_path, monkeypatch, capsys):
+        import sft_qwen2
+
+        poison(monkeypatch, {2})
+        trainer = sft_qwen2.main(sft_args(sft_demo, tmp_path / "o", "--max_steps", "4"))
+        logs = [h for h in trainer.state.log_history if "loss" in h]
+        assert [h["skipped_steps"] for h in logs] == [0, 1, 1, 1]
+        assert "step 2: non-finite loss or gradient, optimizer step skipped (1 in a row, 1 in all)" in \
+            capsys.readouterr().out
+        weights = safetensors.torch.load_file(tmp_path / "o" / "model.safetensors")
+        assert all(bool(w.isfinite().all()) for w in weights.values())
+
+    def test_max_bad_steps_in_a_row_save_and_exit_2_without_any_update(self, sft_demo, tmp_path, monkeypatch,
+                                                                        capsys):
+        import sft_qwen2
+
+        poison(monkeypatch, set(range(1, 100)))
+        out = tmp_path / "o"
+        line = exit_2_line(capsys, sft_qwen2.main, sft_args(sft_demo, out, "--max_steps", "10", "--max_bad_steps", "3"))
+        assert line == (f"error: 3 optimizer steps in a row had a non-finite loss or gradient, the last at step 3; "
+                        f"checkpoint saved to {out / 'checkpoint-3'}. Look for a bad sample, lower the learning rate "
+                        f"or raise --max_bad_steps")
+        saved = safetensors.torch.load_file(out / "checkpoint-3" / "model.safetensors")
+        start = safetensors.torch.load_file(os.path.join(sft_demo[0], "model.safetensors"))
+        assert all(bool((saved[k] == start[k]).all()) for k in start)  # three skipped steps: nothing moved
+        assert (out / "checkpoint-3" / COMPLETE).is_file()
+
+    def test_scorer_names_the_batch_that_overflowed(self, scorer_demo, tmp_path, capsys):
+        import json
+
+        import demo
+        import train_scorer
+
+        samples = demo.make_vl_samples(4, seed=3, prefix="huge")
+        for s in samples:  # a finite score whose squared error overflows fp32
+            s["json"] = json.dumps({**json.loads(s["json"]), "score": 1e38}).encode()
+        shard = demo.write_shard(tmp_path / "huge.tar", samples)
+        args = ["--model_name_or_path", scorer_demo[0], "--train_shards", shard, "--num_types", "3", "--output_dir",
+                str(tmp_path / "o"), "--use_cpu", "--min_pixels", "1024", "--max_pixels", "4096",
+                "--dataloader_num_workers", "0", "--per_device_train_batch_size", "2", "--max_steps", "6",
+                "--max_bad_steps", "2", "--save_strategy", "no", "--report_to", "none", "--shuffle_buffer", "1"]
+        line = exit_2_line(capsys, train_scorer.main, args)
+        assert line.startswith("error: 2 optimizer steps in a row had a non-finite loss or gradient, the last at "
+                               "step 2 (its batch: huge"), line
+        assert len(line.split("(its batch: ")[1].split(")")[0].split(", ")) == 2  # the batch's two sample keys
+
+
+def logged_losses(out):
+    import json
+
+    with open(out / "trainer_state.json") as f:
+        return {h["step"]: h["loss"] for h in json.load(f)["log_history"] if "loss" in h}
+
+
+class TestResume:
+    @pytest.mark.parametrize("collator", [[], ["--padding_free", "true"],
+                                          ["--train_sampling_strategy", "group_by_length"]],
+                             ids=["dynamic-padding", "padding-free", "length-grouped"])
+    def test_a_save_cut_short_is_skipped_and_the_resumed_run_matches(self, sft_demo, tmp_path, capsys, collator):
+        """The last checkpoint of a run is left as a crash during its save leaves it (no marker, a truncated
+        weights file); the same command resumes from the one before and ends exactly where an uninterrupted run
+        ends: the same loss at every later step, the same weights, the learning-rate schedule continued."""
+        import sft_qwen2
+
+        args = ["--max_steps", "8", "--save_strategy", "steps", "--save_steps", "4", "--per_device_train_batch_size",
+                "4", *collator]
+        straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+        sft_qwen2.main(sft_args(sft_demo, straight, *args))
+        sft_qwen2.main(sft_args(sft_demo, resumed, *args))
+        cut = resumed / "checkpoint-8"
+        (cut / COMPLETE).unlink()
+        (cut / "model.safetensors").write_bytes((cut / "model.safetensors").read_bytes()[:100])
+        os.remove(resumed / "trainer_state.json")
+        capsys.readouterr()
+
+        trainer = sft_qwen2.main(sft_args(sft_demo, resumed, *args))
+        out = capsys.readouterr().out
+        assert f"skipping {cut}: incomplete" in out and f"resuming from {resumed / 'checkpoint-4'}" in out
+        assert trainer.state.global_step == 8
+        a, b = logged_losses(straight), logged_losses(resumed)
+        assert sorted(b) == list(range(1, 9))
+        assert [b[s] for s in range(5, 9)] == pytest.approx([a[s] for s in range(5, 9)], rel=1e-6)
+        same_weights(resumed, straight)
+
+    def test_the_best_checkpoint_survives_save_total_limit(self, sft_demo, tmp_path):
+        """Stock Trainer behaviour, checked: with --load_best_model_at_end, rotation keeps the best checkpoint even
+        when it is the oldest, and the final model is the best one. (The eval loss falls at every evaluation here, so
+        "best" is made the highest one: the first checkpoint, which plain rotation would delete.)"""
+        import sft_qwen2
+
+        out = tmp_path / "o"
+        trainer = sft_qwen2.main(sft_args(sft_demo, out, "--eval_file", sft_demo[2], "--max_steps", "12",
+                                          "--learning_rate", "3e-2", "--eval_strategy", "steps", "--eval_steps", "3",
+                                          "--save_steps", "3", "--save_strategy", "steps", "--save_total_limit", "1",
+                                          "--load_best_model_at_end", "--metric_for_best_model", "eval_loss",
+                                          "--greater_is_better", "true"))
+        evals = {h["step"]: h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h}
+        best = max(evals, key=evals.get)
+        assert best == 3 and trainer.state.best_model_checkpoint == str(out / "checkpoint-3")
+        # rotation kept checkpoint-3 through every later save; a finished run with limit 1 then keeps only the best
+        assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3"]
+        same_weights(out, out / "checkpoint-3")
+
+
+class TestBadShards:
+    def scorer_args(self, scorer_demo, shards, out, *extra):
+        return ["--model_name_or_path", scorer_demo[0], "--train_shards", shards, "--num_types", "3",
+                "--output_dir", str(out), "--use_cpu", "--min_pixels", "1024", "--max_pixels", "4096",
+                "--dataloader_num_workers", "0", "--per_device_train_batch_size", "2", "--save_strategy", "no",
+                "--report_to", "none", "--disable_tqdm", "true", *extra]
+
+    def test_a_truncated_tar_exits_2_before_training(self, scorer_demo, tmp_path, capsys):
+        import demo
+        import train_scorer
+
+        shard = demo.write_shard(tmp_path / "cut.tar", demo.make_vl_samples(6, seed=5, prefix="c"))
+        data = open(shard, "rb").read()
+        with open(shard, "wb") as f:
+            f.write(data[:len(data) // 2])  # what an interrupted copy leaves
+        line = exit_2_line(capsys, train_scorer.main, self.scorer_args(scorer_demo, shard, tmp_path / "o",
+                                                                       "--max_steps", "2"))
+        assert line.startswith(f"error: {shard}: cannot read as a tar shard"), line
+
+    def test_a_shard_deleted_mid_run_exits_2_naming_it(self, scorer_demo, tmp_path, capsys, monkeypatch):
+        import demo
+        import train_scorer
+
+        shard = demo.write_shard(tmp_path / "gone.tar", demo.make_vl_samples(4, seed=6, prefix="g"))
+        begin = train_scorer._SetStreamEpoch.on_epoch_begin
+
+        def delete_after_the_first_epoch(self, args, state, control, **kwargs):
+            if state.global_step > 0:
+                os.remove(shard)
+            return begin(self, args, state, control, **kwargs)
+        monkeypatch.setattr(train_scorer._SetStreamEpoch, "on_epoch_begin", delete_after_the_first_epoch)
+        line = exit_2_line(capsys, train_scorer.main, self.scorer_args(scorer_demo, shard, tmp_path / "o",
+                                                                       "--max_steps", "6"))
+        assert line.startswith(f"error: {shard}: cannot read as a tar shard (FileNotFoundError"), line

@@ -36,6 +36,15 @@ def sft_data(tmp_path_factory, sft_demo):
     return path, records
 
 
+@pytest.fixture(autouse=True)
+def one_worker_in_process(monkeypatch):
+    """token_stats.main() called in this process uses one worker unless a test asks for more: its workers are forked,
+    and a fork of the test process, which carries the threads of every earlier test (thread pools, allocator
+    threads), can deadlock in the child. Runs with several workers go through the CLI, a fresh process, as users
+    run it."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+
+
 def run_stats(*args):
     """token_stats.main in-process, with its stdout kept out of the test log."""
     import contextlib
@@ -50,8 +59,14 @@ def run_stats(*args):
 def test_lengths_are_the_training_encoding(sft_demo, sft_data, qwen2_tokenizer, tmp_path, num_proc):
     path, records = sft_data
     out = tmp_path / "lengths.jsonl"
-    report, _ = run_stats("--data", path, "--tokenizer", sft_demo[0], "--system_prompt", SYSTEM, "--output", str(out),
-                          "--num_proc", num_proc, "--batch_size", "40", "--format", "json")
+    args = ["--data", path, "--tokenizer", sft_demo[0], "--system_prompt", SYSTEM, "--output", str(out),
+            "--num_proc", num_proc, "--batch_size", "40", "--format", "json"]
+    if num_proc == "1":
+        report, _ = run_stats(*args)
+    else:  # forked workers: from a fresh process (see one_worker_in_process)
+        res = run_cli(["python", "token_stats.py", *args])
+        assert res.returncode == 0, res.stderr[-2000:]
+        report = json.loads(res.stdout)
     rows = read_jsonl(out)
     assert [r["index"] for r in rows] == list(range(len(records))) and {r["file"] for r in rows} == {path}
     for record, row in zip(records, rows):
