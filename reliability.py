@@ -145,6 +145,26 @@ def checkpoint_to_resume(args):
     return None
 
 
+def resume_mismatch(path, use_peft, config):
+    """Why checkpoint `path` cannot continue this SFT run, or None: it holds LoRA adapters and this run trains the
+    full model (or the reverse), or it was saved from another model. Found before training, not as a load error
+    after the model, data and Trainer are set up. (The scorer compares its own config records, `scorer_trains`.)"""
+    from transformers import AutoConfig
+
+    adapter = os.path.isfile(os.path.join(path, "adapter_config.json"))
+    if adapter != use_peft:
+        saved, here = ("LoRA adapters", "the full model") if adapter else ("the full model", "LoRA adapters")
+        return (f"{path}: holds {saved} and this run trains {here}; resume with the flags it was saved with, or "
+                f"use another --output_dir")
+    if not adapter:
+        saved = AutoConfig.from_pretrained(path)
+        for key in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size"):
+            if getattr(saved, key, None) != getattr(config, key, None):
+                return (f"{path}: saved from another model ({key} {getattr(saved, key, None)}, this model's "
+                        f"{getattr(config, key, None)}); use another --output_dir")
+    return None
+
+
 def exit_if_stopped(stop, args):
     """After `trainer.train()`: if a signal stopped the run, say where its checkpoint is and how to resume, and exit
     143 (SIGTERM) or 130 (SIGINT) on every rank together."""

@@ -45,7 +45,7 @@ from lean_loss import use_lean_causal_lm_loss
 from plumbing import (TrainingDefaults, check_output_dir, fail, leave_process_group, log, parse_arguments, prepare_demo,
                       weights_source)
 from reliability import (GracefulStop, MarkComplete, SkipNonFinite, checkpoint_to_resume, exit_if_failed,
-                         exit_if_stopped)
+                         exit_if_stopped, resume_mismatch)
 from training_plan import (LoraArguments, add_lora, check_flags, checkpoint_dtype, load_dtype, lora_parameter_count,
                            lora_settings, memory_plan, save_final_model, to_base_dtype, use_fsdp_precision,
                            use_precision_policy)
@@ -148,8 +148,11 @@ def encode_files(paths, tokenizer, data_args, num_proc):
                       remove_columns=raw.column_names, desc=f"encoding {os.path.basename(path)}")
         counts["examples"] += len(raw)
         counts["dropped"] += len(raw) - len(enc)
-        counts["truncated"] += sum(enc["truncated"])
-        parts.append(enc.remove_columns("truncated"))
+        if len(enc):  # a file whose every example was dropped has no columns at all
+            counts["truncated"] += sum(enc["truncated"])
+            parts.append(enc.remove_columns("truncated"))
+    if not parts:
+        return datasets.Dataset.from_dict({"input_ids": [], "labels": [], "length": []}), counts
     return datasets.concatenate_datasets(parts), counts
 
 
@@ -208,7 +211,11 @@ def main(argv=None):
         f"{counts['dropped']} dropped (max_len {data_args.max_len}, overflow {data_args.overflow})"
         + (f"; {len(eval_ds)} for evaluation" if eval_ds is not None else ""))
     if len(train_ds) == 0:
-        fail(f"{', '.join(data_args.train_file)}: every example was dropped (max_len {data_args.max_len})")
+        fail(f"{', '.join(data_args.train_file)}: every example was dropped (max_len {data_args.max_len}: no answer "
+             f"token fits after the prompt and the chat template; token_stats.py shows the lengths)")
+    if eval_ds is not None and len(eval_ds) == 0:
+        fail(f"{', '.join(data_args.eval_file or data_args.train_file)}: no usable evaluation example (max_len "
+             f"{data_args.max_len}, overflow {data_args.overflow})")
     log(show_example(train_ds[0], tokenizer))
 
     # Model: loaded in the half dtype of the run; what trains becomes fp32 master weights (training_plan.py)
@@ -247,7 +254,10 @@ def main(argv=None):
     use_fsdp_precision(trainer, args)  # with --fsdp: bf16 compute, fp32 gradient reduction
 
     # Run: train (resuming from the newest complete checkpoint in output_dir), save, evaluate
-    result = trainer.train(resume_from_checkpoint=checkpoint_to_resume(args))
+    resume = checkpoint_to_resume(args)
+    if resume and (problem := resume_mismatch(resume, lora_args.use_peft, model.config)):
+        fail(problem, every_rank=True)
+    result = trainer.train(resume_from_checkpoint=resume)
     exit_if_stopped(stop, args)
     exit_if_failed(skip, args)
     # Model (LoRA: the adapter, fp32: small) + tokenizer, HF format, the fp32 masters back in the checkpoint's dtype

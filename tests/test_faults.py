@@ -354,3 +354,39 @@ class TestBadShards:
         line = exit_2_line(capsys, train_scorer.main, self.scorer_args(scorer_demo, shard, tmp_path / "o",
                                                                        "--max_steps", "6"))
         assert line.startswith(f"error: {shard}: cannot read as a tar shard (FileNotFoundError"), line
+
+
+class TestFailBeforeTrainingData:
+    def test_max_len_below_the_template_overhead(self, sft_demo, tmp_path, capsys):
+        import sft_qwen2
+
+        line = exit_2_line(capsys, sft_qwen2.main, sft_args(sft_demo, tmp_path / "o", "--max_len", "8"))
+        assert line == (f"error: {sft_demo[1]}: every example was dropped (max_len 8: no answer token fits after the "
+                        f"prompt and the chat template; token_stats.py shows the lengths)")
+
+    def test_an_eval_set_with_no_usable_example(self, sft_demo, tmp_path, capsys):
+        import demo
+        import sft_qwen2
+
+        long_only = demo.write_jsonl(tmp_path / "eval.jsonl", [{"query": "q", "answer": "word " * 400}])
+        line = exit_2_line(capsys, sft_qwen2.main, sft_args(sft_demo, tmp_path / "o", "--eval_file", long_only,
+                                                            "--overflow", "drop"))
+        assert line == f"error: {long_only}: no usable evaluation example (max_len 256, overflow drop)"
+
+    def test_a_checkpoint_of_another_mode_or_model_is_refused(self, sft_demo, tmp_path, capsys):
+        import demo
+        import sft_qwen2
+
+        saved = ["--max_steps", "2", "--save_strategy", "steps", "--save_steps", "2"]
+        lora_out = tmp_path / "lora"
+        sft_qwen2.main(sft_args(sft_demo, lora_out, "--use_peft", *saved))
+        line = exit_2_line(capsys, sft_qwen2.main, sft_args(sft_demo, lora_out, *saved))
+        assert line == (f"error: {lora_out / 'checkpoint-2'}: holds LoRA adapters and this run trains the full "
+                        f"model; resume with the flags it was saved with, or use another --output_dir")
+
+        other = demo.build_tiny_qwen2(tmp_path / "other", hidden_size=32)
+        full_out = tmp_path / "full"
+        sft_qwen2.main(sft_args(sft_demo, full_out, *saved, "--model_name_or_path", other))
+        line = exit_2_line(capsys, sft_qwen2.main, sft_args(sft_demo, full_out, *saved))
+        assert line == (f"error: {full_out / 'checkpoint-2'}: saved from another model (hidden_size 32, this "
+                        f"model's 64); use another --output_dir")
