@@ -585,6 +585,9 @@ def main(argv=None):
                 except DataError as e:
                     raise DataError(f"--{name}_shards: {e}") from None
         epoch_samples = data_args.epoch_samples or (count_samples(shards["train"]) if "train" in shards else 0)
+        local_eval = "eval" in shards and all(os.path.isfile(s) for s in shards["eval"])
+        if local_eval and count_samples(shards["eval"]) == 0:  # found now, not at the first evaluation
+            raise DataError(f"--eval_shards: {', '.join(shards['eval'])}: no sample in these shards")
         processor = AutoProcessor.from_pretrained(model_args.model_name_or_path)
         set_seed(args.seed)  # new heads start the same way in every run with this seed
         model = load_scorer(model_args, load_dtype(args), lora_args)

@@ -390,3 +390,13 @@ class TestFailBeforeTrainingData:
         line = exit_2_line(capsys, sft_qwen2.main, sft_args(sft_demo, full_out, *saved))
         assert line == (f"error: {full_out / 'checkpoint-2'}: saved from another model (hidden_size 32, this "
                         f"model's 64); use another --output_dir")
+
+    def test_empty_eval_shards_exit_2_before_training(self, scorer_demo, tmp_path, capsys):
+        import demo
+        import train_scorer
+
+        empty = demo.write_shard(tmp_path / "empty.tar", [])
+        args = ["--model_name_or_path", scorer_demo[0], "--train_shards", scorer_demo[1], "--eval_shards", empty,
+                "--num_types", "3", "--output_dir", str(tmp_path / "o"), "--use_cpu"]
+        line = exit_2_line(capsys, train_scorer.main, args)
+        assert line == f"error: --eval_shards: {empty}: no sample in these shards"
