@@ -2,8 +2,8 @@
 choice of the checkpoint to resume from.
 
 Both training scripts give their Trainer `callbacks=[stop, SkipNonFinite(args.max_bad_steps), MarkComplete()]`,
-find the checkpoint with `checkpoint_to_resume(args)`, and call `exit_if_stopped(stop, args)` and
-`exit_if_failed(skip, args)` right after `trainer.train()`.
+find the checkpoint with `checkpoint_to_resume(args)` (refusing one that `resume_mismatch` names), and call
+`exit_if_stopped(stop, args)` and `exit_if_failed(skip, args)` right after `trainer.train()`.
 
 - SIGTERM (Slurm, Kubernetes) or SIGINT (Ctrl-C), to one process or to the whole group: the current optimizer step
   finishes, every rank learns at its end whether any rank was asked to stop (one all-reduce of a flag per step), so
@@ -50,11 +50,14 @@ class GracefulStop(TrainerCallback):
         self.first = None  # (signal number, monotonic time) of the first signal this process received
         self.stopped = self.stopped_step = None  # the signal every rank stopped for, and the step
         self.previous = {}
+        self.pid = os.getpid()
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.previous = {s: signal.signal(s, self._on_signal) for s in EXIT_CODES}
 
     def _on_signal(self, signum, frame):
+        if os.getpid() != self.pid:  # a DataLoader worker forked from this rank, which inherited the handler:
+            return  # its rank finishes the step with it, then stops it (a group's Ctrl-C reaches the workers too)
         if self.first is None:
             self.first = (signum, time.monotonic())
             print(f"{signal.Signals(signum).name} received: stopping after this optimizer step, with a checkpoint "
@@ -145,12 +148,21 @@ def checkpoint_to_resume(args):
     return None
 
 
-def resume_mismatch(path, use_peft, config):
-    """Why checkpoint `path` cannot continue this SFT run, or None: it holds LoRA adapters and this run trains the
-    full model (or the reverse), or it was saved from another model. Found before training, not as a load error
-    after the model, data and Trainer are set up. (The scorer compares its own config records, `scorer_trains`.)"""
+def resume_mismatch(path, config, use_peft=False):
+    """Why checkpoint `path` cannot continue this run, or None; found before training, not as a load error after the
+    model, data and Trainer are set up. A scorer (`config.scorer_trains`) needs the same trained parameters on the
+    same base (its optimizer state fits only those); SFT needs LoRA adapters for a LoRA run and the full model for a
+    full one, saved from this model."""
     from transformers import AutoConfig
 
+    if hasattr(config, "scorer_trains"):
+        saved = AutoConfig.from_pretrained(path)
+        for key in ("scorer_trains", "scorer_base_model"):
+            if getattr(saved, key, None) != getattr(config, key):
+                return (f"{path}: saved with {key} = {getattr(saved, key, None)}, this run has "
+                        f"{getattr(config, key)}; use the same model and freezing flags to resume, or another "
+                        f"--output_dir")
+        return None
     adapter = os.path.isfile(os.path.join(path, "adapter_config.json"))
     if adapter != use_peft:
         saved, here = ("LoRA adapters", "the full model") if adapter else ("the full model", "LoRA adapters")

@@ -255,7 +255,7 @@ def main(argv=None):
 
     # Run: train (resuming from the newest complete checkpoint in output_dir), save, evaluate
     resume = checkpoint_to_resume(args)
-    if resume and (problem := resume_mismatch(resume, lora_args.use_peft, model.config)):
+    if resume and (problem := resume_mismatch(resume, model.config, lora_args.use_peft)):
         fail(problem, every_rank=True)
     result = trainer.train(resume_from_checkpoint=resume)
     exit_if_stopped(stop, args)

@@ -62,7 +62,7 @@ from data import BadSample, ShardStream, count_samples, expand_shards, make_load
 from plumbing import (TrainingDefaults, check_output_dir, fail, leave_process_group, log, parse_arguments, prepare_demo,
                       weights_source)
 from reliability import (GracefulStop, MarkComplete, SkipNonFinite, checkpoint_to_resume, exit_if_failed,
-                         exit_if_stopped)
+                         exit_if_stopped, resume_mismatch)
 from training_plan import (LoraArguments, add_lora, check_flags, checkpoint_dtype, keep_fp32_under_fsdp, load_dtype,
                            lora_parameter_count, lora_settings, memory_plan, save_final_model, to_base_dtype,
                            use_fsdp_precision, use_precision_policy)
@@ -640,13 +640,8 @@ def main(argv=None):
     try:
         if train_stream is not None:
             resume = checkpoint_to_resume(args)
-            if resume:  # its optimizer state fits only the same trainable parameters on the same base
-                saved = AutoConfig.from_pretrained(resume)
-                for key in ("scorer_trains", "scorer_base_model"):
-                    if getattr(saved, key, None) != getattr(model.config, key):
-                        fail(f"{resume}: saved with {key} = {getattr(saved, key, None)}, this run has "
-                             f"{getattr(model.config, key)}; use the same model and freezing flags to resume, "
-                             f"or another --output_dir")
+            if resume and (problem := resume_mismatch(resume, model.config)):
+                fail(problem, every_rank=True)
             result = trainer.train(resume_from_checkpoint=resume)
             exit_if_stopped(stop, args)
             exit_if_failed(skip, args, batch=trainer.last_batches)

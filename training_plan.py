@@ -180,12 +180,16 @@ def use_precision_policy(model, args):
                           "eps": args.adam_epsilon, "weight_decay": args.weight_decay, "kahan_sum": True}
 
 
+def saved_as(name, tensor, dtype, keep=()):
+    """`tensor` as the final save holds it: floating point in the checkpoint's `dtype` (not twice the size of the
+    base), unless `name` contains one of `keep` (fp32 heads, LoRA adapters: small)."""
+    return tensor.to(dtype) if tensor.is_floating_point() and not any(k in name for k in keep) else tensor
+
+
 def to_base_dtype(model, dtype, keep=()):
-    """Cast the trained weights back to the checkpoint's `dtype` for the final save (not twice the size of the
-    base); parameters whose names contain one of `keep` (heads, LoRA adapters) stay as they are."""
+    """Cast the trained weights in place as `saved_as` says (before a merged model is saved)."""
     for name, p in model.named_parameters():
-        if p.is_floating_point() and p.dtype != dtype and not any(k in name for k in keep):
-            p.data = p.data.to(dtype)
+        p.data = saved_as(name, p.data, dtype, keep)
 
 
 def keep_fp32_under_fsdp(modules, args):
@@ -231,8 +235,7 @@ def save_final_model(trainer, model, output_dir, dtype, keep=()):
     sharded = any(isinstance(p, DTensor) for p in model.parameters())
     state = full_state_dict(model) if sharded else model.state_dict()
     if trainer.args.should_save:
-        state = {k: v.to(dtype) if v.is_floating_point() and not any(part in k for part in keep) else v
-                 for k, v in state.items()}
+        state = {k: saved_as(k, v, dtype, keep) for k, v in state.items()}
         model.save_pretrained(output_dir, state_dict=state)
         trainer.processing_class.save_pretrained(output_dir)
 

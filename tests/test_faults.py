@@ -23,18 +23,19 @@ def env():
     return dict(os.environ, PYTHONUNBUFFERED="1", PYTHON=sys.executable, OMP_NUM_THREADS="1")
 
 
-def interrupt(cmd, sig, extra_env=None):
-    """Start `cmd`, send `sig` once training has logged (to the launcher: torchrun passes it on to every process);
+def interrupt(cmd, sig, extra_env=None, group=False):
+    """Start `cmd`, send `sig` once training has logged: to the launcher (torchrun passes it on to every process),
+    or with `group` to its whole process group (what Ctrl-C in a terminal does: DataLoader workers get it too);
     returns (exit code, output, seconds from the signal to the exit)."""
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**env(), **(extra_env or {})}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=group)
     lines = []
     for line in proc.stdout:
         lines.append(line)
         if "'loss'" in line:
             break
     start = time.monotonic()
-    proc.send_signal(sig)
+    os.killpg(proc.pid, sig) if group else proc.send_signal(sig)
     out, _ = proc.communicate(timeout=120)
     return proc.returncode, "".join(lines) + out, time.monotonic() - start
 
@@ -84,6 +85,22 @@ class TestSignals:
         assert exits == [130]
 
 
+# Run the script named by argv[1] with torch.save patched to hang, announced, right after it has written a file of
+# checkpoint-40: the test then kills the process mid-save, as a crash or a pre-emption without warning would.
+KILLED_IN_SAVE = """
+import runpy, sys, time, torch
+real_save = torch.save
+def save(obj, f, *args, **kwargs):
+    real_save(obj, f, *args, **kwargs)
+    if "checkpoint-40" in str(f):
+        print("WRITING checkpoint-40", flush=True)
+        time.sleep(600)
+torch.save = save
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 @pytest.fixture(scope="module")
 def sft_uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("sft") / "whole"
@@ -109,13 +126,35 @@ class TestGracefulStop:
         assert f"resuming from {out / f'checkpoint-{step}'}" in res.stdout
         same_weights(out, sft_uninterrupted)
 
-    def test_sigint_stops_with_130_and_a_complete_checkpoint(self, tmp_path):
+    def test_sigint_to_the_group_with_loader_workers_stops_with_130_and_a_complete_checkpoint(self, tmp_path):
         out = tmp_path / "run"
-        code, log, _ = interrupt([sys.executable, "sft_qwen2.py", "--demo", "--output_dir", str(out), *SFT_RUN],
-                                 signal.SIGINT)
+        code, log, _ = interrupt([sys.executable, "sft_qwen2.py", "--demo", "--output_dir", str(out), *SFT_RUN,
+                                  "--dataloader_num_workers", "2"], signal.SIGINT, group=True)
         assert code == 130, log[-3000:]
         step = stopped_step(log, "SIGINT")
         assert (out / f"checkpoint-{step}" / COMPLETE).is_file()
+        assert "Traceback" not in log and "KeyboardInterrupt" not in log  # the workers took it quietly too
+
+    def test_a_kill_during_a_save_loses_only_that_checkpoint(self, tmp_path, sft_uninterrupted):
+        """kill -9 while checkpoint-40 is being written (its weights on disk, the optimizer state not yet):
+        the same command skips it, resumes from checkpoint-20 and ends like an uninterrupted run."""
+        out = tmp_path / "run"
+        cmd = ["sft_qwen2.py", "--demo", "--output_dir", str(out), *SFT_RUN]
+        proc = subprocess.Popen([sys.executable, "-c", KILLED_IN_SAVE, *cmd], cwd=ROOT, env=env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in proc.stdout:
+            if line.startswith("WRITING checkpoint-40"):
+                break
+        proc.kill()
+        proc.communicate(timeout=60)
+        cut = out / "checkpoint-40"
+        assert (cut / "model.safetensors").is_file() and not (cut / "optimizer.pt").exists()
+        assert not (cut / COMPLETE).exists()
+
+        res = run_cli([sys.executable, *cmd])
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert f"skipping {cut}: incomplete" in res.stdout and f"resuming from {out / 'checkpoint-20'}" in res.stdout
+        same_weights(out, sft_uninterrupted)
 
     def test_two_processes_stop_at_the_same_step_and_resume_to_the_same_metrics(self, tmp_path):
         """SIGTERM to run.sh's torchrun: both ranks save one checkpoint at the step they agreed on, every process is
@@ -400,3 +439,32 @@ class TestFailBeforeTrainingData:
                 "--num_types", "3", "--output_dir", str(tmp_path / "o"), "--use_cpu"]
         line = exit_2_line(capsys, train_scorer.main, args)
         assert line == f"error: --eval_shards: {empty}: no sample in these shards"
+
+
+class TestBadRecords:
+    def test_a_jsonl_with_a_bad_line_in_the_middle_exits_2_naming_it(self, sft_demo, tmp_path):
+        import json
+
+        lines = [json.dumps({"query": f"q{i}", "answer": "a"}) for i in range(9)]
+        lines[4] = lines[4][:-9]  # a line cut by a failed write: malformed JSON
+        path = tmp_path / "cut.jsonl"
+        path.write_text("\n".join(lines) + "\n")
+        res = run_cli([sys.executable, "sft_qwen2.py", "--model_name_or_path", sft_demo[0], "--train_file", str(path),
+                       "--output_dir", str(tmp_path / "o"), "--use_cpu"])
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+        assert res.stderr.strip().splitlines()[-1].startswith(f"error: {path}: line 5: malformed JSON")
+
+    def test_a_truncated_jpeg_mid_shard_is_counted_or_with_error_mode_exits_2_naming_it(self, scorer_demo, tmp_path,
+                                                                                        capsys):
+        import demo
+        import train_scorer
+
+        samples = demo.make_vl_samples(8, seed=7, prefix="j")
+        assert "0.jpg" in samples[4]
+        samples[4] = dict(samples[4], **{"0.jpg": samples[4]["0.jpg"][:len(samples[4]["0.jpg"]) // 2]})
+        shard = demo.write_shard(tmp_path / "cut-jpeg.tar", samples)
+        args = TestBadShards().scorer_args(scorer_demo, shard, tmp_path / "o", "--max_steps", "3")
+        trainer = train_scorer.main(args)
+        assert trainer.metrics["train_bad_samples"] == 1
+        line = exit_2_line(capsys, train_scorer.main, args + ["--on_bad_sample", "error"])
+        assert line.startswith(f"error: {shard}: j00004: image .0.jpg: cannot decode"), line
