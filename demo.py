@@ -252,7 +252,11 @@ def vl_sample(key, record, images, formats=("jpg", "png")):
 def make_vl_samples(n, seed=0, num_types=3, prefix="s", min_side=32, max_side=96):
     """Synthetic scorer samples: 2 or 3 solid-colour images of random sizes (every fourth sample has 1) and an
     English prompt. Both heads have something to learn from the pixels: `type` is the colour channel that dominates
-    every image of the sample (red, green, blue, then again), `score` is 10 x the images' mean brightness."""
+    every image of the sample (red, green, blue, then again), `score` is 10 x the images' mean brightness.
+
+    A sample's images share one brightness level (0.3 to 1: the dominant channel; the others at 15-25% of it), so
+    the score is a clean function of what each image shows; independent random colours per image left the score
+    mostly to the minor channels' noise, averaged over the images, and the tiny demo model learnt nothing of it."""
     from PIL import Image
 
     rng = random.Random(seed)
@@ -260,11 +264,12 @@ def make_vl_samples(n, seed=0, num_types=3, prefix="s", min_side=32, max_side=96
     for i in range(n):
         count = 2 + i % 2 if i % 4 else 1
         kind = rng.randrange(num_types)
+        level = rng.uniform(0.3, 1.0)  # not darker: near black the three types look alike
         colours = []
         for _ in range(count):
-            colour = [rng.randrange(128) for _ in range(3)]
-            colour[kind % 3] += 128
-            colours.append(tuple(colour))
+            colour = [level * rng.uniform(0.15, 0.25) for _ in range(3)]
+            colour[kind % 3] = level
+            colours.append(tuple(round(255 * c) for c in colour))
         images = [Image.new("RGB", (rng.randint(min_side, max_side), rng.randint(min_side, max_side)), c)
                   for c in colours]
         brightness = sum(sum(c) / 765 for c in colours) / count
@@ -303,12 +308,15 @@ def write_shards(root, name, samples, sizes):
 
 
 def build_scorer_demo(root, seed=0, num_types=3):
-    """Tiny Qwen3-VL + train shards of uneven sizes (64 samples) and eval shards (14 samples) under `root`.
+    """Tiny Qwen3-VL + train shards of uneven sizes (128 samples) and eval shards (48 samples) under `root`.
 
+    Images of 32-47 px: one visual token each at the demo's pixel bounds, so a CPU step is short and the demo
+    affords the steps it needs to learn; 48 eval samples, so its metrics are not luck.
     Returns (model_dir, train_pattern, eval_pattern) with brace patterns as the scorer's flags take them.
     """
     root = Path(root)
     model_dir = build_tiny_qwen3_vl(root / "tiny-qwen3-vl", seed=seed)
-    write_shards(root, "train", make_vl_samples(64, seed, num_types, prefix="t"), [20, 14, 18, 12])
-    write_shards(root, "eval", make_vl_samples(14, seed + 1, num_types, prefix="e"), [9, 5])
+    small = dict(min_side=32, max_side=47)
+    write_shards(root, "train", make_vl_samples(128, seed, num_types, prefix="t", **small), [40, 28, 36, 24])
+    write_shards(root, "eval", make_vl_samples(48, seed + 1, num_types, prefix="e", **small), [29, 19])
     return model_dir, f"{root}/train-{{000000..000003}}.tar", f"{root}/eval-{{000000..000001}}.tar"

@@ -28,7 +28,7 @@ def qwen2_tokenizer(sft_demo):
 
 @pytest.fixture(scope="session")
 def scorer_demo(tmp_path_factory):
-    """(model_dir, train_pattern, eval_pattern) of the tiny Qwen3-VL + synthetic shards (64 train, 14 eval)."""
+    """(model_dir, train_pattern, eval_pattern) of the tiny Qwen3-VL + synthetic shards (128 train, 48 eval)."""
     return demo.build_scorer_demo(tmp_path_factory.mktemp("scorer-demo"))
 
 
