@@ -172,6 +172,16 @@ def _answer_end(piece, full, start, end, stop, eos, eos_id):
 # 1.63 with the plain calls (2026-12-02, the 2-core CPU machine, same data and tokenizer).
 # ----------------------------------------------------------------------------------------------------------------
 
+def missing_chat_template(tokenizer, source):
+    """Why `tokenizer` (or processor) from `source` cannot encode chats, or None: the encoding renders every example
+    with its chat template, and a base model's tokenizer may have none."""
+    if getattr(tokenizer, "chat_template", None):
+        return None
+    return (f"{source}: its tokenizer has no chat template (a base model's?); use the -Instruct checkpoint's "
+            f"tokenizer, or put the template in the folder (chat_template.jinja, or chat_template in "
+            f"tokenizer_config.json)")
+
+
 def fast_encoding(tokenizer):
     """`(render, token_ids)`: exact shortcuts of the two tokenizer calls SFT encoding makes most.
 

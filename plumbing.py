@@ -45,6 +45,17 @@ def leave_process_group():
         dist.destroy_process_group()
 
 
+def final_evaluation(trainer):
+    """The final model's evaluation metrics: those of the evaluation at the last step when there was one (the same
+    model: no second pass over the evaluation set), else a new evaluation (also when --load_best_model_at_end has
+    just loaded another checkpoint)."""
+    last = next((h for h in reversed(trainer.state.log_history) if "eval_loss" in h), {})
+    steps = trainer.state.global_step
+    if steps > 0 and last.get("step") == steps and not trainer.args.load_best_model_at_end:
+        return {k: v for k, v in last.items() if k.startswith("eval_")}
+    return trainer.evaluate()
+
+
 def check_output_dir(path):
     """Exit 2 now if `path` cannot be created or written, not at the first checkpoint after an hour of training."""
     import tempfile
@@ -90,11 +101,19 @@ def parse_arguments(parser, argv=None, demo_args=()):
         fail(f"{argv[0]}: config file not found")
     try:
         if not config:
-            return parser.parse_args_into_dataclasses(args=argv)
-        path = os.path.abspath(argv[0])
-        return parser.parse_json_file(path) if path.endswith(".json") else parser.parse_yaml_file(path)
+            parsed = parser.parse_args_into_dataclasses(args=argv)
+        else:
+            path = os.path.abspath(argv[0])
+            parsed = parser.parse_json_file(path) if path.endswith(".json") else parser.parse_yaml_file(path)
     except (ValueError, ImportError) as e:  # unknown keys, invalid combinations, missing backends
         fail((f"{argv[0]}: " if config else "") + " ".join(str(e).split()))
+    if getattr(parsed[-1], "disable_tqdm", False):  # one switch for every progress bar: also the per-file ones of
+        import datasets  # loading, encoding and saving (a line per file: noise in a log)
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        datasets.disable_progress_bars()
+    return parsed
 
 
 @dataclass
@@ -109,6 +128,10 @@ class TrainingDefaults(TrainingArguments):
     max_bad_steps: int = field(default=10, metadata={
         "help": "Optimizer steps with a non-finite loss or gradient are skipped (logged as skipped_steps); this many "
                 "in a row save a checkpoint and stop the run with exit code 2."})
+    dry_run: bool = field(default=False, metadata={
+        "help": "Read and check all of the data (every bad record reported, exit 2 as in a run), build the model from "
+                "its config on the meta device (no weights read), print the plan (data, tokens, optimizer steps, "
+                "precision, memory per GPU for this many processes) and exit 0 without training."})
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
     save_total_limit: int = field(default=3, metadata={"help": "Keep this many checkpoints (plus the best)."})
     report_to: str = field(default="none", metadata={"help": "none, tensorboard, wandb, ..."})

@@ -7,6 +7,10 @@ Every assistant answer (content + the closing <|im_end|>) is trained; system, us
   # CPU demo: a tiny random model and generated data, no downloads (about a minute)
   bash run.sh sft_qwen2.py --demo
 
+  # before a long run: the same command with --dry_run encodes all of the data, builds the model without its
+  # weights, prints the precision, the memory plan per GPU, examples, tokens and steps, and trains nothing
+  bash run.sh sft_qwen2.py --train_file data/train.jsonl --use_peft --dry_run
+
   # one GPU, Qwen2-7B: LoRA (15.9 GB of weights + adapters + states; the merged model also goes to OUTPUT_DIR/merged)
   python sft_qwen2.py --train_file data/train.jsonl --val_size 0.01 --use_peft --learning_rate 2e-4 --merge_lora
 
@@ -27,7 +31,8 @@ Every assistant answer (content + the closing <|im_end|>) is trained; system, us
 Precision: under bf16 the trained weights are fp32 masters (frozen ones stay bf16); rank 0 prints the policy and a
 per-GPU memory plan at start (training_plan.py). Full fine-tuning with fp32 masters needs 16 bytes per parameter
 (122 GB for 7B): shard it over several GPUs, or use --use_peft or --pure_bf16.
-A run that finds `checkpoint-*` folders in --output_dir resumes from the newest one.
+A run that finds `checkpoint-*` folders in --output_dir resumes from the newest one; the end of training writes
+training_curves.png there (loss, learning rate, evaluation loss).
 """
 
 import functools
@@ -37,18 +42,20 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer
 
-from collate import IGNORE_INDEX, ChatFormat, DataError, encode_sft_batch, sft_collator, to_messages
+from collate import (IGNORE_INDEX, ChatFormat, DataError, encode_sft_batch, missing_chat_template, sft_collator,
+                     to_messages)
+from curves import write_training_curves
 from data import load_sft_file, record_location
 from lean_loss import use_lean_causal_lm_loss
-from plumbing import (TrainingDefaults, check_output_dir, fail, leave_process_group, log, parse_arguments, prepare_demo,
-                      weights_source)
+from plumbing import (TrainingDefaults, check_output_dir, fail, final_evaluation, leave_process_group, log,
+                      parse_arguments, prepare_demo, weights_source)
 from reliability import (GracefulStop, MarkComplete, SkipNonFinite, checkpoint_to_resume, exit_if_failed,
                          exit_if_stopped, resume_mismatch)
 from training_plan import (LoraArguments, add_lora, check_flags, checkpoint_dtype, load_dtype, lora_parameter_count,
-                           lora_settings, memory_plan, save_final_model, to_base_dtype, use_fsdp_precision,
-                           use_precision_policy)
+                           lora_settings, memory_plan, optimizer_steps, save_final_model, to_base_dtype,
+                           use_fsdp_precision, use_precision_policy)
 
 
 @dataclass
@@ -112,8 +119,8 @@ DEMO_ARGS = [
     "--model_name_or_path", f"{DEMO_DIR}/tiny-qwen2", "--train_file", f"{DEMO_DIR}/train.jsonl",
     "--eval_file", f"{DEMO_DIR}/eval.jsonl", "--output_dir", f"{DEMO_DIR}/output", "--max_len", "256",
     "--max_steps", "24", "--per_device_train_batch_size", "4", "--learning_rate", "3e-3", "--warmup_steps", "2",
-    "--logging_steps", "4", "--eval_strategy", "steps", "--eval_steps", "12", "--save_steps", "12",
-    "--use_cpu", "--disable_tqdm", "true",
+    "--logging_steps", "4", "--eval_strategy", "steps", "--eval_steps", "12", "--eval_on_start", "true",
+    "--save_steps", "12", "--use_cpu", "--disable_tqdm", "true",
 ]
 
 
@@ -169,6 +176,31 @@ def show_example(example, tokenizer):
             + "".join(pieces) + "\n---")
 
 
+def dry_run_plan(train_ds, eval_ds, args):
+    """--dry_run: say what the run would train (examples, prompt and answer tokens, optimizer steps for this many
+    processes) after the data was encoded and the precision and memory plans printed; returns the figures."""
+    def tokens(ds):  # (prompt, answer): the answer tokens are the trained ones
+        answer = sum(sum(1 for t in labels if t != IGNORE_INDEX) for batch in ds.iter(batch_size=1024)
+                     for labels in batch["labels"])
+        return sum(ds["length"]) - answer, answer
+
+    per_epoch, steps = optimizer_steps(len(train_ds), args)
+    plan = {"train_examples": len(train_ds), "train_tokens": tokens(train_ds), "steps_per_epoch": per_epoch,
+            "steps": steps, "eval_examples": len(eval_ds) if eval_ds is not None else 0}
+    sets = [("training", len(train_ds), plan["train_tokens"])]
+    if eval_ds is not None:
+        plan["eval_tokens"] = tokens(eval_ds)
+        sets.append(("evaluation", len(eval_ds), plan["eval_tokens"]))
+    log("dry run: " + "; ".join(f"{n:,} {name} examples, {p + a:,} tokens ({p:,} prompt + {a:,} answer)"
+                                for name, n, (p, a) in sets)
+        + f"; {per_epoch:,} optimizer steps per epoch of {args.world_size} x {args.per_device_train_batch_size} x "
+        f"{args.gradient_accumulation_steps} examples, {steps:,} in all"
+        + (" (--max_steps)" if args.max_steps > 0 else f" ({args.num_train_epochs:g} epochs)")
+        + ". Nothing was trained.")
+    leave_process_group()
+    return plan
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Main: data -> model -> trainer (the stock one; the collator and the loss hook are ours) -> run -> summary
 # ---------------------------------------------------------------------------------------------------------------
@@ -190,6 +222,8 @@ def main(argv=None):
     # raised on every rank (the others meet it too), so no rank is left waiting at a barrier.
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path,
                                               trust_remote_code=model_args.trust_remote_code)
+    if problem := missing_chat_template(tokenizer, model_args.model_name_or_path):
+        fail(problem)
     error = None
     with args.main_process_first(local=True, desc="encoding the data"):
         try:
@@ -218,13 +252,18 @@ def main(argv=None):
              f"{data_args.max_len}, overflow {data_args.overflow})")
     log(show_example(train_ds[0], tokenizer))
 
-    # Model: loaded in the half dtype of the run; what trains becomes fp32 master weights (training_plan.py)
+    # Model: loaded in the half dtype of the run; what trains becomes fp32 master weights (training_plan.py). A dry
+    # run builds the architecture alone, on the meta device: the plan needs shapes and dtypes, not weights.
     path = model_args.model_name_or_path
     base_dtype = checkpoint_dtype(path, trust_remote_code=model_args.trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=load_dtype(args),
-                                                 attn_implementation=model_args.attn_implementation,
-                                                 trust_remote_code=model_args.trust_remote_code,
-                                                 **weights_source(path, model_args.allow_pickle))
+    load = dict(dtype=load_dtype(args), attn_implementation=model_args.attn_implementation,
+                trust_remote_code=model_args.trust_remote_code)
+    if args.dry_run:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(
+                AutoConfig.from_pretrained(path, trust_remote_code=model_args.trust_remote_code), **load)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, **load, **weights_source(path, model_args.allow_pickle))
     # Packed rows rely on position_ids to keep examples apart, which the model only does without a KV cache.
     model.config.use_cache = False
     if not args.use_liger_kernel:  # Liger brings its own fused linear + cross-entropy
@@ -238,6 +277,8 @@ def main(argv=None):
                  "there; leave lm_head out")
     optimizer = use_precision_policy(model, args)
     memory_plan(model, args, adapters)
+    if args.dry_run:
+        return dry_run_plan(train_ds, eval_ds, args)
 
     # Trainer
     pad_multiple = data_args.pad_to_multiple_of
@@ -265,7 +306,8 @@ def main(argv=None):
     trainer.save_state()
     metrics = dict(result.metrics)
     if eval_ds is not None:
-        metrics.update(trainer.evaluate())
+        metrics.update(final_evaluation(trainer))
+    curves = write_training_curves(trainer.state.log_history, args.output_dir) if args.should_save else None
     if lora_args.merge_lora:  # base weights + adapters in one model that plain from_pretrained loads
         merged = model.merge_and_unload()
         to_base_dtype(merged, base_dtype)
@@ -285,7 +327,8 @@ def main(argv=None):
         + f"final train loss {metrics['train_loss']:.4f}"
         + (f", eval loss {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else "")
         + f"; {'adapter' if lora_args.use_peft else 'model'} saved to {args.output_dir}"
-        + (f" (merged model in {args.output_dir}/merged)" if lora_args.merge_lora else ""))
+        + (f" (merged model in {args.output_dir}/merged)" if lora_args.merge_lora else "")
+        + (f"; curves in {curves}" if curves else ""))
     leave_process_group()  # every rank is here: leave together
     return trainer
 

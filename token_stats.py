@@ -12,8 +12,9 @@ suggested max_len (the smallest multiple of 64 covering --coverage of the exampl
   # the sample data shipped in data/ with Qwen2-7B-Instruct's tokenizer
   python token_stats.py
 
-  # offline: the tiny demo tokenizer and demo data
+  # offline: the tiny demo tokenizer on the demo data, or on the sample shipped in data/
   python token_stats.py --demo
+  python token_stats.py --demo --data data/sample_sft.jsonl
 
   # your data: a table and a text histogram; a JSON object instead; a histogram + CDF plot; per-example lengths
   python token_stats.py --data data/train.jsonl --tokenizer Qwen/Qwen2-7B-Instruct --max_len 4096
@@ -40,8 +41,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from transformers import HfArgumentParser
 
-from collate import (IGNORE_INDEX, ChatFormat, DataError, apply_overflow, encode_sft_batch, open_image,
-                     parse_vl_sample, resized_size, to_messages, vl_text)
+from collate import (IGNORE_INDEX, ChatFormat, DataError, apply_overflow, encode_sft_batch, missing_chat_template,
+                     open_image, parse_vl_sample, resized_size, to_messages, vl_text)
 from data import BadSample, expand_shards, load_sft_file, record_location, shard_samples
 from plumbing import fail, parse_arguments, prepare_demo
 
@@ -83,10 +84,13 @@ class StatsArguments(ChatFormat):  # --system_prompt, --query_key, --answer_key,
     trust_remote_code: bool = field(default=False, metadata={
         "help": "Run code from the tokenizer's/processor's repo (Qwen does not need it)."})
     demo: bool = field(default=False, metadata={
-        "help": "Measure the demo data with the tiny offline demo tokenizer (built in a temporary folder)."})
+        "help": "Use the tiny offline demo tokenizer (built in a temporary folder) on the demo data, or on the "
+                "--data given."})
 
 
 DEMO_DIR = os.path.join(tempfile.gettempdir(), f"token-stats-demo-{os.getuid()}")
+# Flags the demo puts before the user's own (so `--demo --data FILE` measures FILE with the demo tokenizer).
+DEMO_ARGS = ["--tokenizer", os.path.join(DEMO_DIR, "tiny-qwen2"), "--data", os.path.join(DEMO_DIR, "train.jsonl")]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -365,11 +369,14 @@ def load_pretrained(kind, name, trust_remote_code, flag):
 
     loader = getattr(transformers, kind)
     try:
-        return loader.from_pretrained(name, trust_remote_code=trust_remote_code)
+        loaded = loader.from_pretrained(name, trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001 - not found, offline, no access: the user needs the same advice
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         fail(f"cannot load the {kind[4:].lower()} {name!r} ({reason}); pass a local copy with {flag} PATH"
              + (" (or run --demo)" if flag == "--tokenizer" else ""))
+    if problem := missing_chat_template(loaded, name):
+        fail(problem)
+    return loaded
 
 
 def measure_sft(args, num_proc):
@@ -412,7 +419,7 @@ def measure_scorer(args, num_proc):
 def main(argv=None):
     start = time.time()
     parser = HfArgumentParser(StatsArguments)
-    (args,) = parse_arguments(parser, argv)
+    (args,) = parse_arguments(parser, argv, demo_args=DEMO_ARGS)
     if args.max_len < 1 or args.batch_size < 1 or (args.num_proc is not None and args.num_proc < 1):
         fail("--max_len, --batch_size and --num_proc must be positive")
     if not 0 < args.coverage <= 1:
@@ -424,7 +431,6 @@ def main(argv=None):
         if args.demo:  # the SFT demo's tiny model and 2,000 of its records
             import demo
             prepare_demo(DEMO_DIR, functools.partial(demo.build_sft_demo, n_train=2000))
-            args.tokenizer, args.data = os.path.join(DEMO_DIR, "tiny-qwen2"), [os.path.join(DEMO_DIR, "train.jsonl")]
 
         if args.shards:
             _STATE.update(args=args, processor=load_pretrained("AutoProcessor", args.processor, args.trust_remote_code,

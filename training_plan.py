@@ -23,6 +23,7 @@ so lr 1e-5 never moves it). So:
 """
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -306,6 +307,15 @@ def _largest_layer(model):
     sizes = [sum(getattr(p, "ds_numel", p.numel()) for p in m.parameters()) for m in model.modules()
              if type(m).__name__ in blocks or isinstance(m, nn.Embedding)]
     return max(sizes, default=0)
+
+
+def optimizer_steps(samples, args):
+    """(optimizer steps per epoch, in all) for `samples` training samples, as the Trainer counts them: every rank
+    takes `per_device_train_batch_size` samples a batch (the last one of an epoch may be short), a step is
+    `gradient_accumulation_steps` batches, and --max_steps overrides the epochs."""
+    per_epoch = max(1, math.ceil(samples / (args.world_size * args.per_device_train_batch_size
+                                            * args.gradient_accumulation_steps)))
+    return per_epoch, args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * per_epoch)
 
 
 def what_would_fit(model, adapters, gpu_bytes):

@@ -16,7 +16,8 @@ from conftest import ROOT, exit_2_line, run_cli
 from reliability import COMPLETE, GracefulStop, checkpoint_to_resume
 
 SFT_RUN = ["--max_steps", "40", "--eval_steps", "20", "--save_steps", "20"]  # the demo, a little longer
-SCORER_RUN = ["--max_steps", "30", "--eval_steps", "30", "--save_steps", "10"]
+SCORER_RUN = ["--max_steps", "20", "--eval_steps", "20", "--save_steps", "10", "--eval_on_start", "false",
+              "--do_predict", "false"]
 
 
 def env():

@@ -184,13 +184,3 @@ class TestRecipes:
         # the Trainer gets the JSON: TrainingArguments has read it and set up ZeRO-3 for the model load
         assert zero3 == bool(args.deepspeed) == ("zero3" in name)
         assert args.deepspeed in (None, "configs/deepspeed/zero3.json")
-
-    def test_no_readme_command_names_a_missing_file(self):
-        """Every repository path in the README's code blocks exists (data/ and outputs/ paths are the user's)."""
-        with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
-            blocks = re.findall(r"^```[^\n]*\n(.*?)^```", f.read(), flags=re.S | re.M)
-        paths = {p for block in blocks for p in re.findall(r"(?<![\w/.-])((?:configs|bench|tests)/[\w./-]+|\w+\.py)\b",
-                                                            block)}
-        assert any(p.startswith("configs/") for p in paths)
-        missing = sorted(p for p in paths if not os.path.exists(os.path.join(ROOT, p)))
-        assert missing == [], missing

@@ -165,11 +165,11 @@ def test_a_qwen3_vl_checkpoint_needs_num_types(scorer_demo):
 def test_scorer_metrics_match_definitions():
     pred = np.array([1.0, 2.0, 2.0, 5.0, 4.0])
     label = np.array([1.5, 2.0, 3.0, 4.0, 4.0])
-    logits = np.log(np.array([[.7, .2, .1], [.1, .8, .1], [.3, .3, .4], [.2, .5, .3], [.6, .3, .1]]))
+    logits = np.log(np.array([[.7, .2, .1], [.1, .8, .1], [.3, .3, .4], [.2, .5, .3], [.6, .25, .15]]))
     kind = [0, 1, 1, 2, 0]  # argmax guesses: 0, 1, 2, 1, 0 -> 3 of 5 right
     rows = [{"heads": {"score": p, "type": list(l)}, "labels": {"score": y, "type": k}}
             for p, y, l, k in zip(pred, label, logits, kind)]
-    m = scorer_metrics(rows, {"score": 2.0, "type": 0.5})
+    m, details = scorer_metrics(rows, {"score": 2.0, "type": 0.5})
     mse = np.mean((pred - label) ** 2)
     ce = -np.mean([logits[i, k] for i, k in enumerate(kind)])
     assert m["eval_loss_score"] == pytest.approx(mse) and m["eval_loss_type"] == pytest.approx(ce)
@@ -182,9 +182,19 @@ def test_scorer_metrics_match_definitions():
     assert m["eval_type_accuracy"] == pytest.approx(0.6)
     # class 0: tp 2 -> f1 1; class 1: tp 1, fp 1, fn 1 -> 0.5; class 2: fp 1, fn 1 -> 0
     assert m["eval_type_macro_f1"] == pytest.approx(0.5)
+    # one-vs-rest ROC-AUC, the share of (positive, negative) pairs ranked right: class 0 6/6; class 1 (.8 and .3
+    # against .2, .5, .25) 5/6; class 2 (.3 against .1, .1, .4, .15) 3/4
+    assert details["eval_type_roc_auc_per_class"] == pytest.approx([1.0, 5 / 6, 0.75])
+    assert m["eval_type_roc_auc"] == pytest.approx((1.0 + 5 / 6 + 0.75) / 3)
+    assert details["eval_type_confusion_matrix"] == [[2, 0, 0], [0, 1, 1], [0, 1, 0]]  # rows: labels; columns: guesses
     assert m["eval_samples"] == 5
-    constant = scorer_metrics([dict(r, heads={**r["heads"], "score": 1.0}) for r in rows], {"score": 1, "type": 1})
-    assert math.isnan(constant["eval_score_pearson"])
+
+    # undefined is NaN, not a number: constant predictions (a correlation), a class in every label or none (AUC)
+    constant, _ = scorer_metrics([dict(r, heads={**r["heads"], "score": 1.0}) for r in rows], {"score": 1, "type": 1})
+    assert math.isnan(constant["eval_score_pearson"]) and math.isnan(constant["eval_score_spearman"])
+    _, one_class = scorer_metrics([dict(r, labels={**r["labels"], "type": 0}) for r in rows], {"score": 1, "type": 1})
+    assert all(math.isnan(a) for a in one_class["eval_type_roc_auc_per_class"])
+    assert scorer_metrics(rows[:1], {"score": 1, "type": 1})[0]["eval_type_macro_f1"] == 1.0  # one sample, right
 
 
 # --- training in-process ------------------------------------------------------------------------------------------
@@ -271,10 +281,10 @@ def test_save_load_predict_and_resume(scorer_demo, tmp_path, mode, capsys):
     straight = tmp_path / "straight"
     trainer = train_scorer.main(base_args(scorer_demo, straight, *args))
     keys = [p["key"] for p in read_jsonl(straight / "predictions.jsonl")]
-    assert sorted(keys) == [f"e{i:05d}" for i in range(14)]
+    assert sorted(keys) == [f"e{i:05d}" for i in range(48)]  # the demo's eval shards
     with open(straight / "eval_results.json") as f:
         results = json.load(f)
-    assert results["eval_samples"] == 14 and results["eval_bad_samples"] == 0
+    assert results["eval_samples"] == 48 and results["eval_bad_samples"] == 0
     for name in ("loss", "loss_score", "loss_type", "score_mae", "score_rmse", "score_pearson", "score_spearman",
                  "type_accuracy", "type_macro_f1"):
         assert f"eval_{name}" in results
@@ -478,29 +488,36 @@ def check_logs_add_up(out, score_weight=1.0, type_weight=1.0):
     return logs
 
 
+def test_tensorboard_and_the_curves_get_the_per_head_losses_and_the_eval_metrics(scorer_demo, tmp_path):
+    """--report_to tensorboard receives what training_curves.png draws: the loss, each head's loss, the learning rate
+    and every evaluation metric, at the logged steps."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "o"
+    train_scorer.main(base_args(scorer_demo, out, "--max_steps", "4", "--logging_steps", "2", "--eval_strategy",
+                                "steps", "--eval_steps", "4", "--eval_shards", scorer_demo[2], "--report_to",
+                                "tensorboard"))
+    (run,) = (out / "runs").iterdir()  # the Trainer's default: OUTPUT_DIR/runs/DATE_HOST
+    events = EventAccumulator(str(run)).Reload()
+    tags = set(events.Tags()["scalars"])
+    for tag in ("train/loss", "train/loss_score", "train/loss_type", "train/learning_rate", "eval/loss_score",
+                "eval/score_pearson", "eval/type_accuracy", "eval/type_roc_auc"):
+        assert tag in tags, sorted(tags)
+    history = {h["step"]: h for h in log_history(out) if "loss_score" in h}
+    assert [(e.step, e.value) for e in events.Scalars("train/loss_score")] == [
+        (step, pytest.approx(h["loss_score"], rel=1e-6)) for step, h in sorted(history.items())]
+    assert (out / "training_curves.png").is_file()
+
+
 def test_lora_demo(tmp_path):
     out = tmp_path / "out"
-    result = run_cli(["bash", "run.sh", "train_scorer.py", "--demo", "--use_peft", "--output_dir", str(out)])
+    result = run_cli(["bash", "run.sh", "train_scorer.py", "--demo", "--use_peft", "--output_dir", str(out),
+                      "--max_steps", "20", "--eval_steps", "20", "--eval_on_start", "false"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "precision: fp32 for 33,028 trainable parameters" in result.stdout  # adapters + heads
-    assert f"predictions for 14 samples written to {out / 'predictions.jsonl'}" in result.stdout
+    assert f"predictions for 48 samples written to {out / 'predictions.jsonl'}" in result.stdout
     logs = check_logs_add_up(out)
     assert logs[-1]["loss_type"] < logs[0]["loss_type"]
-
-
-def test_demo_on_two_processes(tmp_path):
-    out = tmp_path / "out"
-    result = run_cli(["bash", "run.sh", "train_scorer.py", "--demo", "--output_dir", str(out)], env=TWO, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    text = result.stdout
-    assert "'loss_score'" in text and "'loss_type'" in text and "'eval_type_macro_f1'" in text
-    assert f"predictions for 14 samples written to {out / 'predictions.jsonl'}" in text
-    assert "per rank [0, 0]" in text
-    assert sorted(p["key"] for p in read_jsonl(out / "predictions.jsonl")) == [f"e{i:05d}" for i in range(14)]
-    logs = check_logs_add_up(out)
-    assert logs[-1]["loss_score"] < 0.5 * logs[0]["loss_score"] and logs[-1]["loss_type"] < logs[0]["loss_type"]
-    with open(out / "eval_results.json") as f:
-        assert json.load(f)["eval_samples"] == 14
 
 
 def test_two_processes_uneven_shards_text_only_batches_exact_eval_and_predict(scorer_demo, tmp_path):
