@@ -509,17 +509,6 @@ def test_tensorboard_and_the_curves_get_the_per_head_losses_and_the_eval_metrics
     assert (out / "training_curves.png").is_file()
 
 
-def test_lora_demo(tmp_path):
-    out = tmp_path / "out"
-    result = run_cli(["bash", "run.sh", "train_scorer.py", "--demo", "--use_peft", "--output_dir", str(out),
-                      "--max_steps", "20", "--eval_steps", "20", "--eval_on_start", "false"])
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "precision: fp32 for 33,028 trainable parameters" in result.stdout  # adapters + heads
-    assert f"predictions for 48 samples written to {out / 'predictions.jsonl'}" in result.stdout
-    logs = check_logs_add_up(out)
-    assert logs[-1]["loss_type"] < logs[0]["loss_type"]
-
-
 def test_two_processes_uneven_shards_text_only_batches_exact_eval_and_predict(scorer_demo, tmp_path):
     """Rank 0 and rank 1 train on different shards, one of them text-only (so one rank's vision tower gets no real
     gradient); eval shards of very different sizes; a predict shard with fewer shards than ranks x workers."""
