@@ -54,8 +54,8 @@ from plumbing import (TrainingDefaults, check_output_dir, fail, final_evaluation
 from reliability import (GracefulStop, MarkComplete, SkipNonFinite, checkpoint_to_resume, exit_if_failed,
                          exit_if_stopped, resume_mismatch)
 from training_plan import (LoraArguments, add_lora, check_flags, checkpoint_dtype, load_dtype, lora_parameter_count,
-                           lora_settings, memory_plan, optimizer_steps, save_final_model, to_base_dtype,
-                           use_fsdp_precision, use_precision_policy)
+                           lora_settings, memory_plan, optimizer_steps, save_final_model, steps_line,
+                           to_base_dtype, use_fsdp_precision, use_precision_policy)
 
 
 @dataclass
@@ -193,10 +193,7 @@ def dry_run_plan(train_ds, eval_ds, args):
         sets.append(("evaluation", len(eval_ds), plan["eval_tokens"]))
     log("dry run: " + "; ".join(f"{n:,} {name} examples, {p + a:,} tokens ({p:,} prompt + {a:,} answer)"
                                 for name, n, (p, a) in sets)
-        + f"; {per_epoch:,} optimizer steps per epoch of {args.world_size} x {args.per_device_train_batch_size} x "
-        f"{args.gradient_accumulation_steps} examples, {steps:,} in all"
-        + (" (--max_steps)" if args.max_steps > 0 else f" ({args.num_train_epochs:g} epochs)")
-        + ". Nothing was trained.")
+        + f"; {steps_line(len(train_ds), args, 'examples')}. Nothing was trained.")
     leave_process_group()
     return plan
 

@@ -71,7 +71,7 @@ from reliability import (GracefulStop, MarkComplete, SkipNonFinite, checkpoint_t
                          exit_if_stopped, resume_mismatch)
 from training_plan import (LoraArguments, add_lora, check_flags, checkpoint_dtype, keep_fp32_under_fsdp, load_dtype,
                            lora_parameter_count, lora_settings, memory_plan, optimizer_steps, save_final_model,
-                           to_base_dtype, use_fsdp_precision, use_precision_policy)
+                           steps_line, to_base_dtype, use_fsdp_precision, use_precision_policy)
 
 CLASS_LABELS = [name for name, kind in LABELS.items() if kind == "class"]  # each has a `num_<name>s` setting
 
@@ -596,10 +596,7 @@ def dry_run_plan(streams, epoch_samples, image_token_id, on_bad_sample, args):
                      f"{image:,} image)")
     if "train" in streams:
         plan["steps_per_epoch"], plan["steps"] = optimizer_steps(epoch_samples, args)
-        parts.append(f"{plan['steps_per_epoch']:,} optimizer steps per epoch of {args.world_size} x "
-                     f"{args.per_device_train_batch_size} x {args.gradient_accumulation_steps} samples, "
-                     f"{plan['steps']:,} in all" + (" (--max_steps)" if args.max_steps > 0
-                                                    else f" ({args.num_train_epochs:g} epochs)"))
+        parts.append(steps_line(epoch_samples, args, "samples"))
     log("dry run: " + "; ".join(parts) + ". Nothing was trained.")
     leave_process_group()
     return plan

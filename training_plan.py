@@ -318,6 +318,14 @@ def optimizer_steps(samples, args):
     return per_epoch, args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * per_epoch)
 
 
+def steps_line(samples, args, unit):
+    """`optimizer_steps` as the dry runs print it: per epoch, the batch it is made of, and in all."""
+    per_epoch, steps = optimizer_steps(samples, args)
+    return (f"{per_epoch:,} optimizer steps per epoch of {args.world_size} x {args.per_device_train_batch_size} x "
+            f"{args.gradient_accumulation_steps} {unit}, {steps:,} in all"
+            + (" (--max_steps)" if args.max_steps > 0 else f" ({args.num_train_epochs:g} epochs)"))
+
+
 def what_would_fit(model, adapters, gpu_bytes):
     """The setups that would bring a full fine-tune's weights + gradients + optimizer states within `gpu_bytes`, each
     with its bytes per GPU: LoRA with `adapters` parameters, --pure_bf16, and the fewest GPUs to shard over."""
