@@ -1,5 +1,6 @@
 """Shared fixtures and helpers: tiny offline checkpoints built once per test session (see demo.py), a CLI runner."""
 
+import gc
 import json
 import os
 import sys
@@ -11,6 +12,18 @@ import demo
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the suite may reach a model hub
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def frozen_heap():
+    """Collect once per test module, then freeze what is left: the Trainer runs a full garbage collection at every
+    train() (accelerate's free_memory), whose cost grows with everything this long process holds (torch,
+    transformers, session fixtures); it then scans only what the current module made. Unfrozen at the next module,
+    so nothing that became garbage meanwhile is kept."""
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
+    yield
 
 
 @pytest.fixture(scope="session")

@@ -8,14 +8,14 @@ from conftest import run_cli
 
 
 def test_gpu_sft_tiny_runs_every_cpu_setting():
-    # each setting is a child process, most of whose time here is its start: two settings, full and LoRA, with
-    # padding-free batches and checkpointing (the other values are flags of the same code)
-    res = run_cli([sys.executable, "bench/gpu_sft.py", "--tiny", "--train", "masters,lora", "--ckpt", "on",
+    # each setting is a child process, most of whose time here is its start: one setting, LoRA with padding-free
+    # batches and checkpointing (the other values are flags of the same code; full training runs in gpu_check)
+    res = run_cli([sys.executable, "bench/gpu_sft.py", "--tiny", "--train", "lora", "--ckpt", "on",
                    "--padding_free", "on"])
     assert res.returncode == 0, res.stderr[-2000:]
     rows = [line.split() for line in res.stdout.splitlines() if line.startswith("tiny ")]
     # each with throughput, plan and MFU figures
-    assert sorted((r[2], r[4], r[5]) for r in rows) == [("on", "on", "lora"), ("on", "on", "masters")], rows
+    assert [(r[2], r[4], r[5]) for r in rows] == [("on", "on", "lora")], rows
     for r in rows:
         assert float(r[6]) > 0 and float(r[7]) > 0 and float(r[9]) >= 0 and re.fullmatch(r"[\d.]+%", r[10]), r
 
@@ -45,7 +45,6 @@ def test_gpu_scorer_tiny_runs_every_cpu_setting():
         assert float(r[4]) > 0 and float(r[5]) > 0 and re.fullmatch(r"[\d.]+%", r[7]), r
     trainable = {r[1]: float(r[8][:-1]) for r in rows}
     assert trainable["frozen"] < trainable["full"], rows  # heads only vs the whole model
-
 
 
 def test_gpu_check_tiny_passes(tmp_path):

@@ -102,30 +102,42 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-@pytest.fixture(scope="module")
-def sft_uninterrupted(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sft") / "whole"
-    res = run_cli([sys.executable, "sft_qwen2.py", "--demo", "--output_dir", str(out), *SFT_RUN])
-    assert res.returncode == 0, res.stderr[-2000:]
-    return out
-
-
 class TestGracefulStop:
-    def test_sigterm_saves_where_it_stopped_and_the_same_command_ends_like_an_uninterrupted_run(
-            self, tmp_path, sft_uninterrupted):
-        out = tmp_path / "run"
-        cmd = [sys.executable, "sft_qwen2.py", "--demo", "--output_dir", str(out), *SFT_RUN]
-        code, log, seconds = interrupt(cmd, signal.SIGTERM)
+    def test_sigterm_then_a_kill_during_a_save_and_the_same_command_ends_like_an_uninterrupted_run(self, tmp_path):
+        """One run's story: SIGTERM mid-step saves where it stopped (143); the same command resumes and is killed
+        (-9) while checkpoint-40 is being written (its weights on disk, its optimizer state not yet); the same
+        command again skips that folder, resumes from the newest complete checkpoint, finishes, and its weights are
+        an uninterrupted run's."""
+        out, whole = tmp_path / "run", tmp_path / "whole"
+        script = ["sft_qwen2.py", "--demo", "--output_dir", str(out), *SFT_RUN]
+        code, log, seconds = interrupt([sys.executable, *script], signal.SIGTERM)
         assert code == 143, log[-3000:]
         step = stopped_step(log, "SIGTERM")
         assert 0 < step < 40 and seconds < 60
         assert (out / f"checkpoint-{step}" / COMPLETE).is_file() and not (out / "model.safetensors").exists()
         assert f"the same command resumes from it: python sft_qwen2.py --demo --output_dir {out}" in log
 
-        res = run_cli(cmd)  # the same command: resumes, continues the schedule, finishes
+        proc = subprocess.Popen([sys.executable, "-c", KILLED_IN_SAVE, *script], cwd=ROOT, env=env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        resumed = []
+        for line in proc.stdout:
+            resumed.append(line)
+            if line.startswith("WRITING checkpoint-40"):
+                break
+        proc.kill()
+        proc.communicate(timeout=60)
+        assert f"resuming from {out / f'checkpoint-{step}'}\n" in resumed, "".join(resumed)[-3000:]
+        cut = out / "checkpoint-40"
+        assert (cut / "model.safetensors").is_file() and not (cut / "optimizer.pt").exists()
+        assert not (cut / COMPLETE).exists()
+
+        res = run_cli([sys.executable, *script])
         assert res.returncode == 0, res.stderr[-2000:]
-        assert f"resuming from {out / f'checkpoint-{step}'}" in res.stdout
-        same_weights(out, sft_uninterrupted)
+        newest = out / f"checkpoint-{max(step, 20)}"  # the periodic save at 20, or the stop's after it
+        assert f"skipping {cut}: incomplete" in res.stdout and f"resuming from {newest}" in res.stdout
+        reference = run_cli([sys.executable, "sft_qwen2.py", "--demo", "--output_dir", str(whole), *SFT_RUN])
+        assert reference.returncode == 0, reference.stderr[-2000:]
+        same_weights(out, whole)
 
     def test_sigint_to_the_group_with_loader_workers_stops_with_130_and_a_complete_checkpoint(self, tmp_path):
         out = tmp_path / "run"
@@ -135,27 +147,6 @@ class TestGracefulStop:
         step = stopped_step(log, "SIGINT")
         assert (out / f"checkpoint-{step}" / COMPLETE).is_file()
         assert "Traceback" not in log and "KeyboardInterrupt" not in log  # the workers took it quietly too
-
-    def test_a_kill_during_a_save_loses_only_that_checkpoint(self, tmp_path, sft_uninterrupted):
-        """kill -9 while checkpoint-40 is being written (its weights on disk, the optimizer state not yet):
-        the same command skips it, resumes from checkpoint-20 and ends like an uninterrupted run."""
-        out = tmp_path / "run"
-        cmd = ["sft_qwen2.py", "--demo", "--output_dir", str(out), *SFT_RUN]
-        proc = subprocess.Popen([sys.executable, "-c", KILLED_IN_SAVE, *cmd], cwd=ROOT, env=env(),
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for line in proc.stdout:
-            if line.startswith("WRITING checkpoint-40"):
-                break
-        proc.kill()
-        proc.communicate(timeout=60)
-        cut = out / "checkpoint-40"
-        assert (cut / "model.safetensors").is_file() and not (cut / "optimizer.pt").exists()
-        assert not (cut / COMPLETE).exists()
-
-        res = run_cli([sys.executable, *cmd])
-        assert res.returncode == 0, res.stderr[-2000:]
-        assert f"skipping {cut}: incomplete" in res.stdout and f"resuming from {out / 'checkpoint-20'}" in res.stdout
-        same_weights(out, sft_uninterrupted)
 
     def test_two_processes_stop_at_the_same_step_and_resume_to_the_same_metrics(self, tmp_path):
         """SIGTERM to run.sh's torchrun: both ranks save one checkpoint at the step they agreed on, every process is

@@ -8,8 +8,10 @@ ZeRO-3 that weight is an empty partition unless gathered) on the same batches (e
 logged losses to WORKDIR/<mode>/losses.json and the final model with `trainer.save_model` to WORKDIR/<mode>/final.
 
 The scripts refuse --deepspeed on a machine without GPUs (accelerate counts one process there, so DeepSpeed's batch
-check fails); DeepSpeed itself runs on CPU with two adjustments made here, that GPU runs do not need: `use_cpu`,
-and DeepSpeed's communication set up (gloo) before the model is loaded partitioned.
+check fails); DeepSpeed itself runs on CPU with three adjustments made here, that GPU runs do not need: `use_cpu`,
+DeepSpeed's communication set up (gloo) before the model is loaded partitioned, and no shared-memory all-reduce op
+(DeepSpeed compiles it on first use on a CPU machine, 1-2.5 minutes on 2 cores, again for every new environment;
+gloo runs the same collectives).
 """
 
 import json
@@ -66,6 +68,11 @@ def main(workdir, mode):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     base = os.path.join(workdir, "base")
     out = os.path.join(workdir, mode)
+    if zero3:  # before the arguments: they set up DeepSpeed's communication
+        import importlib
+
+        # the module by its full name: in deepspeed.comm the attribute `torch` is torch itself
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None  # gloo alone: nothing to compile
     args = TrainingArguments(
         output_dir=out, per_device_train_batch_size=BATCH // world, max_steps=STEPS, learning_rate=1e-3,
         adam_epsilon=1e-4, lr_scheduler_type="constant", weight_decay=0.0, logging_steps=1, save_strategy="no",
