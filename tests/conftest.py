@@ -13,6 +13,23 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the suite may reach a model hub
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one of the parallel workers pytest.ini starts (pytest-xdist)
+    import atexit
+    import shutil
+    import tempfile
+
+    # Its own temporary folder, inherited by the commands it runs: the scripts' --demo folders live there, and each
+    # demo run rebuilds its folder, so two workers running the same demo at once must not share one.
+    os.environ["TMPDIR"] = tempfile.mkdtemp(prefix=f"pytest-{os.environ['PYTEST_XDIST_WORKER']}-")
+    tempfile.tempdir = None
+    atexit.register(shutil.rmtree, os.environ["TMPDIR"], True)
+    # One thread per process: the workers already share the cores, and waiting OpenMP threads on a busy core made
+    # tiny-model steps up to 10x slower.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 
 @pytest.fixture(scope="module", autouse=True)
 def frozen_heap():
@@ -118,3 +135,19 @@ def log_history(out):
     """The Trainer's log history from `out/trainer_state.json`."""
     with open(os.path.join(out, "trainer_state.json")) as f:
         return json.load(f)["log_history"]
+
+
+def scorer_args(scorer_demo, out, *extra, train=None):
+    """train_scorer.py flags of a short CPU run on the demo data (logs every step, no saves); `extra` last, wins."""
+    return ["--model_name_or_path", scorer_demo[0], "--train_shards", train or scorer_demo[1],
+            "--output_dir", str(out), "--num_types", "3", "--min_pixels", "1024", "--max_pixels", "4096",
+            "--use_cpu", "--report_to", "none", "--disable_tqdm", "true", "--seed", "1", "--logging_steps", "1",
+            "--save_strategy", "no", "--dataloader_num_workers", "0", "--per_device_train_batch_size", "4", *extra]
+
+
+def same_predictions(a, b, rel=1e-5):
+    """Two predictions.jsonl contents: the same keys in the same order, the same guesses, scores within `rel`."""
+    assert [p["key"] for p in a] == [q["key"] for q in b]
+    for p, q in zip(a, b):
+        assert p["type"] == q["type"], (p, q)
+        assert p["score"] == pytest.approx(q["score"], rel=rel) and p["type_probs"] == pytest.approx(q["type_probs"])

@@ -4,7 +4,7 @@ import json
 from dataclasses import dataclass, field
 
 import pytest
-from transformers import HfArgumentParser, TrainingArguments
+from transformers import HfArgumentParser
 
 from plumbing import TrainingDefaults, fail, log, parse_arguments, prepare_demo, resolve_mixed_precision
 

@@ -18,7 +18,7 @@ import transformers
 import demo
 import train_scorer
 from collate import collate_vl
-from conftest import ROOT, exit_2_line, log_history, read_jsonl, run_cli
+from conftest import ROOT, scorer_args, exit_2_line, log_history, read_jsonl, run_cli, same_predictions
 from train_scorer import ModelArguments, Qwen3VLScorer, load_scorer, pool_last_token, scorer_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -199,20 +199,6 @@ def test_scorer_metrics_match_definitions():
 
 # --- training in-process ------------------------------------------------------------------------------------------
 
-def base_args(scorer_demo, out, *extra, train=None):
-    return ["--model_name_or_path", scorer_demo[0], "--train_shards", train or scorer_demo[1],
-            "--output_dir", str(out), "--num_types", "3", "--min_pixels", "1024", "--max_pixels", "4096",
-            "--use_cpu", "--report_to", "none", "--disable_tqdm", "true", "--seed", "1", "--logging_steps", "1",
-            "--save_strategy", "no", "--dataloader_num_workers", "0", "--per_device_train_batch_size", "4", *extra]
-
-
-def same_predictions(a, b, rel=1e-5):
-    assert [p["key"] for p in a] == [q["key"] for q in b]
-    for p, q in zip(a, b):
-        assert p["type"] == q["type"], (p, q)
-        assert p["score"] == pytest.approx(q["score"], rel=rel) and p["type_probs"] == pytest.approx(q["type_probs"])
-
-
 GROUPS = {"vision": "model.visual.", "llm": "model.language_model.", "heads": ("score_head.", "type_head.")}
 
 
@@ -220,7 +206,7 @@ GROUPS = {"vision": "model.visual.", "llm": "model.language_model.", "heads": ("
     (["--freeze_backbone"], {"heads"}), (["--freeze_vision"], {"llm", "heads"}), ([], {"vision", "llm", "heads"})])
 def test_each_mode_trains_exactly_its_parameters(scorer_demo, tmp_path, flags, trained):
     out = tmp_path / "out"
-    trainer = train_scorer.main(base_args(scorer_demo, out, "--max_steps", "3", "--learning_rate", "1e-2",
+    trainer = train_scorer.main(scorer_args(scorer_demo, out, "--max_steps", "3", "--learning_rate", "1e-2",
                                           "--weight_decay", "0", "--warmup_steps", "0", *flags))
     before = safetensors.torch.load_file(os.path.join(scorer_demo[0], "model.safetensors"))
     after = trainer.model.state_dict()
@@ -244,7 +230,7 @@ def test_each_mode_trains_exactly_its_parameters(scorer_demo, tmp_path, flags, t
 def test_losses_fall_on_a_repeated_batch_and_logs_add_up(scorer_demo, tmp_path):
     shard = demo.write_shard(tmp_path / "four.tar", demo.make_vl_samples(4, seed=3))
     out = tmp_path / "out"
-    train_scorer.main(base_args(scorer_demo, out, "--max_steps", "16", "--learning_rate", "1e-2",
+    train_scorer.main(scorer_args(scorer_demo, out, "--max_steps", "16", "--learning_rate", "1e-2",
                                 "--lr_scheduler_type", "constant", "--warmup_steps", "0", "--score_weight", "0.5",
                                 "--type_weight", "2", "--logging_steps", "4", train=shard))
     logs = [h for h in log_history(out) if "loss_score" in h]
@@ -256,7 +242,7 @@ def test_losses_fall_on_a_repeated_batch_and_logs_add_up(scorer_demo, tmp_path):
 
 
 def test_head_lr_groups_and_cubic_schedule(scorer_demo, tmp_path):
-    trainer = train_scorer.main(base_args(scorer_demo, tmp_path / "o", "--max_steps", "8", "--warmup_steps", "2",
+    trainer = train_scorer.main(scorer_args(scorer_demo, tmp_path / "o", "--max_steps", "8", "--warmup_steps", "2",
                                           "--learning_rate", "1e-3", "--head_lr", "5e-2"))
     groups = trainer.optimizer.param_groups
     heads = {id(p) for m in (trainer.model.score_head, trainer.model.type_head) for p in m.parameters()}
@@ -279,7 +265,7 @@ def test_save_load_predict_and_resume(scorer_demo, tmp_path, mode, capsys):
     args = ["--max_steps", "6", "--save_strategy", "steps", "--save_steps", "3", "--eval_shards", scorer_demo[2],
             "--do_predict", "--dataloader_num_workers", "1", *flags]
     straight = tmp_path / "straight"
-    trainer = train_scorer.main(base_args(scorer_demo, straight, *args))
+    trainer = train_scorer.main(scorer_args(scorer_demo, straight, *args))
     keys = [p["key"] for p in read_jsonl(straight / "predictions.jsonl")]
     assert sorted(keys) == [f"e{i:05d}" for i in range(48)]  # the demo's eval shards
     with open(straight / "eval_results.json") as f:
@@ -301,11 +287,11 @@ def test_save_load_predict_and_resume(scorer_demo, tmp_path, mode, capsys):
 
     # resume: a run that lost everything after step 3 continues from checkpoint-3 to the same end
     resumed = tmp_path / "resumed"
-    train_scorer.main(base_args(scorer_demo, resumed, *args))
+    train_scorer.main(scorer_args(scorer_demo, resumed, *args))
     shutil.rmtree(resumed / "checkpoint-6")
     os.remove(resumed / "trainer_state.json")
     capsys.readouterr()
-    trainer = train_scorer.main(base_args(scorer_demo, resumed, *args))
+    trainer = train_scorer.main(scorer_args(scorer_demo, resumed, *args))
     assert f"resuming from {resumed / 'checkpoint-3'}" in capsys.readouterr().out
     assert trainer.state.global_step == 6
     a = {h["step"]: h["loss"] for h in log_history(straight) if "loss" in h}
@@ -320,7 +306,7 @@ def test_tensorboard_gets_both_losses(scorer_demo, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "o"
-    train_scorer.main(base_args(scorer_demo, out, "--max_steps", "2", "--report_to", "tensorboard",
+    train_scorer.main(scorer_args(scorer_demo, out, "--max_steps", "2", "--report_to", "tensorboard",
                                 "--eval_shards", scorer_demo[2], "--eval_strategy", "steps", "--eval_steps", "2"))
     events = [os.path.join(d, f) for d, _, files in os.walk(out) for f in files if "tfevents" in f]
     assert events
@@ -371,7 +357,7 @@ def test_bad_samples_are_skipped_and_counted(scorer_demo, tmp_path, capsys):
     bad = bad_samples()
     samples = demo.make_vl_samples(10, seed=4, prefix="ok")
     shard = demo.write_shard(tmp_path / "mixed.tar", samples[:5] + list(bad.values()) + samples[5:])
-    trainer = train_scorer.main(base_args(scorer_demo, tmp_path / "o", "--max_steps", "6", "--eval_shards", shard,
+    trainer = train_scorer.main(scorer_args(scorer_demo, tmp_path / "o", "--max_steps", "6", "--eval_shards", shard,
                                           "--do_predict", train=shard))
     out = capsys.readouterr().out
     m = trainer.metrics
@@ -386,7 +372,7 @@ def test_bad_samples_are_skipped_and_counted(scorer_demo, tmp_path, capsys):
 def test_bad_sample_with_on_bad_sample_error_exits_2(scorer_demo, tmp_path, capsys, problem):
     sample = bad_samples()[problem]
     shard = demo.write_shard(tmp_path / "one-bad.tar", demo.make_vl_samples(2, seed=4, prefix="ok") + [sample])
-    err = exit_2_line(capsys, train_scorer.main, base_args(scorer_demo, tmp_path / "o", "--max_steps", "2",
+    err = exit_2_line(capsys, train_scorer.main, scorer_args(scorer_demo, tmp_path / "o", "--max_steps", "2",
                                                            "--on_bad_sample", "error", train=shard))
     assert err.startswith(f"error: {shard}: {sample['__key__']}: ") and problem in err, err
 
@@ -397,7 +383,7 @@ def test_bad_sample_with_on_bad_sample_error_exits_2(scorer_demo, tmp_path, caps
     ("{d}/nothing-*.tar", "--train_shards: {d}/nothing-*.tar: pattern matches no file"),
 ])
 def test_unusable_shard_lists_exit_2(scorer_demo, tmp_path, capsys, spec, message):
-    err = exit_2_line(capsys, train_scorer.main, base_args(scorer_demo, tmp_path / "o", train=spec.format(d=tmp_path)))
+    err = exit_2_line(capsys, train_scorer.main, scorer_args(scorer_demo, tmp_path / "o", train=spec.format(d=tmp_path)))
     assert err == "error: " + message.format(d=tmp_path)
 
 
@@ -406,8 +392,8 @@ def test_resume_refuses_a_checkpoint_of_another_mode(scorer_demo, tmp_path, caps
     optimizer state covers other parameters."""
     out = tmp_path / "o"
     args = ["--max_steps", "2", "--save_strategy", "steps", "--save_steps", "2"]
-    train_scorer.main(base_args(scorer_demo, out, *args, "--freeze_backbone"))
-    err = exit_2_line(capsys, train_scorer.main, base_args(scorer_demo, out, *args, "--max_steps", "4",
+    train_scorer.main(scorer_args(scorer_demo, out, *args, "--freeze_backbone"))
+    err = exit_2_line(capsys, train_scorer.main, scorer_args(scorer_demo, out, *args, "--max_steps", "4",
                                                            "--freeze_vision"))
     assert err.startswith(f"error: {out / 'checkpoint-2'}: saved with scorer_trains = heads, this run has llm+heads")
 
@@ -416,7 +402,7 @@ def test_lora_trains_adapters_and_heads_composes_with_freeze_vision_and_merges(s
     """Adapters in the language model and, named, in the vision tower (frozen by --freeze_vision); the base never
     changes; the save holds heads + adapters; the merged folder is a plain full scorer with the same outputs."""
     out = tmp_path / "out"
-    trainer = train_scorer.main(base_args(scorer_demo, out, "--use_peft", "--freeze_vision", "--lora_target_modules",
+    trainer = train_scorer.main(scorer_args(scorer_demo, out, "--use_peft", "--freeze_vision", "--lora_target_modules",
                                           "q_proj", "v_proj", "qkv", "--max_steps", "3", "--learning_rate", "1e-2",
                                           "--warmup_steps", "0", "--eval_shards", scorer_demo[2], "--do_predict"))
     assert "(lora-llm+heads)" in capsys.readouterr().out
@@ -455,11 +441,11 @@ def test_lora_trains_adapters_and_heads_composes_with_freeze_vision_and_merges(s
     same_predictions(read_jsonl(tmp_path / "lora.jsonl"), read_jsonl(out / "predictions.jsonl"))
 
     # training on from a LoRA save needs --use_peft (its adapters train on)
-    err = exit_2_line(capsys, train_scorer.main, base_args(scorer_demo, tmp_path / "o")[2:] + [
+    err = exit_2_line(capsys, train_scorer.main, scorer_args(scorer_demo, tmp_path / "o")[2:] + [
         "--model_name_or_path", str(out), "--max_steps", "1"])
     assert err == f"error: {out}: a LoRA scorer (adapters + heads); train it further with --use_peft"
     assert trainer.model.config.scorer_trains == "lora-llm+heads"
-    further = train_scorer.main(base_args(scorer_demo, tmp_path / "further", "--max_steps", "2", "--use_peft",
+    further = train_scorer.main(scorer_args(scorer_demo, tmp_path / "further", "--max_steps", "2", "--use_peft",
                                           "--learning_rate", "1e-2", "--warmup_steps", "0")[2:]
                                 + ["--model_name_or_path", str(out)])
     again = further.model.state_dict()
@@ -469,7 +455,7 @@ def test_lora_trains_adapters_and_heads_composes_with_freeze_vision_and_merges(s
 
 
 def test_lora_and_frozen_backbone_exit_2(scorer_demo, tmp_path, capsys):
-    err = exit_2_line(capsys, train_scorer.main, base_args(scorer_demo, tmp_path, "--use_peft", "--freeze_backbone"))
+    err = exit_2_line(capsys, train_scorer.main, scorer_args(scorer_demo, tmp_path, "--use_peft", "--freeze_backbone"))
     assert err == "error: --use_peft trains adapters in the backbone, --freeze_backbone only the heads: choose one"
 
 
@@ -494,7 +480,7 @@ def test_tensorboard_and_the_curves_get_the_per_head_losses_and_the_eval_metrics
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "o"
-    train_scorer.main(base_args(scorer_demo, out, "--max_steps", "4", "--logging_steps", "2", "--eval_strategy",
+    train_scorer.main(scorer_args(scorer_demo, out, "--max_steps", "4", "--logging_steps", "2", "--eval_strategy",
                                 "steps", "--eval_steps", "4", "--eval_shards", scorer_demo[2], "--report_to",
                                 "tensorboard"))
     (run,) = (out / "runs").iterdir()  # the Trainer's default: OUTPUT_DIR/runs/DATE_HOST
