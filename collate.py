@@ -376,6 +376,14 @@ def resized_size(member, width, height, min_pixels=None, max_pixels=None, patch_
     return h, w
 
 
+def image_tokens(member, data, image_processor, min_pixels=None, max_pixels=None):
+    """Visual tokens of one image member: its size after qwen_vl_utils' resize, from its header alone (no pixel
+    decode), in patches merged by the processor's merge size; the number process_vision_info + the processor give."""
+    ip = image_processor
+    h, w = resized_size(member, *open_image(member, data, decode=False).size, min_pixels, max_pixels, ip.patch_size)
+    return (h // ip.patch_size) * (w // ip.patch_size) // ip.merge_size ** 2
+
+
 def vl_messages(images, prompt, min_pixels=None, max_pixels=None):
     """One user turn: the images in order, then the prompt (each image carries its pixel bounds for qwen_vl_utils)."""
     bounds = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
@@ -424,6 +432,21 @@ class VLEncoder:
             raise DataError(f"{feature['input_ids'].shape[-1]} tokens, more than --max_len {self.max_len}")
         return {**feature, **{f"{name}_labels": value for name, value in s.labels.items()}, "key": s.key}
 
+    def length(self, sample):
+        """Tokens `self(sample)` will have, from the json, the prompt's tokens and the image headers: no pixel is
+        decoded, so a pool of raw samples can be sorted by length (data.ShardStream's bucketing) at the cost of a
+        tokenizer call. 0 for a sample this cannot read (encoding then refuses it as a bad sample)."""
+        try:
+            s = parse_vl_sample(sample, self.classes, self.with_labels)
+            text = self.processor.tokenizer(vl_text(self.processor, len(s.images), s.prompt),
+                                            add_special_tokens=False)["input_ids"]
+            # each image is one <|image_pad|> in the rendered text; the processor expands it to the image's tokens
+            return len(text) - len(s.images) + sum(image_tokens(member, data, self.processor.image_processor,
+                                                                self.min_pixels, self.max_pixels)
+                                                   for member, data in s.images)
+        except DataError:
+            return 0
+
 
 def collate_vl(features, pad_token_id):
     """Batch per-sample processor outputs exactly as one processor call over the batch would (left padding).
@@ -446,6 +469,16 @@ def collate_vl(features, pad_token_id):
     if with_images:
         batch["pixel_values"] = torch.cat([f["pixel_values"] for f in with_images])
         batch["image_grid_thw"] = torch.cat([f["image_grid_thw"] for f in with_images])
+    return _with_labels_and_keys(batch, features)
+
+
+def collate_features(features, pad_token_id=None):
+    """Batch cached backbone features (feature_cache.py): `features` stacked, labels and keys as collate_vl.
+    `pad_token_id` is unused: the signature is collate_vl's, so data.ShardStream takes either."""
+    return _with_labels_and_keys({"features": torch.stack([f["features"] for f in features])}, features)
+
+
+def _with_labels_and_keys(batch, features):
     for label, kind in LABELS.items():
         name = f"{label}_labels"
         if all(f.get(name) is not None for f in features):

@@ -7,7 +7,7 @@ import json
 import os
 import random
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -194,6 +194,8 @@ class BadSample:
     key: str | None
     problem: str
     fatal: bool = False
+    index: int | None = field(default=None, compare=False)  # its position in the shard
+    length: int | None = field(default=None, compare=False)  # the length bucketing gave it (`length_of`)
 
     def __str__(self):  # the one error line for a bad sample, in training and in token_stats.py
         return (f"{self.shard}: {self.key}: " if self.shard else "") + self.problem
@@ -209,14 +211,20 @@ class ShardStream(torch.utils.data.IterableDataset):
     rank runs the same number of steps. A batch is `collate_vl`'s dict plus `order` ((shard, index) per sample)
     and `bad_samples` (BadSample list) that the main process counts or turns into an error; `stop_at_bad` ends an
     exact stream at its first bad sample (no point reading on when the run will stop).
+
+    `length_of(sample)`: the token length of a raw sample; given, training batches are bucketed by it (within
+    each shuffle buffer, see `_bucketed`) and every batch also carries `lengths` (per sample, like `order`).
+    `read(shard)` yields a shard's samples and `collate(features, pad_token_id)` makes a batch: the tar reader and
+    collate_vl, or another source of the same samples (feature_cache.py: cached features, same order).
     """
 
     def __init__(self, shards, encoder, batch_size, pad_token_id, rank=0, world_size=1, batches_per_epoch=None,
-                 seed=0, shuffle_buffer=0, stop_at_bad=False):
+                 seed=0, shuffle_buffer=0, stop_at_bad=False, length_of=None, read=shard_samples, collate=collate_vl):
         super().__init__()
         self.shards, self.encoder, self.batch_size, self.pad_token_id = shards, encoder, batch_size, pad_token_id
         self.rank, self.world_size, self.batches_per_epoch = rank, world_size, batches_per_epoch
         self.seed, self.shuffle_buffer, self.stop_at_bad, self.epoch = seed, shuffle_buffer, stop_at_bad, 0
+        self.length_of, self.read, self.collate = length_of, read, collate
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -227,12 +235,12 @@ class ShardStream(torch.utils.data.IterableDataset):
         return self.batches_per_epoch
 
     def _raw(self, shard_ids, slot, slots, sample_level):
-        """(shard id, index in shard, raw sample) of this slot, shards in the given order."""
+        """(shard id, index in shard, raw sample, its length or None) of this slot, shards in the given order."""
         n = 0
         for sid in shard_ids:
-            for i, sample in enumerate(shard_samples(self.shards[sid])):
+            for i, sample in enumerate(self.read(self.shards[sid])):
                 if not sample_level or n % slots == slot:
-                    yield sid, i, sample
+                    yield sid, i, sample, self.length_of(sample) if self.length_of else None
                 n += 1
 
     def __iter__(self):
@@ -260,14 +268,15 @@ class ShardStream(torch.utils.data.IterableDataset):
             order = list(mine)
             if not sample_level:
                 random.Random(f"{self.seed}/{self.epoch}/{slot}/{n_pass}").shuffle(order)
-            yield from _shuffled(self._raw(order, slot, slots, sample_level), self.shuffle_buffer, rng)
-            yield None, mine, None  # end of a pass: no shard, the pass's shard ids, no sample
+            items = _shuffled(self._raw(order, slot, slots, sample_level), self.shuffle_buffer, rng)
+            yield from _bucketed(items, self.batch_size, self.shuffle_buffer, rng) if self.length_of else items
+            yield None, mine, None, None  # end of a pass: no shard, the pass's shard ids, no sample
             n_pass += 1
 
     def _batches(self, items, quota):
-        features, order, bad, made, good_in_pass = [], [], [], 0, 0
+        features, order, lengths, bad, made, good_in_pass = [], [], [], [], 0, 0
         try:
-            for sid, index, sample in items:
+            for sid, index, sample, length in items:
                 if sample is None:  # a training pass over this slot's share ended; `index` holds its shard ids
                     if not good_in_pass:
                         raise DataError(f"{', '.join(self.shards[i] for i in index) or 'training shards'}: no usable "
@@ -277,20 +286,25 @@ class ShardStream(torch.utils.data.IterableDataset):
                 try:
                     features.append(self.encoder(sample))
                     order.append((sid, index))
+                    lengths.append(length)
                     good_in_pass += 1
                 except DataError as e:
-                    bad.append(BadSample(self.shards[sid], sample.get("__key__"), str(e)))
+                    bad.append(BadSample(self.shards[sid], sample.get("__key__"), str(e), index=index, length=length))
                     if self.stop_at_bad:
                         break
                 if len(features) == self.batch_size:
-                    yield {**collate_vl(features, self.pad_token_id), "order": order, "bad_samples": bad}
-                    features, order, bad, made = [], [], [], made + 1
+                    yield self._batch(features, order, lengths, bad)
+                    features, order, lengths, bad, made = [], [], [], [], made + 1
                     if made == quota:
                         return
         except DataError as e:  # unreadable shard or no samples at all: fatal whatever the policy
             bad.append(BadSample(None, None, str(e), fatal=True))
         if features or bad:
-            yield {**(collate_vl(features, self.pad_token_id) if features else {}), "order": order, "bad_samples": bad}
+            yield self._batch(features, order, lengths, bad)
+
+    def _batch(self, features, order, lengths, bad):
+        batch = {**(self.collate(features, self.pad_token_id) if features else {}), "order": order, "bad_samples": bad}
+        return {**batch, "lengths": lengths} if self.length_of else batch
 
 
 def _shuffled(items, size, rng):
@@ -302,6 +316,31 @@ def _shuffled(items, size, rng):
             yield buffer.pop(rng.randrange(len(buffer)))
     rng.shuffle(buffer)
     yield from buffer
+
+
+def _bucketed(items, batch_size, window, rng):
+    """Batches of similar length: every `window` items (a shuffle buffer's worth, at least one batch) are sorted by
+    length (`item[3]`) and cut into batches, which come out in a random order. Padding then only fills the gap
+    between neighbours in length, while the window a sample falls in and the order of batches stay random; one
+    pass's items stay in that pass (no batch count changes). Lengths come from the raw samples
+    (collate.VLEncoder.length), so the window holds compressed images, not pixel values (about 25 MB per 1024-token
+    image)."""
+    window = max(window - window % batch_size, batch_size)
+    pool = []
+    for item in items:
+        pool.append(item)
+        if len(pool) == window:
+            yield from _cut(pool, batch_size, rng)
+            pool = []
+    yield from _cut(pool, batch_size, rng)
+
+
+def _cut(pool, batch_size, rng):
+    pool.sort(key=lambda item: item[3])  # stable: equal lengths keep their shuffled order
+    batches = [pool[i:i + batch_size] for i in range(0, len(pool), batch_size)]
+    rng.shuffle(batches)
+    for batch in batches:
+        yield from batch
 
 
 def make_loader(stream, args):

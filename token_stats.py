@@ -41,8 +41,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from transformers import HfArgumentParser
 
-from collate import (IGNORE_INDEX, ChatFormat, DataError, apply_overflow, encode_sft_batch, missing_chat_template,
-                     open_image, parse_vl_sample, resized_size, to_messages, vl_text)
+from collate import (IGNORE_INDEX, ChatFormat, DataError, apply_overflow, encode_sft_batch, image_tokens,
+                     missing_chat_template, parse_vl_sample, to_messages, vl_text)
 from data import BadSample, expand_shards, load_sft_file, record_location, shard_samples
 from plumbing import fail, parse_arguments, prepare_demo
 
@@ -133,12 +133,13 @@ def _scorer_job(shard):
     would refuse (collate.parse_vl_sample, the same checks and the same error line) stops the run."""
     processor, args = _STATE["processor"], _STATE["args"]
     classes = {"type": args.num_types} if args.num_types else None
-    keys, texts, image_tokens = [], [], []
+    keys, texts, per_image = [], [], []
     for sample in shard_samples(shard):
         try:
             s = parse_vl_sample(sample, classes, args.with_labels)
             texts.append(vl_text(processor, len(s.images), s.prompt))
-            image_tokens.append([_image_tokens(member, data, processor, args) for member, data in s.images])
+            per_image.append([image_tokens(member, data, processor.image_processor, args.min_pixels, args.max_pixels)
+                              for member, data in s.images])
         except DataError as e:
             raise DataError(str(BadSample(shard, sample.get("__key__"), str(e)))) from None
         keys.append(s.key)
@@ -146,16 +147,7 @@ def _scorer_job(shard):
         raise DataError(f"{shard}: no samples")
     ids = processor.tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
     # each image is one <|image_pad|> in the rendered text; the processor expands it to that image's tokens
-    return [(key, len(t) - len(n), n) for key, t, n in zip(keys, ids, image_tokens)]
-
-
-def _image_tokens(member, data, processor, args):
-    """Tokens of one image: its size after qwen_vl_utils' resize (header only, no pixel decode), in patches merged
-    by the processor's merge size. The same numbers as process_vision_info + processor(do_resize=False)."""
-    ip = processor.image_processor
-    h, w = resized_size(member, *open_image(member, data, decode=False).size, args.min_pixels, args.max_pixels,
-                        ip.patch_size)
-    return (h // ip.patch_size) * (w // ip.patch_size) // ip.merge_size ** 2
+    return [(key, len(t) - len(n), n) for key, t, n in zip(keys, ids, per_image)]
 
 
 def _run_jobs(fn, jobs, num_proc, sizes, unit):

@@ -14,7 +14,8 @@ The label fields and their heads come from `collate.LABELS` (README "Forking": a
   # weights, prints the precision, the memory plan per GPU, samples, tokens and steps, and trains nothing
   bash run.sh train_scorer.py --train_shards 'data/train-{000000..000099}.tar' --num_types 5 --dry_run
 
-  # one GPU: heads only, on a frozen backbone (saves hold the heads plus the base model's name)
+  # one GPU: heads only, on a frozen backbone (saves hold the heads plus the base model's name); the backbone runs
+  # once per sample, into OUTPUT_DIR/feature_cache, and epochs and evaluations read its features from there
   python train_scorer.py --train_shards 'data/train-{000000..000099}.tar' --eval_shards 'data/val-*.tar' \\
       --num_types 5 --freeze_backbone --learning_rate 1e-3 --output_dir outputs/scorer
 
@@ -39,7 +40,8 @@ Epochs: each rank reads its own share of the training shards and cycles through 
 number of steps whatever the shard sizes. One epoch is `--epoch_samples` samples across all ranks (default: the
 number of samples in the training shards), i.e. ceil(epoch_samples / (ranks x batch x accumulation)) optimizer
 steps; within it a rank's share is reshuffled and may wrap around, so a sample can be seen 0, 1 or 2 times in one
-epoch. Evaluation and prediction read every sample exactly once, whatever the number of ranks and shards.
+epoch. Training batches group samples of similar token length within each shuffle buffer (--bucket_by_length).
+Evaluation and prediction read every sample exactly once, whatever the number of ranks and shards.
 Bad samples (undecodable image, missing image, bad json field, type out of range, NaN score) are skipped and
 counted (`--on_bad_sample skip`) or stop the run with exit code 2 (`error`).
 A run that finds `checkpoint-*` folders in --output_dir resumes from the newest one.
@@ -65,6 +67,8 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLModel, Qwen3VL
 from collate import LABELS, DataError, VLEncoder, missing_chat_template
 from curves import write_training_curves
 from data import BadSample, ShardStream, count_samples, expand_shards, make_loader
+from feature_cache import FeatureCache
+from feature_cache import settings as feature_settings
 from plumbing import (TrainingDefaults, check_output_dir, fail, final_evaluation, leave_process_group, log,
                       parse_arguments, prepare_demo, weights_source)
 from reliability import (GracefulStop, MarkComplete, SkipNonFinite, checkpoint_to_resume, exit_if_failed,
@@ -107,10 +111,16 @@ class DataArguments:
     epoch_samples: int = field(default=None, metadata={
         "help": "Samples per epoch across all ranks (default: counted from the training shards' tar headers)."})
     shuffle_buffer: int = field(default=256, metadata={"help": "Training samples shuffled in a buffer per worker."})
+    bucket_by_length: bool = field(default=True, metadata={
+        "help": "Form training batches of samples of similar token length within each shuffle buffer (less "
+                "padding; batches still random across steps and epochs)."})
     on_bad_sample: str = field(default="skip", metadata={
         "help": "skip (count and go on) or error (exit 2 naming the shard, key and problem; in training at the "
                 "next logging step, when every rank stops together).",
         "choices": ["skip", "error"]})
+    feature_cache: str = field(default=None, metadata={
+        "help": "Folder of the frozen backbone's features, computed once per sample and reused by every epoch, "
+                "evaluation and prediction (default with --freeze_backbone: OUTPUT_DIR/feature_cache; `none`: off)."})
     allow_pipe_shards: bool = field(default=False, metadata={
         "help": "Accept `pipe:COMMAND` shards, which run a shell command to read a shard (off: a shard list from "
                 "someone else could run anything)."})
@@ -301,10 +311,12 @@ class Qwen3VLScorer(Qwen3VLPreTrainedModel):
         out = self.model.get_image_features(pixels, torch.tensor([[1, m, m]], device=device))
         return sum(t.sum() for t in out.pooler_output) + sum(f.sum() for fs in out.deepstack_features for f in fs)
 
-    def forward(self, input_ids, attention_mask, mm_token_type_ids=None, pixel_values=None, image_grid_thw=None,
-                **labels):
-        """`labels`: `<name>_labels` for every label (training, evaluation) or none (prediction)."""
-        pooled = self.pooled(input_ids, attention_mask, mm_token_type_ids, pixel_values, image_grid_thw)
+    def forward(self, input_ids=None, attention_mask=None, mm_token_type_ids=None, pixel_values=None,
+                image_grid_thw=None, features=None, **labels):
+        """`labels`: `<name>_labels` for every label (training, evaluation) or none (prediction). `features`: the
+        pooled states of a frozen backbone from feature_cache.py, in place of the inputs: only the heads run."""
+        pooled = self.pooled(input_ids, attention_mask, mm_token_type_ids, pixel_values, image_grid_thw) \
+            if features is None else features
         with torch.autocast(pooled.device.type, enabled=False):
             pooled = pooled.float()
             heads = {name: self.head(name)(pooled) for name in LABELS}
@@ -418,33 +430,41 @@ def prediction(row):
 # Trainer: the scorer's loaders, head learning rate, per-head loss logs, bad samples, exact evaluation/prediction
 # ---------------------------------------------------------------------------------------------------------------
 
-def exact_pass(stream, args, on_bad_sample, rows_of):
+def exact_pass(stream, args, on_bad_sample, rows_of, unique=True):
     """Every sample of `stream` once over all ranks, as `rows_of(batch)` describes each (a dict per sample, in batch
-    order); returns (rows, each with its `order` and `key`, sorted by shard and position; bad (shard, key) pairs),
-    the same on every rank. Each rank runs its own samples with no collective in between (ranks may hold very
-    different numbers), then everything is gathered with its key; bad-sample errors are raised after the gather, by
-    every rank alike, so no rank is left waiting for one that stopped."""
+    order); returns (rows, each with its `order` and `key`, sorted by shard and position; data.BadSample list, one
+    per shard and key), the same on every rank. Each rank runs its own samples with no collective in between (ranks
+    may hold very different numbers), then everything is gathered with its key; bad-sample errors are raised after
+    the gather, by every rank alike, so no rank is left waiting for one that stopped. A key met twice is a bad
+    sample the second time, unless `unique` is off (the feature cache keeps every sample, as training reads them)."""
     rows, found = [], []
     for batch in make_loader(stream, args):
         found += batch["bad_samples"]
-        if "input_ids" not in batch:  # only bad samples were left for this batch
+        if not batch["order"]:  # only bad samples were left for this batch
             continue
         for i, row in enumerate(rows_of(batch)):
             rows.append({"order": batch["order"][i], "key": batch["keys"][i], **row})
     rows, found = gather_object(rows), gather_object(found)
     rows.sort(key=lambda r: tuple(r["order"]))
-    first, unique = {}, []
-    for r in rows:  # a key twice in the data would break "one prediction per key"
-        if r["key"] in first:
-            found.append(BadSample(stream.shards[r["order"][0]], r["key"],
-                                   f"duplicate key (first in {stream.shards[first[r['key']][0]]})"))
-        else:
-            first[r["key"]] = r["order"]
-            unique.append(r)
+    if unique:
+        first, kept = {}, []
+        for r in rows:  # a key twice in the data would break "one prediction per key"
+            if r["key"] in first:
+                found.append(BadSample(stream.shards[r["order"][0]], r["key"],
+                                       f"duplicate key (first in {stream.shards[first[r['key']][0]]})"))
+            else:
+                first[r["key"]] = r["order"]
+                kept.append(r)
+        rows = kept
     for bad in found:  # --on_bad_sample error (or a fatal one): every rank raises the same first error
         if bad.fatal or on_bad_sample == "error":
             raise AllRanksError(str(bad))
-    return unique, {(bad.shard, bad.key) for bad in found}
+    if unique:  # a bad sample counts once
+        once = {}
+        for bad in found:
+            once.setdefault((bad.shard, bad.key), bad)
+        found = list(once.values())
+    return rows, found
 
 
 class _SetStreamEpoch(TrainerCallback):
@@ -461,7 +481,7 @@ class ScorerTrainer(Trainer):
     """Trainer with the scorer's loaders, head learning rate, per-head loss logging, bad-sample accounting and an
     exact evaluation/prediction pass (each rank runs its own samples, then everything is gathered with its key)."""
 
-    META = ("keys", "order", "bad_samples")
+    META = ("keys", "order", "lengths", "bad_samples")
 
     def __init__(self, *args, head_lr=None, on_bad_sample="skip", **kwargs):
         super().__init__(*args, **kwargs)
@@ -530,23 +550,29 @@ class ScorerTrainer(Trainer):
             self._head_steps = 0
         super().log(logs, start_time)
 
-    def exact_pass(self, stream):
-        """`exact_pass` with the model: each sample's head outputs and labels."""
+    def exact_pass(self, stream, features=False):
+        """`exact_pass` with the model: each sample's head outputs and labels; with `features`, what the feature
+        cache keeps instead: its pooled backbone state (on the CPU, as computed), labels and length."""
         model, was_training = self.model, self.model.training
         model.eval()
 
         def rows_of(batch):
             inputs = self._prepare_inputs({k: v for k, v in batch.items()
                                            if k not in self.META and not k.endswith("_labels")})
+            labels = {name: batch[f"{name}_labels"].tolist() for name in LABELS if f"{name}_labels" in batch}
+            labels = [{name: values[i] for name, values in labels.items()} for i in range(len(batch["keys"]))]
             with torch.no_grad(), self.accelerator.autocast():
+                if features:  # one copy per row: a view would carry the whole batch's storage into the gather
+                    pooled = model.pooled(**inputs).cpu()
+                    return [{"features": pooled[i].clone(), "labels": labels[i], "length": batch["lengths"][i]}
+                            for i in range(len(labels))]
                 heads = model(**inputs).heads
             # one device-to-host copy per head and batch, not one sync per sample
             heads = {name: out.float().tolist() for name, out in heads.items()}
-            labels = {name: batch[f"{name}_labels"].tolist() for name in LABELS if f"{name}_labels" in batch}
-            return [{"heads": {name: out[i] for name, out in heads.items()},
-                     "labels": {name: values[i] for name, values in labels.items()}} for i in range(len(batch["keys"]))]
+            return [{"heads": {name: out[i] for name, out in heads.items()}, "labels": labels[i]}
+                    for i in range(len(labels))]
         try:
-            return exact_pass(stream, self.args, self.on_bad_sample, rows_of)
+            return exact_pass(stream, self.args, self.on_bad_sample, rows_of, unique=not features)
         finally:
             model.train(was_training)
 
@@ -560,8 +586,16 @@ class ScorerTrainer(Trainer):
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 
-    def write_predictions(self, stream, path):
-        rows, bad = self.exact_pass(stream)
+    def write_predictions(self, streams, shards, path):
+        """Predictions for `shards`, one exact pass per stream (those read from the feature cache, the others), in
+        shard order."""
+        position = {shard: i for i, shard in enumerate(shards)}
+        rows, bad = [], []
+        for stream in streams:
+            r, b = self.exact_pass(stream)
+            rows += [((position[stream.shards[x["order"][0]]], x["order"][1]), x) for x in r]
+            bad += b
+        rows = [x for _, x in sorted(rows, key=lambda t: t[0])]
         if self.args.process_index == 0:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             with open(path, "w", encoding="utf-8") as f:
@@ -628,6 +662,14 @@ def main(argv=None):
     if args.deepspeed:
         fail("--deepspeed: DeepSpeed casts the whole model to bf16, the scorer's fp32 heads too; shard the scorer "
              "with --fsdp (configs/scorer-qwen3vl-8b-full-fsdp2-8gpu.yaml)", every_rank=True)
+    cache_folder = None if data_args.feature_cache == "none" else data_args.feature_cache
+    if cache_folder and data_args.train_shards is not None and not model_args.freeze_backbone:
+        fail("--feature_cache keeps a frozen backbone's features: add --freeze_backbone (or --feature_cache none)")
+    if cache_folder and args.fsdp:
+        fail("--feature_cache with --fsdp: the cache is built with each rank running its own samples, which FSDP's "
+             "per-layer gathers cannot do; a frozen backbone needs no --fsdp")
+    if data_args.feature_cache is None and model_args.freeze_backbone and not args.fsdp and not args.dry_run:
+        cache_folder = os.path.join(args.output_dir, "feature_cache")
     if model_args.freeze_backbone:
         args.activation_checkpointing = False  # nothing to recompute: the backbone runs without autograd
     elif args.activation_checkpointing_auto:  # under FSDP its own checkpointing (fsdp_config) replaces the Trainer's
@@ -661,12 +703,13 @@ def main(argv=None):
 
     # Your data: each sample is checked (collate.parse_vl_sample: the json fields of collate.LABELS, image order) and
     # encoded (collate.encode_vl_example) by VLEncoder, in the DataLoader workers.
-    def stream(name, batch_size, **kw):
+    def stream(name, batch_size, bucketed=False, only=None, **kw):
         encoder = VLEncoder(processor, classes, name != "predict", data_args.min_pixels, data_args.max_pixels,
                             data_args.max_len)
-        return ShardStream(shards[name], encoder, batch_size, processor.tokenizer.pad_token_id, args.process_index,
+        return ShardStream(only or shards[name], encoder, batch_size, processor.tokenizer.pad_token_id,
+                           args.process_index,
                            args.world_size, stop_at_bad=data_args.on_bad_sample == "error" and name != "train",
-                           seed=args.seed, **kw)
+                           seed=args.seed, length_of=encoder.length if bucketed else None, **kw)
 
     train_stream = eval_stream = None
     stop = GracefulStop()  # SIGTERM / SIGINT: a checkpoint at the step every rank agrees on, then exit 143 / 130
@@ -676,7 +719,7 @@ def main(argv=None):
         accumulation = args.gradient_accumulation_steps
         steps, _ = optimizer_steps(epoch_samples, args)
         train_stream = stream("train", args.per_device_train_batch_size, batches_per_epoch=steps * accumulation,
-                              shuffle_buffer=data_args.shuffle_buffer)
+                              shuffle_buffer=data_args.shuffle_buffer, bucketed=data_args.bucket_by_length)
         callbacks.append(_SetStreamEpoch(train_stream, steps))
         log(f"data: {len(shards['train'])} training shards, an epoch is {epoch_samples} samples = {steps} steps "
             f"of {args.world_size} x {args.per_device_train_batch_size} x {accumulation}")
@@ -701,6 +744,33 @@ def main(argv=None):
                             processing_class=processor, callbacks=callbacks, head_lr=args.head_lr,
                             on_bad_sample=data_args.on_bad_sample, optimizer_cls_and_kwargs=optimizer)
     use_fsdp_precision(trainer, args)  # with --fsdp: bf16 compute, fp32 gradient reduction, outputs as computed
+
+    # Feature cache (frozen backbone): each training and evaluation sample's pooled state computed once, by one
+    # exact pass over every rank; the streams then read it and only the heads run. Local shards only (a cache
+    # entry is checked against its shard's size and modification time).
+    cache = None
+    if cache_folder and not all(os.path.isfile(s) for name in ("train", "eval") for s in shards.get(name, [])):
+        log("feature cache: off, some shards are not local files (nothing to check a cached feature against)")
+    elif cache_folder:
+        cache = FeatureCache(cache_folder, feature_settings(
+            model, processor, model_args, data_args, f"{load_dtype(args)}, bf16 {args.bf16}, fp16 {args.fp16}",
+            classes))
+        try:
+            missing = cache.load(list(dict.fromkeys(shards.get("train", []) + shards.get("eval", []))))
+            if missing:
+                log(f"feature cache: computing the backbone's features of {len(missing)} shard(s) once, into "
+                    f"{cache_folder}")
+                rows, bad = trainer.exact_pass(stream("eval", args.per_device_eval_batch_size, bucketed=True,
+                                                      only=missing), features=True)
+                cache.store(missing, rows, bad, write=args.process_index == 0)
+                trainer.accelerator.wait_for_everyone()  # every file written before anyone goes on
+        except DataError as e:
+            fail(e, every_rank=True)
+        for s in (train_stream, eval_stream):
+            if s is not None:
+                cache.attach(s)
+                log(f"feature cache: {cache_folder}: {'training' if s is train_stream else 'evaluation'} reads the "
+                    f"backbone's features from it")
 
     # Run: train, evaluate, predict. A bad sample in `error` mode stops every rank together (AllRanksError).
     metrics, summary = {}, []
@@ -736,7 +806,12 @@ def main(argv=None):
             summary.append(f"training curves in {curves}")
         if "predict" in shards:
             path = data_args.predict_output or os.path.join(args.output_dir, "predictions.jsonl")
-            n, bad = trainer.write_predictions(stream("predict", args.per_device_eval_batch_size), path)
+            todo = cache.load(shards["predict"]) if cache else shards["predict"]  # new shards: not cached
+            covered = [s for s in shards["predict"] if s not in todo]
+            streams = ([cache.attach(stream("predict", args.per_device_eval_batch_size, only=covered))]
+                       if covered else []) + ([stream("predict", args.per_device_eval_batch_size, only=todo)]
+                                              if todo else [])
+            n, bad = trainer.write_predictions(streams, shards["predict"], path)
             metrics.update(predict_samples=n, predict_bad_samples=bad)
             summary.append(f"predictions for {n} samples written to {path} ({bad} bad samples skipped)")
     except DataError as e:

@@ -11,7 +11,12 @@ in size within a sample and a batch) and "same" (every image 512 x 512 px, 2 per
 sample to have the same number of patches, so the baseline can only run on the same-size set; the bench shows its
 error on the mixed set. Our pipeline runs on both, so the same-size rows compare the two at equal work.
 Per-step collate time is reported as a share of one training step (forward + backward + AdamW) of the tiny
-Qwen3-VL scorer on the same batch. Ends with `scorer_pipeline_samples_per_s: N`, the best of our rows.
+Qwen3-VL scorer on the same batch, and `scorer_pipeline_samples_per_s: N` is the best of our rows.
+
+Padding: a third set, "varied" (0-3 images per sample, each side 256-1024 px), read as one training epoch with the
+scorer's default shuffle buffer, batches drawn at random (`--bucket_by_length false`) and bucketed by length (the
+default): the share of padding tokens in the batches, `scorer_padding_share_random: A` and
+`scorer_padding_share_bucketed: B` (target B <= A / 3), and the median tiny-model training step on those batches.
 """
 
 import argparse
@@ -132,9 +137,10 @@ def main():
     p.add_argument("--max_side", type=int, default=1024)
     p.add_argument("--same_side", type=int, default=512)
     p.add_argument("--workers", default="0,1,2", help="DataLoader worker counts to time")
+    p.add_argument("--varied_samples", type=int, default=96, help="samples of the padding set (0-3 images each)")
     a = p.parse_args()
     if a.quick:
-        a.samples, a.max_side, a.same_side = 16, 384, 256
+        a.samples, a.max_side, a.same_side, a.varied_samples = 16, 384, 256, 16
     import torch
 
     data_defaults = DataArguments()
@@ -207,6 +213,33 @@ def main():
           f"the step; workers take it off the training loop)")
     print(f"scorer_collate_share_of_step: {collate_s / step_s:.4%}")
     print(f"scorer_pipeline_samples_per_s: {ours_best:.2f}")
+
+    # Padding: one training epoch of the varied set, random batches vs length-bucketed ones
+    varied = write_set(tmp.name, "varied", a.varied_samples, lambda r: (r.randint(a.min_side, a.max_side),
+                                                                         r.randint(a.min_side, a.max_side)),
+                       (0, 1, 2, 3), seed=2)
+    buffer = data_defaults.shuffle_buffer
+    print(f"\npadding: {a.varied_samples} samples of 0-3 images (sides {a.min_side}-{a.max_side} px), batch "
+          f"{a.batch}, one epoch, shuffle buffer {buffer} (the default)")
+    print(f"{'batches':<12}{'padding':>9}{'tokens':>9}{'step ms':>9}")
+    shares = {}
+    for name, bucketed in (("random", False), ("bucketed", True)):
+        stream = ShardStream(varied, encoder, a.batch, pad_id, batches_per_epoch=a.varied_samples // a.batch,
+                             shuffle_buffer=buffer, length_of=encoder.length if bucketed else None)
+        padded = real = 0
+        times = []
+        for b in make_loader(stream, loader_args(0)):
+            padded, real = padded + b["attention_mask"].numel(), real + int(b["attention_mask"].sum())
+            inputs = {k: v for k, v in b.items() if k not in ("keys", "order", "lengths", "bad_samples")}
+            t = time.perf_counter()
+            model(**inputs).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            times.append(time.perf_counter() - t)
+        shares[name] = 1 - real / padded
+        print(f"{name:<12}{shares[name]:>9.1%}{padded:>9}{statistics.median(times) * 1e3:>9.1f}", flush=True)
+    for name, share in shares.items():
+        print(f"scorer_padding_share_{name}: {share:.4f}")
 
 
 if __name__ == "__main__":

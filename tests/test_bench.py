@@ -24,6 +24,8 @@ def test_scorer_pipeline_quick_times_every_row_and_shows_stack_failing_on_mixed_
     res = run_cli([sys.executable, "bench/scorer_pipeline.py", "--quick", "--samples", "8"])
     assert res.returncode == 0, res.stderr[-2000:]
     out = res.stdout
+    padding = {name: float(share) for name, share in re.findall(r"^scorer_padding_share_(\w+): ([\d.]+)$", out, re.M)}
+    assert set(padding) == {"random", "bucketed"} and padding["bucketed"] < padding["random"], out
     rows = re.findall(r"^(stack \(background post\)|collate_vl \(ours\))\s+(same|mixed)\s+(\d)\s+([\d.]+)", out, re.M)
     got = sorted((name.split()[0], images, int(w)) for name, images, w, _ in rows)
     assert got == sorted([("stack", "same", w) for w in (0, 1, 2)] + [("collate_vl", s, w) for s in ("same", "mixed")
@@ -63,3 +65,11 @@ def test_gpu_check_tiny_passes(tmp_path):
                      str(tmp_path)])
     results = [json.loads(line[len("RESULT "):]) for line in child.stdout.splitlines() if line.startswith("RESULT ")]
     assert results == [{"check": "no-such-check", "pass": False, "figures": "KeyError: 'no-such-check'"}], child.stdout
+
+
+def test_scorer_cache_quick_ends_with_its_two_figures():
+    res = run_cli([sys.executable, "bench/scorer_cache.py", "--quick"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    speedup = float(re.search(r"^scorer_cache_epoch_speedup: ([\d.]+)$", res.stdout, re.M).group(1))
+    diff = float(re.search(r"^scorer_cache_max_loss_diff: ([\d.e+-]+)$", res.stdout, re.M).group(1))
+    assert speedup > 1 and diff <= 1e-5, res.stdout[-1500:]  # even the smoke run's tiny backbone outweighs the heads

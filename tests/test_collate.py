@@ -352,3 +352,13 @@ class TestCollateVL:
         assert VLEncoder(vl_processor, {"type": 3}, True, **VL_PIXELS, max_len=n)(sample)["key"] == "k7"
         with pytest.raises(DataError, match=f"{n} tokens, more than --max_len {n - 1}"):
             VLEncoder(vl_processor, {"type": 3}, True, **VL_PIXELS, max_len=n - 1)(sample)
+
+    def test_length_from_headers_is_the_encoded_length(self, vl_processor):
+        """What bucketing sorts by: the encoded length, known from the json, the prompt and the image headers
+        (2, 1, 3 and no images of different sizes, in png and jpg); 0 for a sample it cannot read."""
+        encoder = VLEncoder(vl_processor, {"type": 3}, True, **VL_PIXELS, max_len=4096)
+        for i, (images, prompt) in enumerate(VL_SAMPLES):
+            sample = demo.vl_sample(f"k{i}", {"prompt": prompt, "score": 1.0, "type": 0}, images,
+                                    formats=("png", "jpg"))
+            assert encoder.length(sample) == encoder(sample)["input_ids"].shape[-1] > 0, i
+        assert encoder.length({"__key__": "k", "json": b"{not json"}) == 0

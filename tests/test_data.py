@@ -117,6 +117,18 @@ class KeyOnly:
                 "key": sample["__key__"]}
 
 
+class OfLength:
+    """An encoder whose sample `s..n<N>` has N tokens (json {"n": N}): what bucketing sorts by, without a processor."""
+
+    def __call__(self, sample):
+        n = self.length(sample)
+        return {"input_ids": torch.ones(1, n, dtype=torch.long), "attention_mask": torch.ones(1, n, dtype=torch.long),
+                "key": sample["__key__"]}
+
+    def length(self, sample):
+        return json.loads(sample["json"])["n"]
+
+
 def key_shards(root, sizes, bad=()):
     """Shards of json-only samples named by shard and index; returns (paths, keys in shard order)."""
     paths, keys = [], []
@@ -196,3 +208,43 @@ class TestShardStream:
         broken.write_bytes(b"this is not a tar file at all" * 40)
         _, bad, _ = run_rank(ShardStream([str(broken)], KeyOnly(), 2, 0), 0)
         assert bad[-1].fatal and "broken.tar: cannot read as a tar shard" in str(bad[-1])
+
+
+class TestBuckets:
+    LENGTHS = [37, 3, 21, 50, 8, 44, 15, 29, 2, 33, 11, 47, 26, 6, 40, 18, 31, 9, 24, 45, 13, 36, 5, 28]
+
+    def stream(self, tmp_path, bucketed, batches=6, buffer=24):
+        samples = [{"__key__": f"s{i:02d}", "json": json.dumps({"n": n}).encode()} for i, n in enumerate(self.LENGTHS)]
+        path = demo.write_shard(tmp_path / "lengths.tar", samples)
+        encoder = OfLength()
+        return ShardStream([path], encoder, 4, 0, batches_per_epoch=batches, shuffle_buffer=buffer, seed=3,
+                           length_of=encoder.length if bucketed else None)
+
+    @staticmethod
+    def batches(stream):
+        from data import make_loader
+
+        return [(b["keys"], b["attention_mask"].sum(1).tolist(), b.get("lengths"), b["attention_mask"].numel())
+                for b in make_loader(stream, LoaderArgs(0))]
+
+    def test_batches_of_neighbours_in_length_from_each_buffer_in_random_order(self, tmp_path):
+        plain, bucketed = self.batches(self.stream(tmp_path, False)), self.batches(self.stream(tmp_path, True))
+        assert len(plain) == len(bucketed) == 6 and all(len(keys) == 4 for keys, *_ in bucketed)
+        # one pass of 24 samples: the same samples, each once, only grouped differently
+        assert sorted(k for keys, *_ in bucketed for k in keys) == sorted(k for keys, *_ in plain for k in keys)
+        for keys, real, lengths, _ in bucketed:
+            assert lengths == real  # the lengths the stream sorted by are the encoded ones
+        # the buffer held the whole pass: its samples sorted by length, cut into 6 batches, in random order
+        assert sorted(n for _, real, *_ in bucketed for n in sorted(real)) == sorted(self.LENGTHS)
+        ranges = [(min(real), max(real)) for _, real, *_ in bucketed]
+        assert all(a[1] < b[0] for a, b in zip(sorted(ranges), sorted(ranges)[1:])), ranges  # no overlap
+        assert ranges != sorted(ranges) and ranges != sorted(ranges, reverse=True), ranges
+        padding = {name: sum(size - sum(real) for _, real, _, size in runs) / sum(size for *_, size in runs)
+                   for name, runs in (("plain", plain), ("bucketed", bucketed))}
+        assert padding["bucketed"] < padding["plain"] / 3, padding
+        assert [b[0] for b in self.batches(self.stream(tmp_path, True))] == [b[0] for b in bucketed]  # replayable
+
+    def test_buffer_of_one_batch_changes_nothing_but_order_within_batches(self, tmp_path):
+        plain, bucketed = self.batches(self.stream(tmp_path, False, buffer=4)), \
+            self.batches(self.stream(tmp_path, True, buffer=4))
+        assert [sorted(b[0]) for b in plain] == [sorted(b[0]) for b in bucketed]

@@ -1,0 +1,167 @@
+"""A frozen backbone's features, computed once: each sample's pooled last-token hidden state, kept per shard, so that
+head-only training (train_scorer.py --freeze_backbone) runs the backbone once, not at every epoch and evaluation.
+
+One file per shard, `DIR/<shard file name>-<hash of its path>.safetensors`: `features` (one row per usable sample,
+in the backbone's compute dtype) and one tensor per label, plus metadata: the fingerprint, and every sample of the
+shard in order (key, length for bucketing, and the problem of each bad one), so a stream over the cache deals,
+shuffles, buckets and skips exactly as a stream over the shards would. The fingerprint is the settings that shape a
+feature (base model and its config, weight files, dtype, processor, pixel bounds, max_len, label checks) and the
+shard's path, size and modification time: a file whose fingerprint differs, or that cannot be read, is rebuilt, with
+one line saying why. Files are written under a temporary name and renamed (a crash never leaves half a file).
+
+Nobody else does this: TRL, LLaMA-Factory and ms-swift cache tokenization at most, never frozen-backbone features.
+"""
+
+import hashlib
+import json
+import os
+
+import torch
+
+from collate import LABELS, DataError, collate_features
+from plumbing import log
+
+
+def _sha(value):
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def settings(model, processor, model_args, data_args, compute, classes):
+    """What shapes a cached feature, besides the shard itself. `model`: the scorer (its backbone's checkpoint is
+    `config.scorer_base_model` when frozen); `compute`: how the backbone computes (dtype, autocast)."""
+    config = model.config
+    base = config.scorer_base_model or model_args.model_name_or_path
+    weights = sorted((f, os.path.getsize(os.path.join(base, f)), os.path.getmtime(os.path.join(base, f)))
+                     for f in os.listdir(base) if f.endswith((".safetensors", ".bin"))) if os.path.isdir(base) else []
+    tokenizer = processor.tokenizer
+    return {"base_model": base, "weight_files": weights, "compute": compute,
+            "backbone_config": _sha({"text": config.text_config.to_dict(), "vision": config.vision_config.to_dict()}),
+            "attn_implementation": model_args.attn_implementation,
+            "processor": _sha({"image": processor.image_processor.to_dict(), "template": processor.chat_template,
+                               "tokenizer": [type(tokenizer).__name__, len(tokenizer), tokenizer.pad_token_id]}),
+            "min_pixels": data_args.min_pixels, "max_pixels": data_args.max_pixels, "max_len": data_args.max_len,
+            "classes": classes}
+
+
+class FeatureCache:
+    """The cache folder for one set of `settings`: which shards it covers, loading them, storing new ones."""
+
+    def __init__(self, folder, settings):
+        self.folder, self.settings, self.entries = folder, settings, {}  # {shard: [sample entry, ...]}
+
+    def path(self, shard):
+        name = os.path.basename(shard).removesuffix(".tar")
+        return os.path.join(self.folder, f"{name}-{hashlib.sha256(os.path.abspath(shard).encode()).hexdigest()[:12]}"
+                                         f".safetensors")
+
+    def fingerprint(self, shard):
+        stat = os.stat(shard)
+        return {"settings": _sha(self.settings), "shard": os.path.abspath(shard), "size": stat.st_size,
+                "mtime_ns": stat.st_mtime_ns}
+
+    def load(self, shards):
+        """Read the valid files of `shards` into memory; returns the others (not cached yet, or a file that cannot
+        be used: one line each)."""
+        from safetensors import safe_open
+
+        missing = []
+        for shard in shards:
+            if shard in self.entries:
+                continue
+            path = self.path(shard)
+            if not os.path.exists(path):
+                missing.append(shard)
+                continue
+            try:
+                with safe_open(path, "pt") as f:
+                    meta = f.metadata()
+                    if json.loads(meta["fingerprint"]) != self.fingerprint(shard):
+                        raise _Stale("its shard or the settings changed since it was written")
+                    self.entries[shard] = _entries(json.loads(meta["samples"]),
+                                                   {name: f.get_tensor(name) for name in f.keys()})
+            except _Stale as e:
+                log(f"feature cache: {path}: {e}; not used")
+                missing.append(shard)
+            except Exception as e:  # noqa: BLE001 - a damaged file fails in many ways; it is rebuilt, never trusted
+                log(f"feature cache: {path}: unreadable ({type(e).__name__}: {e}); not used")
+                missing.append(shard)
+        return missing
+
+    def store(self, shards, rows, bad, write):
+        """Keep the features of `shards` that one exact pass computed (`rows`: each good sample's `order`, `key`,
+        `length`, `features`, `labels`; `bad`: data.BadSample list, with index and length), on every rank, and with
+        `write` (rank 0) save one file per shard."""
+        per_shard = {shard: [] for shard in shards}
+        for r in rows:
+            per_shard[shards[r["order"][0]]].append((r["order"][1], {"__key__": r["key"], "length": r["length"],
+                                                                      "features": r["features"],
+                                                                      "labels": r["labels"]}))
+        for b in bad:
+            if b.fatal:
+                raise DataError(str(b))
+            per_shard[b.shard].append((b.index, {"__key__": b.key, "length": b.length, "problem": b.problem}))
+        os.makedirs(self.folder, exist_ok=True)
+        for shard, indexed in per_shard.items():
+            entries = [entry for _, entry in sorted(indexed, key=lambda x: x[0])]
+            self.entries[shard] = entries
+            if write:
+                self._write(shard, entries)
+
+    def _write(self, shard, entries):
+        import safetensors.torch
+
+        good = [e for e in entries if "problem" not in e]
+        hidden = good[0]["features"].shape[-1] if good else 0
+        tensors = {"features": torch.stack([e["features"] for e in good]) if good else torch.zeros(0, hidden)}
+        for name, kind in LABELS.items():
+            tensors[name] = torch.tensor([e["labels"][name] for e in good],
+                                         dtype=torch.float32 if kind == "value" else torch.long)
+        samples = [{"key": e["__key__"], "length": e["length"], **({"problem": e["problem"]} if "problem" in e else {})}
+                   for e in entries]
+        path = self.path(shard)
+        safetensors.torch.save_file(tensors, path + ".tmp", metadata={
+            "fingerprint": json.dumps(self.fingerprint(shard)), "samples": json.dumps(samples)})
+        os.replace(path + ".tmp", path)  # atomic: a reader sees the old file or the whole new one
+
+    def attach(self, stream):
+        """Make a data.ShardStream read this cache instead of its shards (all of them covered): the same dealing
+        over ranks and workers, shuffling, bucketing (by the stored lengths) and bad samples (failing where they
+        failed, so skipped and counted the same way); batches of features instead of encoded samples."""
+        stream.read, stream.encoder, stream.collate = self.read, self.encode, collate_features
+        if stream.length_of:
+            stream.length_of = self.length
+        return stream
+
+    def read(self, shard):
+        return iter(self.entries[shard])
+
+    @staticmethod
+    def encode(entry):
+        if "problem" in entry:
+            raise DataError(entry["problem"])
+        return {"features": entry["features"], **{f"{name}_labels": v for name, v in entry["labels"].items()},
+                "key": entry["__key__"]}
+
+    @staticmethod
+    def length(entry):
+        return entry["length"]
+
+
+class _Stale(Exception):
+    pass
+
+
+def _entries(samples, tensors):
+    """Sample entries of one file: every sample in shard order; good ones with their feature row and labels."""
+    rows = iter(range(tensors["features"].shape[0]))
+    entries = []
+    for s in samples:
+        if "problem" in s:
+            entries.append({"__key__": s["key"], "length": s["length"], "problem": s["problem"]})
+            continue
+        i = next(rows)
+        entries.append({"__key__": s["key"], "length": s["length"], "features": tensors["features"][i],
+                        "labels": {name: tensors[name][i].item() for name in LABELS}})
+    if next(rows, None) is not None:
+        raise ValueError("more feature rows than usable samples")
+    return entries

@@ -1,0 +1,162 @@
+"""feature_cache.py through train_scorer.py: heads trained from cached features are the heads trained without the
+cache; the cache is rebuilt when its settings or a shard change or a file is damaged; bad samples count alike;
+prediction reads it for the shards it covers; two processes build it together."""
+
+import json
+import os
+
+import pytest
+import safetensors.torch
+import torch
+from safetensors import safe_open
+
+import demo
+import train_scorer
+from conftest import log_history, read_jsonl, run_cli, same_predictions, scorer_args
+
+
+@pytest.fixture
+def backbone_calls(monkeypatch):
+    """How many times the Qwen3-VL backbone ran (each batch of a pass is one call)."""
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLModel
+
+    calls, forward = [], Qwen3VLModel.forward
+    monkeypatch.setattr(Qwen3VLModel, "forward", lambda self, *a, **kw: calls.append(1) or forward(self, *a, **kw))
+    return calls
+
+
+def cache_files(folder):
+    return sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+
+
+def cached_samples(path):
+    with safe_open(path, "pt") as f:
+        return json.loads(f.metadata()["samples"])
+
+
+FROZEN = ["--freeze_backbone", "--learning_rate", "1e-2", "--max_steps", "12", "--per_device_eval_batch_size", "8",
+          "--eval_strategy", "steps", "--eval_steps", "6", "--dataloader_num_workers", "1"]
+
+
+def test_heads_from_the_cache_train_and_evaluate_like_heads_on_the_backbone(scorer_demo, tmp_path, backbone_calls,
+                                                                            capsys):
+    """Same batches (bucketed, shuffled, dealt alike), same per-step losses, same heads, same eval metrics; the
+    backbone ran once per sample (22 batches of 8: the 128 training and 48 evaluation samples), not per step."""
+    plain = train_scorer.main(scorer_args(scorer_demo, tmp_path / "plain", *FROZEN, "--eval_shards", scorer_demo[2],
+                                          "--feature_cache", "none"))
+    plain_calls = len(backbone_calls)
+    assert plain_calls == 12 + 2 * 6  # a call per step, and 6 batches per evaluation (at steps 6 and 12)
+    assert not os.path.exists(tmp_path / "plain" / "feature_cache")
+    capsys.readouterr()
+
+    cached = train_scorer.main(scorer_args(scorer_demo, tmp_path / "cached", *FROZEN, "--eval_shards",
+                                           scorer_demo[2]))
+    out = capsys.readouterr().out
+    assert len(backbone_calls) - plain_calls == 22
+    assert f"feature cache: computing the backbone's features of 6 shard(s) once, into " \
+           f"{tmp_path / 'cached' / 'feature_cache'}" in out
+    assert len(cache_files(tmp_path / "cached" / "feature_cache")) == 6
+
+    a = [h["loss"] for h in log_history(tmp_path / "plain") if "loss" in h]
+    b = [h["loss"] for h in log_history(tmp_path / "cached") if "loss" in h]
+    assert len(a) == len(b) == 12 and b == pytest.approx(a, rel=1e-5)
+    for name, value in plain.model.state_dict().items():
+        if name.startswith(("score_head.", "type_head.")):
+            torch.testing.assert_close(cached.model.state_dict()[name], value, rtol=1e-5, atol=1e-7)
+    for key, value in plain.metrics.items():
+        if key.startswith("eval_") and "runtime" not in key and "per_second" not in key:
+            assert cached.metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+
+
+EVAL_ONLY = ["--num_types", "3", "--min_pixels", "1024", "--max_pixels", "4096", "--use_cpu", "--report_to", "none",
+             "--disable_tqdm", "true", "--dataloader_num_workers", "0", "--per_device_eval_batch_size", "8"]
+
+
+def evaluate(model, shards, out, cache, *extra):
+    trainer = train_scorer.main(["--model_name_or_path", model, "--eval_shards", shards, "--output_dir", str(out),
+                                 "--feature_cache", str(cache), *EVAL_ONLY, *extra])
+    return {k: v for k, v in trainer.metrics.items() if k.startswith("eval_") and "runtime" not in k
+            and "per_second" not in k}
+
+
+class TestInvalidation:
+    @pytest.fixture
+    def shards(self, scorer_demo, tmp_path):
+        """The demo's eval shards, and a third with a bad sample (missing type) among good ones."""
+        samples = demo.make_vl_samples(6, seed=5, prefix="x")
+        samples[2]["json"] = b'{"prompt": "p", "score": 1.0}'
+        extra = demo.write_shard(tmp_path / "extra.tar", samples)
+        return f"{scorer_demo[2]},{extra}", extra
+
+    def test_reused_rebuilt_on_change_or_damage_and_bad_samples_counted_alike(self, scorer_demo, shards, tmp_path,
+                                                                              capsys, backbone_calls):
+        spec, extra = shards
+        cache = tmp_path / "cache"
+        uncached = evaluate(scorer_demo[0], spec, tmp_path / "o", "none")
+        assert uncached["eval_bad_samples"] == 1 and uncached["eval_samples"] == 53
+        capsys.readouterr()
+
+        built = evaluate(scorer_demo[0], spec, tmp_path / "o", cache)
+        assert "computing the backbone's features of 3 shard(s)" in capsys.readouterr().out
+        assert built == pytest.approx(uncached, rel=1e-5)
+        files = cache_files(cache)
+        assert len(files) == 3
+        extra_file = next(cache / f for f in files if f.startswith("extra-"))
+        assert [s.get("problem") for s in cached_samples(extra_file)] == \
+            [None, None, "json: missing field 'type'", None, None, None]
+
+        calls = len(backbone_calls)
+        assert evaluate(scorer_demo[0], spec, tmp_path / "o", cache) == built  # read, not computed
+        assert len(backbone_calls) == calls and "computing" not in capsys.readouterr().out
+
+        os.utime(extra, ns=(os.stat(extra).st_atime_ns, os.stat(extra).st_mtime_ns + 10**9))  # the shard changed
+        assert evaluate(scorer_demo[0], spec, tmp_path / "o", cache) == built
+        out = capsys.readouterr().out
+        assert f"feature cache: {extra_file}: its shard or the settings changed since it was written; not used" in out
+        assert "computing the backbone's features of 1 shard(s)" in out
+
+        extra_file.write_bytes(extra_file.read_bytes()[:100])  # damaged: cut short
+        assert evaluate(scorer_demo[0], spec, tmp_path / "o", cache) == built
+        out = capsys.readouterr().out
+        assert f"feature cache: {extra_file}: unreadable (" in out and "of 1 shard(s)" in out
+
+        other = evaluate(scorer_demo[0], spec, tmp_path / "o", cache, "--max_pixels", "2048")  # a setting changed
+        assert "computing the backbone's features of 3 shard(s)" in capsys.readouterr().out
+        assert other == pytest.approx(evaluate(scorer_demo[0], spec, tmp_path / "o", "none", "--max_pixels", "2048"),
+                                      rel=1e-5)
+
+    def test_prediction_reads_the_shards_it_covers_and_computes_the_others(self, scorer_demo, shards, tmp_path,
+                                                                           capsys):
+        spec, extra = shards
+        cache = tmp_path / "cache"
+        evaluate(scorer_demo[0], scorer_demo[2], tmp_path / "o", cache)  # caches the demo's eval shards only
+        new = demo.write_shard(tmp_path / "new.tar", demo.make_vl_samples(5, seed=6, prefix="n"))
+        predict = f"{scorer_demo[2]},{new}"
+        for name, folder in (("cached", cache), ("plain", "none")):
+            train_scorer.main(["--model_name_or_path", scorer_demo[0], "--predict_shards", predict, "--do_predict",
+                               "--output_dir", str(tmp_path / name), "--feature_cache", str(folder), *EVAL_ONLY])
+        assert len(cache_files(cache)) == 2  # the new shard was computed for the predictions, not cached
+        cached, plain = (read_jsonl(tmp_path / name / "predictions.jsonl") for name in ("cached", "plain"))
+        assert len(plain) == 53 and plain[-1]["key"] == "n00004"
+        same_predictions(cached, plain)
+
+
+def test_two_processes_build_the_cache_once_and_train_from_it(scorer_demo, tmp_path):
+    """Under run.sh with 2 processes each rank computes its share of the samples; rank 0 writes every shard's file,
+    with every sample once, holding the features one process computes."""
+    two, one = tmp_path / "two", tmp_path / "one"
+    run = ["--freeze_backbone", "--max_steps", "2", "--eval_shards", scorer_demo[2], "--per_device_eval_batch_size",
+           "8"]
+    res = run_cli(["bash", "run.sh", "train_scorer.py", *scorer_args(scorer_demo, two, *run)],
+                  env={"NPROC_PER_NODE": "2"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("feature cache: computing") == 1
+    train_scorer.main(scorer_args(scorer_demo, one, *run))
+    files = cache_files(two / "feature_cache")
+    assert files == cache_files(one / "feature_cache") and len(files) == 6
+    for f in files:
+        a, b = (safetensors.torch.load_file(d / "feature_cache" / f) for d in (two, one))
+        samples = cached_samples(two / "feature_cache" / f)
+        assert samples == cached_samples(one / "feature_cache" / f) and a["features"].shape[0] == len(samples)
+        torch.testing.assert_close(a["features"], b["features"], rtol=1e-4, atol=1e-5)
+        assert torch.equal(a["score"], b["score"]) and torch.equal(a["type"], b["type"])
