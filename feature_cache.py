@@ -8,6 +8,7 @@ shuffles, buckets and skips exactly as a stream over the shards would. The finge
 feature (base model and its config, weight files, dtype, processor, pixel bounds, max_len, label checks) and the
 shard's path, size and modification time: a file whose fingerprint differs, or that cannot be read, is rebuilt, with
 one line saying why. Files are written under a temporary name and renamed (a crash never leaves half a file).
+Features are held in memory when they fit (`memory_budget`), else read from the memory-mapped files as needed.
 
 Nobody else does this: TRL, LLaMA-Factory and ms-swift cache tokenization at most, never frozen-backbone features.
 """
@@ -48,6 +49,7 @@ class FeatureCache:
 
     def __init__(self, folder, settings):
         self.folder, self.settings, self.entries = folder, settings, {}  # {shard: [sample entry, ...]}
+        self._opened = {}  # {(process id, file): a mapped `features` tensor}, for caches read from disk
 
     def path(self, shard):
         name = os.path.basename(shard).removesuffix(".tar")
@@ -60,10 +62,17 @@ class FeatureCache:
                 "mtime_ns": stat.st_mtime_ns}
 
     def load(self, shards):
-        """Read the valid files of `shards` into memory; returns the others (not cached yet, or a file that cannot
-        be used: one line each)."""
+        """Read the valid files of `shards`: into memory when they fit (see `memory_budget`), else memory-mapped,
+        a row read when its sample is; returns the others (not cached yet, or a file that cannot be used: one line
+        each)."""
         from safetensors import safe_open
 
+        files = [self.path(s) for s in shards if s not in self.entries and os.path.exists(self.path(s))]
+        size = sum(os.path.getsize(f) for f in files)
+        mapped = size > memory_budget()
+        if mapped:
+            log(f"feature cache: {size / 2**30:.1f} GiB in {len(files)} files, more than this process should hold: "
+                f"features are read from the files as needed (memory-mapped, shared by the processes of a node)")
         missing = []
         for shard in shards:
             if shard in self.entries:
@@ -77,8 +86,13 @@ class FeatureCache:
                     meta = f.metadata()
                     if json.loads(meta["fingerprint"]) != self.fingerprint(shard):
                         raise _Stale("its shard or the settings changed since it was written")
-                    self.entries[shard] = _entries(json.loads(meta["samples"]),
-                                                   {name: f.get_tensor(name) for name in f.keys()})
+                    tensors = {name: f.get_tensor(name) for name in LABELS}
+                    if mapped:  # each good sample's row number in this file, read by `encode`
+                        rows = f.get_slice("features").get_shape()[0]
+                        tensors["features"] = [(path, i) for i in range(rows)]
+                    else:
+                        tensors["features"] = f.get_tensor("features")
+                    self.entries[shard] = _entries(json.loads(meta["samples"]), tensors)
             except _Stale as e:
                 log(f"feature cache: {path}: {e}; not used")
                 missing.append(shard)
@@ -135,16 +149,36 @@ class FeatureCache:
     def read(self, shard):
         return iter(self.entries[shard])
 
-    @staticmethod
-    def encode(entry):
+    def encode(self, entry):
         if "problem" in entry:
             raise DataError(entry["problem"])
-        return {"features": entry["features"], **{f"{name}_labels": v for name, v in entry["labels"].items()},
+        features = entry["features"]
+        if isinstance(features, tuple):  # (file, row) of a memory-mapped cache
+            features = self._mapped(features[0])[features[1]]
+        return {"features": features, **{f"{name}_labels": v for name, v in entry["labels"].items()},
                 "key": entry["__key__"]}
+
+    def __getstate__(self):  # a DataLoader worker started by spawn maps the files itself
+        return {**self.__dict__, "_opened": {}}
+
+    def _mapped(self, path):
+        """The `features` of a cache file, mapped once per process (DataLoader workers open their own)."""
+        from safetensors import safe_open
+
+        key = (os.getpid(), path)
+        if key not in self._opened:
+            self._opened[key] = safe_open(path, "pt").get_slice("features")
+        return self._opened[key]
 
     @staticmethod
     def length(entry):
         return entry["length"]
+
+
+def memory_budget():
+    """Bytes of features a process holds in memory: an eighth of the memory available now (a node may run 8 ranks,
+    each holding its own copy; beyond that the files are mapped, so the page cache holds one copy for all)."""
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 8
 
 
 class _Stale(Exception):
@@ -152,8 +186,9 @@ class _Stale(Exception):
 
 
 def _entries(samples, tensors):
-    """Sample entries of one file: every sample in shard order; good ones with their feature row and labels."""
-    rows = iter(range(tensors["features"].shape[0]))
+    """Sample entries of one file: every sample in shard order; good ones with their feature row (or where to read
+    it) and labels."""
+    rows = iter(range(len(tensors["features"])))
     entries = []
     for s in samples:
         if "problem" in s:

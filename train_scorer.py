@@ -707,9 +707,9 @@ def main(argv=None):
         encoder = VLEncoder(processor, classes, name != "predict", data_args.min_pixels, data_args.max_pixels,
                             data_args.max_len)
         return ShardStream(only or shards[name], encoder, batch_size, processor.tokenizer.pad_token_id,
-                           args.process_index,
-                           args.world_size, stop_at_bad=data_args.on_bad_sample == "error" and name != "train",
-                           seed=args.seed, length_of=encoder.length if bucketed else None, **kw)
+                           args.process_index, args.world_size,
+                           stop_at_bad=data_args.on_bad_sample == "error" and name != "train", seed=args.seed,
+                           length_of=encoder.length if bucketed else None, **kw)
 
     train_stream = eval_stream = None
     stop = GracefulStop()  # SIGTERM / SIGINT: a checkpoint at the step every rank agrees on, then exit 143 / 130

@@ -11,8 +11,9 @@ import torch
 from safetensors import safe_open
 
 import demo
+import feature_cache
 import train_scorer
-from conftest import log_history, read_jsonl, run_cli, same_predictions, scorer_args
+from conftest import exit_2_line, log_history, read_jsonl, run_cli, same_predictions, scorer_args
 
 
 @pytest.fixture
@@ -88,8 +89,8 @@ class TestInvalidation:
         extra = demo.write_shard(tmp_path / "extra.tar", samples)
         return f"{scorer_demo[2]},{extra}", extra
 
-    def test_reused_rebuilt_on_change_or_damage_and_bad_samples_counted_alike(self, scorer_demo, shards, tmp_path,
-                                                                              capsys, backbone_calls):
+    def test_reused_mapped_rebuilt_on_change_or_damage_and_bad_samples_counted_alike(
+            self, scorer_demo, shards, tmp_path, capsys, backbone_calls, monkeypatch):
         spec, extra = shards
         cache = tmp_path / "cache"
         uncached = evaluate(scorer_demo[0], spec, tmp_path / "o", "none")
@@ -108,6 +109,11 @@ class TestInvalidation:
         calls = len(backbone_calls)
         assert evaluate(scorer_demo[0], spec, tmp_path / "o", cache) == built  # read, not computed
         assert len(backbone_calls) == calls and "computing" not in capsys.readouterr().out
+        with monkeypatch.context() as m:  # as if the cache did not fit in memory: rows read from the mapped files
+            m.setattr(feature_cache, "memory_budget", lambda: 0)
+            assert evaluate(scorer_demo[0], spec, tmp_path / "o", cache, "--dataloader_num_workers", "1") == built
+        assert "features are read from the files as needed (memory-mapped" in capsys.readouterr().out
+        assert len(backbone_calls) == calls
 
         os.utime(extra, ns=(os.stat(extra).st_atime_ns, os.stat(extra).st_mtime_ns + 10**9))  # the shard changed
         assert evaluate(scorer_demo[0], spec, tmp_path / "o", cache) == built
@@ -160,3 +166,10 @@ def test_two_processes_build_the_cache_once_and_train_from_it(scorer_demo, tmp_p
         assert samples == cached_samples(one / "feature_cache" / f) and a["features"].shape[0] == len(samples)
         torch.testing.assert_close(a["features"], b["features"], rtol=1e-4, atol=1e-5)
         assert torch.equal(a["score"], b["score"]) and torch.equal(a["type"], b["type"])
+
+
+def test_a_cache_for_a_backbone_that_trains_exits_2(scorer_demo, tmp_path, capsys):
+    line = exit_2_line(capsys, train_scorer.main, scorer_args(scorer_demo, tmp_path / "o", "--feature_cache",
+                                                              str(tmp_path / "cache")))
+    assert line == "error: --feature_cache keeps a frozen backbone's features: add --freeze_backbone (or " \
+                   "--feature_cache none)"
