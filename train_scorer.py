@@ -760,9 +760,14 @@ def main(argv=None):
             if missing:
                 log(f"feature cache: computing the backbone's features of {len(missing)} shard(s) once, into "
                     f"{cache_folder}")
+            # A shard per rank and worker at a time, each chunk's files written when it is done: a run stopped or
+            # killed during this pass (one backbone epoch at full size) keeps what it finished.
+            slots = args.world_size * max(1, args.dataloader_num_workers)
+            for i in range(0, len(missing), slots):
+                chunk = missing[i:i + slots]
                 rows, bad = trainer.exact_pass(stream("eval", args.per_device_eval_batch_size, bucketed=True,
-                                                      only=missing), features=True)
-                cache.store(missing, rows, bad, write=args.process_index == 0)
+                                                      only=chunk), features=True)
+                cache.store(chunk, rows, bad, write=args.process_index == 0)
                 trainer.accelerator.wait_for_everyone()  # every file written before anyone goes on
         except DataError as e:
             fail(e, every_rank=True)
