@@ -34,7 +34,8 @@ EXIT_CODES = {signal.SIGTERM: 143, signal.SIGINT: 130}
 REPEAT_S = 1.0
 
 
-def _all_ranks_max(value, device):
+def all_ranks_max(value, device):
+    """The largest of every rank's integer `value` (one all-reduce; the value itself without a process group)."""
     import torch.distributed as dist
 
     flag = torch.tensor(value, device=device)
@@ -66,7 +67,7 @@ class GracefulStop(TrainerCallback):
             os._exit(EXIT_CODES[signal.Signals(signum)])
 
     def on_step_end(self, args, state, control, **kwargs):
-        agreed = _all_ranks_max(self.first[0] if self.first else 0, args.device)
+        agreed = all_ranks_max(self.first[0] if self.first else 0, args.device)
         if agreed:
             self.stopped, self.stopped_step = signal.Signals(agreed), state.global_step
             control.should_save = control.should_training_stop = True
@@ -97,7 +98,7 @@ class SkipNonFinite(TrainerCallback):
         grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
                  for p in model.parameters() if p.grad is not None]
         bad = bool(grads) and not bool(torch.stack([g.isfinite().all() for g in grads]).all())
-        if not _all_ranks_max(int(bad), args.device):
+        if not all_ranks_max(int(bad), args.device):
             self.in_a_row = 0
             return control
         for p in model.parameters():

@@ -71,8 +71,8 @@ from feature_cache import FeatureCache
 from feature_cache import settings as feature_settings
 from plumbing import (TrainingDefaults, check_output_dir, fail, final_evaluation, leave_process_group, log,
                       parse_arguments, prepare_demo, weights_source)
-from reliability import (GracefulStop, MarkComplete, SkipNonFinite, checkpoint_to_resume, exit_if_failed,
-                         exit_if_stopped, resume_mismatch)
+from reliability import (GracefulStop, MarkComplete, SkipNonFinite, all_ranks_max, checkpoint_to_resume,
+                         exit_if_failed, exit_if_stopped, resume_mismatch)
 from training_plan import (LoraArguments, add_lora, check_flags, checkpoint_dtype, keep_fp32_under_fsdp, load_dtype,
                            lora_parameter_count, lora_settings, memory_plan, optimizer_steps, save_final_model,
                            steps_line, to_base_dtype, use_fsdp_precision, use_precision_policy)
@@ -430,17 +430,24 @@ def prediction(row):
 # Trainer: the scorer's loaders, head learning rate, per-head loss logs, bad samples, exact evaluation/prediction
 # ---------------------------------------------------------------------------------------------------------------
 
-def exact_pass(stream, args, on_bad_sample, rows_of, unique=True):
+def exact_pass(stream, args, on_bad_sample, rows_of, unique=True, lockstep=None):
     """Every sample of `stream` once over all ranks, as `rows_of(batch)` describes each (a dict per sample, in batch
     order); returns (rows, each with its `order` and `key`, sorted by shard and position; data.BadSample list, one
     per shard and key), the same on every rank. Each rank runs its own samples with no collective in between (ranks
     may hold very different numbers), then everything is gathered with its key; bad-sample errors are raised after
     the gather, by every rank alike, so no rank is left waiting for one that stopped. A key met twice is a bad
-    sample the second time, unless `unique` is off (the feature cache keeps every sample, as training reads them)."""
+    sample the second time, unless `unique` is off (the feature cache keeps every sample, as training reads them).
+    `lockstep` (a sharded model, --fsdp, whose forward gathers each layer from every rank): every rank must run as
+    many forwards as the others, so a rank without a batch to run calls `lockstep()` (a stand-in forward) until all
+    are done, agreed by one all-reduce per batch."""
     rows, found = [], []
-    for batch in make_loader(stream, args):
-        found += batch["bad_samples"]
-        if not batch["order"]:  # only bad samples were left for this batch
+    loader = make_loader(stream, args)
+    for batch in _until_every_rank_is_done(loader, args.device) if lockstep else loader:
+        if batch is not None:
+            found += batch["bad_samples"]
+        if batch is None or not batch["order"]:  # this rank is done, or only bad samples were left for this batch
+            if lockstep:
+                lockstep()
             continue
         for i, row in enumerate(rows_of(batch)):
             rows.append({"order": batch["order"][i], "key": batch["keys"][i], **row})
@@ -465,6 +472,16 @@ def exact_pass(stream, args, on_bad_sample, rows_of, unique=True):
             once.setdefault((bad.shard, bad.key), bad)
         found = list(once.values())
     return rows, found
+
+
+def _until_every_rank_is_done(batches, device):
+    """`batches`, then None until every rank has run out of its own."""
+    batches = iter(batches)
+    while True:
+        batch = next(batches, None)
+        if not all_ranks_max(int(batch is not None), device):
+            return
+        yield batch
 
 
 class _SetStreamEpoch(TrainerCallback):
@@ -571,8 +588,13 @@ class ScorerTrainer(Trainer):
             heads = {name: out.float().tolist() for name, out in heads.items()}
             return [{"heads": {name: out[i] for name, out in heads.items()}, "labels": labels[i]}
                     for i in range(len(labels))]
+        def one_token():  # the same per-layer gathers as a real batch (the vision tower's too, on a blank image)
+            pad = torch.tensor([[self.processing_class.tokenizer.pad_token_id]], device=self.args.device)
+            with torch.no_grad(), self.accelerator.autocast():
+                model(input_ids=pad, attention_mask=torch.ones_like(pad))
         try:
-            return exact_pass(stream, self.args, self.on_bad_sample, rows_of, unique=not features)
+            return exact_pass(stream, self.args, self.on_bad_sample, rows_of, unique=not features,
+                              lockstep=one_token if self.args.fsdp else None)
         finally:
             model.train(was_training)
 

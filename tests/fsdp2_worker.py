@@ -287,11 +287,60 @@ def check_scorer(workdir, path, processor):
     results["scorer_bf16_policy"] = {**seen, "grads_fp32": all(p.grad.dtype == torch.float32
                                                                for p in model.parameters() if p.grad is not None),
                                      "outputs": sorted({str(v.dtype) for v in out.heads.values()})}
+    results["scorer_exact_pass_uneven"] = check_exact_pass_uneven(workdir, path, processor)
     return results
+
+
+def check_exact_pass_uneven(workdir, path, processor):
+    """train_scorer.exact_pass on a sharded scorer when the ranks hold different numbers of batches (5 samples of
+    one shard, batch 1: rank 0 runs 3, rank 1 runs 2): it ends (the rank that runs out runs one-token stand-ins
+    while the other still gathers layers) with every sample's score equal to the unsharded model's."""
+    from collate import VLEncoder
+    from data import ShardStream
+    from train_scorer import exact_pass
+
+    shard = os.path.join(workdir, "uneven.tar")
+    if dist.get_rank() == 0:
+        demo.write_shard(shard, demo.make_vl_samples(5, seed=3))
+    dist.barrier()
+    sharded, reference = shard_scorer(load_vl_scorer(path)).eval(), load_vl_scorer(path).eval()
+    encoder = VLEncoder(processor, {"type": 3}, True, 32 * 32, 64 * 64, 4096)
+    pad = processor.tokenizer.pad_token_id
+    stream = ShardStream([shard], encoder, 1, pad, rank=dist.get_rank(), world_size=WORLD)
+    run = SimpleNamespace(device="cpu", dataloader_num_workers=0, dataloader_pin_memory=False,
+                          dataloader_prefetch_factor=None, dataloader_multiprocessing_context=None)
+    forwards = []
+
+    def rows_of(batch):
+        forwards.append("batch")
+        with torch.no_grad():
+            heads = sharded(**{k: v for k, v in batch.items() if k in INPUTS}).heads
+        return [{"score": heads["score"][0].item()}]
+
+    def one_token():
+        forwards.append("stand-in")
+        with torch.no_grad():
+            sharded(input_ids=torch.tensor([[pad]]), attention_mask=torch.ones(1, 1, dtype=torch.long))
+
+    rows, bad = exact_pass(stream, run, "skip", rows_of, lockstep=one_token)
+    expected = []
+    for sample in ShardStream([shard], encoder, 1, pad):
+        with torch.no_grad():
+            expected.append(reference(**{k: v for k, v in sample.items() if k in INPUTS}).heads["score"][0].item())
+    every = [None] * WORLD
+    dist.all_gather_object(every, forwards)
+    return {"rows": len(rows), "bad": len(bad), "forwards": every,
+            "scores": rel(torch.tensor([r["score"] for r in rows]), torch.tensor(expected))}
+
+
+INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
 
 
 def main(workdir):
     dist.init_process_group("gloo")
+    from accelerate import PartialState
+
+    PartialState(cpu=True)  # accelerate's collectives (train_scorer.exact_pass gathers with them) over gloo
     torch.set_num_threads(1)
     models = {"untied": os.path.join(workdir, "qwen2"), "tied": os.path.join(workdir, "qwen2-tied"),
               "vl": os.path.join(workdir, "qwen3-vl")}

@@ -35,6 +35,14 @@ class TestFSDP2:
         assert r["loss"] <= REL and r["gradients"] <= REL and r["weights"] <= REL, r
         assert r["trained"] > 0
 
+    def test_exact_evaluation_with_uneven_shares_runs_in_lockstep(self, fsdp2):
+        """Exact evaluation deals samples unevenly (5 over 2 ranks: 3 and 2 batches); under FSDP2 each forward
+        gathers layers from every rank, so the rank that runs out runs one-token stand-ins until all are done
+        (without them it would wait forever): every sample once, scores as the unsharded model's."""
+        r = fsdp2["scorer_exact_pass_uneven"]
+        assert r["rows"] == 5 and r["bad"] == 0 and r["scores"] <= REL, r
+        assert r["forwards"] == [["batch"] * 3, ["batch"] * 2 + ["stand-in"]], r
+
     def test_final_save_is_gathered_into_a_loadable_folder(self, fsdp2):
         assert fsdp2["sft"]["saved_logits"] <= REL  # plain AutoModelForCausalLM.from_pretrained
         assert fsdp2["sft"]["saved_bf16_dtypes"] == ["torch.bfloat16"] and fsdp2["sft"]["saved_bf16_exact"]
