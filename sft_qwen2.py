@@ -265,6 +265,7 @@ def main(argv=None):
     model.config.use_cache = False
     if not args.use_liger_kernel:  # Liger brings its own fused linear + cross-entropy
         use_lean_causal_lm_loss(model)  # logits only at answer tokens, in chunks: never (tokens x 152k) at once
+    head = model.lm_head  # the output layer (peft leaves it as it is: not a target)
     lora = lora_settings(model, lora_args, "model")  # the decoder's linear layers; lm_head is outside it
     adapters = lora_parameter_count(model, lora)
     if lora_args.use_peft:
@@ -273,7 +274,7 @@ def main(argv=None):
             fail("--lora_target_modules: the lean loss reads lm_head.weight directly and would skip an adapter "
                  "there; leave lm_head out")
     optimizer = use_precision_policy(model, args)
-    memory_plan(model, args, adapters)
+    memory_plan(model, args, adapters, lean_loss=None if args.use_liger_kernel else head)
     if args.dry_run:
         return dry_run_plan(train_ds, eval_ds, args)
 

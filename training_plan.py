@@ -340,19 +340,36 @@ def what_would_fit(model, adapters, gpu_bytes):
     return [f"{what} {_size(need)}" for what, need in options if need <= gpu_bytes]
 
 
-def memory_plan(model, args, lora_adapters, gpu_bytes=None, gpu_name=None):
+def lean_loss_bytes(head, args):
+    """What the lean loss (lean_loss.py) holds at once for the output layer `head` in this run: sharded runs hand it
+    the weight gathered in the half dtype, unsharded ones their own (fp32 master) weight."""
+    from lean_loss import buffer_bytes
+
+    weight = head.weight
+    compute = half_dtype(args) or torch.float32
+    sharded = sharding(args)
+    seen = compute if sharded and "weights" in sharded[2] else weight.dtype
+    vocab, hidden = getattr(weight, "ds_shape", weight.shape)  # ZeRO-3 leaves an empty placeholder
+    return buffer_bytes(vocab, hidden, seen, compute, weight.requires_grad)
+
+
+def memory_plan(model, args, lora_adapters, gpu_bytes=None, gpu_name=None, lean_loss=None):
     """Print (rank 0) and return the per-GPU plan; a loud warning, naming what would fit, when weights, gradients
     and optimizer states alone exceed the GPU. `lora_adapters`: parameters LoRA would train (the LoRA option).
-    `gpu_bytes`/`gpu_name` default to this process's GPU (none on CPU: the plan is printed for reference)."""
+    `gpu_bytes`/`gpu_name` default to this process's GPU (none on CPU: the plan is printed for reference).
+    `lean_loss`: the output layer whose loss lean_loss.py computes (its buffers are counted), or None."""
     if gpu_bytes is None and torch.cuda.is_available() and not args.use_cpu:
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         gpu_bytes, gpu_name = props.total_memory, props.name
     sharded = sharding(args)
     plan = plan_bytes(model, args, args.world_size, sharded)
+    plan["lean_loss"] = lean_loss_bytes(lean_loss, args) if lean_loss is not None else 0
     extras = [f"{name} {_size(plan[key])}" for key, name in
               (("autocast_copies", "autocast half copies of the fp32 weights during forward"),
                ("ddp_buckets", "DDP gradient buckets"),
-               ("gathered", "the layers gathered whole at a time (bf16)")) if plan[key]]
+               ("gathered", "the layers gathered whole at a time (bf16)"),
+               ("lean_loss", "the loss's buffers (fp32 logits of a chunk, the output layer's fp32 gradient)"))
+              if plan[key]]
     where = f"{gpu_name}, {_size(gpu_bytes)}" if gpu_bytes else "no GPU here"
     processes = f"{args.world_size} process{'es' if args.world_size > 1 else ''}"
     how = f"{sharded[0]}, sharded over {sharded[1]} ranks" if sharded else f"{processes}, not sharded"

@@ -59,3 +59,53 @@ def test_no_labelled_token_still_reaches_every_parameter():
     loss = chunked_linear_cross_entropy(h, w, torch.zeros(0, dtype=torch.long))
     loss.backward()
     assert loss.item() == 0.0 and torch.equal(w.grad, torch.zeros_like(w))
+
+
+class MatmulDtypes(torch.overrides.TorchFunctionMode):
+    """Records the dtypes of the operands of every matrix multiply run inside it."""
+
+    NAMES = ("matmul", "mm", "addmm", "bmm", "baddbmm")
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "").strip("_").rstrip("_")
+        if name in self.NAMES:
+            self.seen.append((name, tuple(str(a.dtype) for a in args if isinstance(a, torch.Tensor))))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("setting", ["autocast_fp32_masters", "bf16_weights"])
+def test_every_matmul_runs_in_the_compute_dtype(setting):
+    """Under bf16 autocast with fp32 master weights (DDP) and with bf16 weights and hidden states (what FSDP2 gathers),
+    the three matmuls of each chunk (logits, hidden gradient, weight gradient) run in bf16, the weight gradient is
+    summed in fp32 and comes back in the weight's dtype, and the result is as close to the fp32 one as the stock
+    bf16 path's (logits under autocast, torch's cross-entropy)."""
+    torch.manual_seed(0)
+    h32 = torch.randn(300, 32, dtype=torch.float32, requires_grad=True)
+    w32 = torch.randn(1000, 32, dtype=torch.float32, requires_grad=True)
+    t = torch.randint(0, 1000, (300,))
+    ref = chunked_linear_cross_entropy(h32, w32, t, chunk=64)
+    ref_grads = torch.autograd.grad(ref, (h32, w32))
+    dtype = torch.float32 if setting == "autocast_fp32_masters" else torch.bfloat16
+    h = h32.detach().to(dtype).requires_grad_()
+    w = w32.detach().to(dtype).requires_grad_()
+    mode = MatmulDtypes()
+    with mode, torch.autocast("cpu", dtype=torch.bfloat16):
+        out = chunked_linear_cross_entropy(h, w, t, chunk=64)
+    grads = torch.autograd.grad(out, (h, w))
+    assert len(mode.seen) == 3 * 5  # 5 chunks of 64 rows
+    assert {dtypes for _, dtypes in mode.seen} == {("torch.bfloat16", "torch.bfloat16")}, mode.seen
+    assert [g.dtype for g in grads] == [h.dtype, w.dtype]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        stock = torch.nn.functional.cross_entropy((h @ w.T).float(), t, reduction="sum")
+    stock_grads = torch.autograd.grad(stock, (h, w))
+
+    def error(a, b):
+        return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+    assert error(out, ref) <= 1e-3
+    for ours, theirs, exact in zip(grads, stock_grads, ref_grads):
+        assert error(ours, exact) <= 1.5 * error(theirs, exact) + 1e-4, (error(ours, exact), error(theirs, exact))

@@ -11,8 +11,8 @@ from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3VLConfig
 
 import demo
 import sft_qwen2
-from training_plan import (LoraArguments, add_lora, lora_parameter_count, lora_settings, memory_plan, plan_bytes,
-                           use_precision_policy)
+from training_plan import (LoraArguments, add_lora, lean_loss_bytes, lora_parameter_count, lora_settings, memory_plan,
+                           plan_bytes, use_precision_policy)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Precision: a tiny Qwen2 stored in bf16, lr 1e-5, 60 steps, constant schedule; the weight update (checkpoint minus
@@ -202,3 +202,24 @@ class TestMemoryPlan:
         plan = memory_plan(scorer, args, 0, gpu_bytes=GPU_80GB, gpu_name="an 80 GB GPU")
         trained = backbone - vision + heads
         assert plan["total"] == 2 * vision + 16 * trained and plan["lines"][1].startswith("WARNING")
+
+
+class TestLeanLossBuffers:
+    """The loss's own buffers at Qwen2-7B (152,064 x 3,584 output layer, chunks of 441 rows): 536 MB of fp32 chunk
+    logits and log-softmax, plus the weight's fp32 gradient and its cast back to the dtype the loss was handed."""
+    LOGITS, LAYER = 8 * 441 * 152_064, 152_064 * 3584
+
+    def test_fsdp2_full_fine_tune(self, qwen2_7b):
+        args = bf16_args(world_size=8, fsdp=True)
+        use_precision_policy(qwen2_7b, args)
+        plan = memory_plan(qwen2_7b, args, 0, gpu_bytes=GPU_80GB, gpu_name="an 80 GB GPU",
+                           lean_loss=qwen2_7b.lm_head)
+        assert plan["lean_loss"] == self.LOGITS + (4 + 2) * self.LAYER  # gathered in bf16: fp32 + bf16 gradient
+        assert "the loss's buffers (fp32 logits of a chunk, the output layer's fp32 gradient) 3.8 GB" in plan["lines"][0]
+
+    def test_unsharded_fp32_masters_and_lora(self, qwen2_7b):
+        args = bf16_args()
+        use_precision_policy(qwen2_7b, args)  # fp32 master: a bf16 copy to compute with, an fp32 gradient
+        assert lean_loss_bytes(qwen2_7b.lm_head, args) == self.LOGITS + (2 + 4) * self.LAYER
+        qwen2_7b.lm_head.requires_grad_(False).to(torch.bfloat16)  # LoRA: a frozen bf16 output layer
+        assert lean_loss_bytes(qwen2_7b.lm_head, args) == self.LOGITS
