@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, exit_2_line, run_cli
 
 REL = 1e-5
 
@@ -127,6 +127,29 @@ class TestZero3:
         assert config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
         assert "optimizer" not in config and "scheduler" not in config  # the scripts' AdamW and lr schedule
         assert config["bf16"]["enabled"] == "auto"  # the Trainer fills in the run's precision
+
+@pytest.mark.parametrize("script, data", [("sft_qwen2", "--train_file"), ("train_scorer", "--train_shards")])
+def test_fsdp_reduces_every_micro_batch_unless_the_run_says_otherwise(script, data, monkeypatch, tmp_path, capsys):
+    """What accumulation settings a --fsdp run hands the Trainer, seen where the script checks its flags (on this
+    machine it then exits 2: no GPUs)."""
+    import importlib
+
+    module = importlib.import_module(script)
+    seen = []
+
+    def check_flags(args, lora_args):
+        seen.append(args.accelerator_config.gradient_accumulation_kwargs)
+        return real(args, lora_args)
+
+    real = module.check_flags
+    monkeypatch.setattr(module, "check_flags", check_flags)
+    flags = ["--fsdp", "--gradient_accumulation_steps", "4", "--use_cpu", data, str(tmp_path / "x"),
+             "--output_dir", str(tmp_path / "o")]
+    assert "needs GPUs" in exit_2_line(capsys, module.main, flags)
+    exit_2_line(capsys, module.main, flags + ["--accelerator_config",
+                                              '{"gradient_accumulation_kwargs": {"sync_each_batch": false}}'])
+    assert seen == [{"sync_each_batch": True}, {"sync_each_batch": False}]
+
 
 # --- the recipes -------------------------------------------------------------------------------------------------
 
