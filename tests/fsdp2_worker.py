@@ -262,8 +262,7 @@ def check_held_gradients(path, vocab):
             finally:
                 model.set_requires_gradient_sync(True)
             held.append(sum(n for ptr, n in live_storages().items() if ptr not in before))
-        results[name] = {"held": held, "planned": plan["gradients"] + plan["no_sync_gradients"],
-                         "trained": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+        results[name] = {"held": held, "planned": plan["gradients"] + plan["no_sync_gradients"]}
         del model
     return {"held_gradients": results}
 
