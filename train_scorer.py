@@ -74,8 +74,8 @@ from plumbing import (TrainingDefaults, check_output_dir, fail, final_evaluation
 from reliability import (GracefulStop, MarkComplete, SkipNonFinite, all_ranks_max, checkpoint_to_resume,
                          exit_if_failed, exit_if_stopped, resume_mismatch)
 from training_plan import (LoraArguments, add_lora, check_flags, checkpoint_dtype, keep_fp32_under_fsdp, load_dtype,
-                           lora_parameter_count, lora_settings, memory_plan, optimizer_steps, save_final_model,
-                           steps_line, to_base_dtype, use_fsdp_precision, use_precision_policy)
+                           lora_parameter_count, lora_settings, memory_plan, optimizer_steps, reduce_every_micro_batch,
+                           save_final_model, steps_line, to_base_dtype, use_fsdp_precision, use_precision_policy)
 
 CLASS_LABELS = [name for name, kind in LABELS.items() if kind == "class"]  # each has a `num_<name>s` setting
 
@@ -666,6 +666,7 @@ def main(argv=None):
     start = time.time()
     parser = HfArgumentParser(ARGUMENTS)
     model_args, data_args, lora_args, args = parse_arguments(parser, argv, demo_args=DEMO_ARGS)
+    reduce_every_micro_batch(args)  # with --fsdp: no unsharded gradients held across micro-batches
     if data_args.demo:
         import demo
         prepare_demo(DEMO_DIR, demo.build_scorer_demo, args)

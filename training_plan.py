@@ -1,13 +1,15 @@
 """What trains, in which precision, and what that costs per GPU: the precision policy, LoRA (peft), the memory plan.
 
-Both training scripts call these in the same order once the model is loaded (in `load_dtype`):
+Both training scripts call these in the same order: `reduce_every_micro_batch` once the arguments are parsed, then,
+once the model is loaded (in `load_dtype`):
   lora_settings -> add_lora (with --use_peft) -> use_precision_policy -> memory_plan -> Trainer(optimizer=...)
   -> use_fsdp_precision (with --fsdp) -> train -> save_final_model
 
 Sharded training (FSDP2 through --fsdp, DeepSpeed ZeRO through --deepspeed) needs GPUs; the precision policy below
 holds under FSDP2 (accelerate keeps what trains in fp32 and all-gathers it in bf16 for compute; gradients are
-reduced in fp32; fp32 heads get their own fp32 unit, `keep_fp32_under_fsdp`). Under DeepSpeed the weights are bf16
-and its ZeRO optimizer keeps the fp32 master weights.
+reduce-scattered in fp32 after every micro-batch; fp32 heads get their own fp32 unit, `keep_fp32_under_fsdp`).
+Under DeepSpeed the weights are bf16 and its ZeRO optimizer keeps the fp32 master weights; the shipped JSON has it
+reduce and accumulate the gradients in fp32 (`deepspeed_gradient_dtypes`).
 
 Precision (bf16 or fp16 runs). Plain AdamW on bf16 weights loses most small updates (an update below half the
 bf16 spacing of a weight rounds away: for a weight near 0.02 that is 6e-5, for a norm weight near 1.0 it is 4e-3,
@@ -149,8 +151,9 @@ def use_precision_policy(model, args):
     (optimizer class, kwargs) the Trainer must use (None: its own AdamW)."""
     half = half_dtype(args)
     if args.deepspeed:  # ZeRO-3 has already partitioned the weights; its optimizer holds the fp32 masters
-        log(f"precision: DeepSpeed, {_name(half or torch.float32)} weights and gradients, fp32 master weights and "
-            f"AdamW states inside its ZeRO optimizer")
+        reduced, accumulated = deepspeed_gradient_dtypes(args)
+        log(f"precision: DeepSpeed, {_name(half or torch.float32)} weights, gradients reduced in {_name(reduced)} and "
+            f"accumulated in {_name(accumulated)}, fp32 master weights and AdamW states inside its ZeRO optimizer")
         return None
     for p in model.parameters():
         if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32 and not args.pure_bf16:
@@ -263,27 +266,48 @@ def sharding(args):
     if args.fsdp:
         return "FSDP2", args.world_size, parts
     if args.deepspeed:
-        config = args.deepspeed
-        if not isinstance(config, dict):
-            with open(config) as f:
-                config = json.load(f)
-        stage = int(config.get("zero_optimization", {}).get("stage", 0))
+        stage = int(deepspeed_config(args).get("zero_optimization", {}).get("stage", 0))
         return f"DeepSpeed ZeRO-{stage}", args.world_size, parts[:stage]
     return None
 
 
+def deepspeed_config(args):
+    """The run's DeepSpeed configuration (--deepspeed: a JSON file, or a dict when called from Python)."""
+    if isinstance(args.deepspeed, dict):
+        return args.deepspeed
+    with open(args.deepspeed) as f:
+        return json.load(f)
+
+
+def deepspeed_gradient_dtypes(args):
+    """(the dtype DeepSpeed reduces gradients in, the dtype it accumulates and keeps them in), read from its JSON as
+    DeepSpeed reads `communication_data_type` and `data_types.grad_accum_dtype`. Each defaults to the model's dtype:
+    bf16 under bf16, every micro-batch's gradient rounded to bf16 and summed in bf16 (configs/deepspeed/zero3.json
+    sets both to fp32; ZeRO-3 then keeps a 4-byte gradient partition per parameter instead of 2)."""
+    from deepspeed.runtime.config import DtypeEnum, get_communication_data_type
+
+    config = deepspeed_config(args)
+    model = half_dtype(args) or torch.float32
+    accumulated = config.get("data_types", {}).get("grad_accum_dtype")
+    return (get_communication_data_type(config) or model,
+            DtypeEnum(accumulated).value if accumulated is not None else model)
+
+
 def plan_bytes(model, args, world_size=1, sharded=None):
     """Bytes per GPU of weights, gradients and optimizer states for `model` as it will train (the dtypes and
-    requires_grad already set), plus the transient extras. `sharded`: `sharding(args)`, or None (unsharded DDP
-    then also keeps a gradient-sized bucket copy when `world_size` > 1)."""
-    weights = grads = states = autocast = 0
+    requires_grad already set; DeepSpeed's gradients in the dtype it accumulates them in), plus the transient extras.
+    `sharded`: `sharding(args)`, or None (unsharded DDP then also keeps a gradient-sized bucket copy when
+    `world_size` > 1)."""
+    weights = grads = states = autocast = trained = 0
     autocast_run = half_dtype(args) is not None
+    ds_grad_bytes = deepspeed_gradient_dtypes(args)[1].itemsize if args.deepspeed else None
     for p in model.parameters():
         numel = getattr(p, "ds_numel", p.numel())  # ZeRO-3 leaves an empty placeholder and records the full size
         size = numel * p.element_size()
         weights += size
         if p.requires_grad:
-            grads += size
+            trained += numel
+            grads += numel * ds_grad_bytes if ds_grad_bytes else size
             if args.deepspeed and autocast_run:  # ZeRO's optimizer: an fp32 master copy and two fp32 moments
                 states += 12 * numel
             else:  # AdamW: two moments in the parameter's dtype; Kahan adds one buffer per low-precision parameter
@@ -297,7 +321,28 @@ def plan_bytes(model, args, world_size=1, sharded=None):
     plan["autocast_copies"] = autocast
     plan["ddp_buckets"] = grads if world_size > 1 and not sharded else 0
     plan["gathered"] = 2 * 2 * _largest_layer(model) if "weights" in parts else 0
+    # FSDP2 under no_sync: from the first micro-batch to the last, every unit holds its whole gradient in the fp32
+    # reduce dtype where its shard would be (zero_grad freed the shards): all of it, less the shard counted above
+    plan["no_sync_gradients"] = 4 * trained - plan["gradients"] if holds_unsharded_gradients(args) else 0
     return plan
+
+
+def reduce_every_micro_batch(args):
+    """Under --fsdp, have the Trainer reduce-scatter gradients after every micro-batch (accelerate's
+    `sync_each_batch`), unless the run's accelerator_config sets it. Otherwise the Trainer runs all but the last
+    micro-batch of each step under `no_sync`, and FSDP2 then keeps every unit's unsharded gradient in fp32 until the
+    last one: 4 bytes per trained parameter on every GPU, whatever their number (30.5 GB for Qwen2-7B). The price is
+    one fp32 reduce-scatter per micro-batch instead of one per step, overlapped with the backward pass."""
+    if args.fsdp:
+        kwargs = args.accelerator_config.gradient_accumulation_kwargs or {}
+        kwargs.setdefault("sync_each_batch", True)
+        args.accelerator_config.gradient_accumulation_kwargs = kwargs
+
+
+def holds_unsharded_gradients(args):
+    """Whether FSDP2 keeps every unsharded gradient between micro-batches in this run (`reduce_every_micro_batch`)."""
+    return bool(args.fsdp) and args.gradient_accumulation_steps > 1 and not (
+        args.accelerator_config.gradient_accumulation_kwargs or {}).get("sync_each_batch", False)
 
 
 def _largest_layer(model):
@@ -368,6 +413,8 @@ def memory_plan(model, args, lora_adapters, gpu_bytes=None, gpu_name=None, lean_
               (("autocast_copies", "autocast half copies of the fp32 weights during forward"),
                ("ddp_buckets", "DDP gradient buckets"),
                ("gathered", "the layers gathered whole at a time (bf16)"),
+               ("no_sync_gradients", "the unsharded fp32 gradients FSDP2 holds between micro-batches "
+                                     "(accelerator_config gradient_accumulation_kwargs sync_each_batch is false)"),
                ("lean_loss", "the loss's buffers (fp32 logits of a chunk, the output layer's fp32 gradient)"))
               if plan[key]]
     where = f"{gpu_name}, {_size(gpu_bytes)}" if gpu_bytes else "no GPU here"

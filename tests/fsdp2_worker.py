@@ -5,9 +5,12 @@
 Trainer shards only on GPUs (accelerate ignores --fsdp on a CPU), but torch's own `fully_shard` runs here. Each
 check shards a tiny model in the units accelerate 1.15 makes for `Trainer(--fsdp)` (`shard_like_accelerate`), runs
 the same batches as an unsharded copy of it (each rank its half), and reports the largest relative differences of
-losses, gradients and weights after AdamW steps, then saves with the scripts' `save_final_model` and reloads.
+losses, gradients and weights after AdamW steps, then saves with the scripts' `save_final_model` and reloads. One
+more runs gradient accumulation as the Trainer does and reports the gradient bytes each rank holds after each
+micro-batch, with the memory plan's figure for the same model and settings (`check_held_gradients`).
 """
 
+import gc
 import json
 import os
 import sys
@@ -24,8 +27,8 @@ sys.path.insert(0, ROOT)
 import demo  # noqa: E402
 from collate import IGNORE_INDEX, collate_vl, encode_vl_example  # noqa: E402
 from lean_loss import use_lean_causal_lm_loss  # noqa: E402
-from training_plan import (LoraArguments, add_lora, keep_fp32_under_fsdp, lora_settings,  # noqa: E402
-                           save_final_model, use_fsdp_precision)
+from training_plan import (LoraArguments, add_lora, keep_fp32_under_fsdp, lora_settings, plan_bytes,  # noqa: E402
+                           reduce_every_micro_batch, save_final_model, sharding, use_fsdp_precision)
 
 WORLD = 2
 NO_DROPOUT = LoraArguments(use_peft=True, lora_dropout=0.0)  # LoRA's dropout would draw different masks per copy
@@ -204,6 +207,67 @@ def check_sft(workdir, models, tokenizer):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Gradient accumulation: the gradient bytes each rank holds between micro-batches, against the memory plan
+# ---------------------------------------------------------------------------------------------------------------
+
+MICRO_BATCHES = 3
+
+
+def live_storages():
+    """{storage address: bytes} of every live tensor's storage: the tensors the garbage collector tracks (whatever a
+    library keeps in Python objects), the gradient of each leaf among them (autograd keeps it in C++ until asked) and
+    a DTensor's local shard (the DTensor itself is a wrapper without storage of its own). Storages shared by views
+    count once; freed ones (FSDP2 resizes an unsharded parameter's storage to 0 after use) not at all."""
+    gc.collect()
+    found = {}
+
+    def add(t):
+        t = t.to_local() if isinstance(t, DTensor) else t
+        if t.device.type == "cpu" and t.untyped_storage().nbytes():
+            found[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+
+    for obj in gc.get_objects():
+        if issubclass(type(obj), torch.Tensor):  # not isinstance: that asks deprecated proxies for __class__
+            add(obj)
+            if obj.is_leaf and obj.grad is not None:
+                add(obj.grad)
+    return found
+
+
+def check_held_gradients(path, vocab):
+    """Run micro-batches as the Trainer does (its zero_grad, then a backward per micro-batch, all but the last under
+    accelerate's FSDP2 `no_sync`, set_requires_gradient_sync(False), unless sync_each_batch) with the scripts' bf16
+    policy, for the recipes' setting (sync_each_batch, set by `reduce_every_micro_batch`) and for sync_each_batch
+    false. After each micro-batch: the bytes of the storages that appeared since the zero_grad (the gradients: the
+    inputs, weights and the model exist before; activations are freed by each backward); and what the plan counts."""
+    results = {}
+    batches = sft_batches(vocab, n=MICRO_BATCHES * WORLD)[dist.get_rank()::WORLD]
+    for name, kwargs in (("sync_each_batch", None), ("no_sync", {"sync_each_batch": False})):
+        args = SimpleNamespace(fsdp=True, world_size=WORLD, gradient_accumulation_steps=MICRO_BATCHES, bf16=True,
+                               fp16=False, pure_bf16=False, deepspeed=None,
+                               accelerator_config=SimpleNamespace(gradient_accumulation_kwargs=kwargs))
+        reduce_every_micro_batch(args)
+        model = load_sft(path)  # fp32 master weights, as the Trainer shards them
+        plan = plan_bytes(model, args, WORLD, sharding(args))
+        shard_like_accelerate(model, fsdp_policy())
+        sync_each = args.accelerator_config.gradient_accumulation_kwargs["sync_each_batch"]
+        model.zero_grad()
+        before = live_storages()
+        held = []
+        for i, batch in enumerate(batches):
+            if not (sync_each or i == len(batches) - 1):
+                model.set_requires_gradient_sync(False)
+            try:
+                model(**batch).loss.backward()
+            finally:
+                model.set_requires_gradient_sync(True)
+            held.append(sum(n for ptr, n in live_storages().items() if ptr not in before))
+        results[name] = {"held": held, "planned": plan["gradients"] + plan["no_sync_gradients"]}
+        del model
+    return {"held_gradients": results}
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Scorer: fp32 heads in their own unit, the vision tower on a text-only rank, LoRA, the by-reference save
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -352,6 +416,7 @@ def main(workdir):
     from transformers import AutoProcessor, AutoTokenizer
 
     results = check_sft(workdir, models, AutoTokenizer.from_pretrained(models["untied"]))
+    results.update(check_held_gradients(models["untied"], len(AutoTokenizer.from_pretrained(models["untied"]))))
     results.update(check_scorer(workdir, models["vl"], AutoProcessor.from_pretrained(models["vl"])))
     if dist.get_rank() == 0:
         with open(os.path.join(workdir, "results.json"), "w") as f:

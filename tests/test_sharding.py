@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, exit_2_line, run_cli
 
 REL = 1e-5
 
@@ -58,6 +58,18 @@ class TestFSDP2:
                                                "outputs": ["torch.float32"]}
         assert fsdp2["sft_bf16_policy"] == {"loss_finite": True, "grads_fp32": True}
 
+    def test_gradients_held_between_micro_batches_are_what_the_plan_counts(self, fsdp2):
+        """3 micro-batches of the tiny Qwen2 (127,296 trained parameters) run as the Trainer runs them, bf16 policy.
+        Reducing every micro-batch (the recipes; the scripts' default under --fsdp), each rank holds its fp32 shard of
+        the gradients throughout; under no_sync every unit keeps its whole fp32 gradient until the last micro-batch
+        reduce-scatters it: all 4 x 127,296 bytes on each rank, whatever the number of ranks. The plan says each."""
+        held = fsdp2["held_gradients"]
+        shard = 4 * 127_296 / 2
+        assert held["sync_each_batch"]["held"] == pytest.approx([shard] * 3, rel=0.1)
+        assert held["no_sync"]["held"] == pytest.approx([2 * shard, 2 * shard, shard], rel=0.1)
+        for run in held.values():
+            assert max(run["held"]) == pytest.approx(run["planned"], rel=0.1), run
+
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +99,14 @@ class TestZero3:
         assert len(sharded["losses"]) == len(plain["losses"]) == 4
         assert sharded["losses"] == pytest.approx(plain["losses"], rel=REL)
 
+    def test_zero3_reduces_and_accumulates_gradients_in_fp32_under_bf16(self, zero3):
+        """What the DeepSpeed engine of a bf16 run with the shipped JSON reports (DeepSpeed's default would be the
+        model's bf16 for both), and the dtype of the gradient partitions its ZeRO-3 optimizer keeps."""
+        with open(zero3 / "zero3" / "losses.json") as f:
+            dtypes = json.load(f)["bf16_gradient_dtypes"]
+        assert dtypes == {"model": "torch.bfloat16", "reduced": "torch.float32", "accumulated": "torch.float32",
+                          "partitions": "torch.float32"}
+
     def test_zero3_final_save_is_one_loadable_folder(self, zero3):
         import torch
         from transformers import AutoModelForCausalLM
@@ -107,6 +127,29 @@ class TestZero3:
         assert config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
         assert "optimizer" not in config and "scheduler" not in config  # the scripts' AdamW and lr schedule
         assert config["bf16"]["enabled"] == "auto"  # the Trainer fills in the run's precision
+
+@pytest.mark.parametrize("script, data", [("sft_qwen2", "--train_file"), ("train_scorer", "--train_shards")])
+def test_fsdp_reduces_every_micro_batch_unless_the_run_says_otherwise(script, data, monkeypatch, tmp_path, capsys):
+    """What accumulation settings a --fsdp run hands the Trainer, seen where the script checks its flags (on this
+    machine it then exits 2: no GPUs)."""
+    import importlib
+
+    module = importlib.import_module(script)
+    seen = []
+
+    def check_flags(args, lora_args):
+        seen.append(args.accelerator_config.gradient_accumulation_kwargs)
+        return real(args, lora_args)
+
+    real = module.check_flags
+    monkeypatch.setattr(module, "check_flags", check_flags)
+    flags = ["--fsdp", "--gradient_accumulation_steps", "4", "--use_cpu", data, str(tmp_path / "x"),
+             "--output_dir", str(tmp_path / "o")]
+    assert "needs GPUs" in exit_2_line(capsys, module.main, flags)
+    exit_2_line(capsys, module.main, flags + ["--accelerator_config",
+                                              '{"gradient_accumulation_kwargs": {"sync_each_batch": false}}'])
+    assert seen == [{"sync_each_batch": True}, {"sync_each_batch": False}]
+
 
 # --- the recipes -------------------------------------------------------------------------------------------------
 
@@ -141,6 +184,11 @@ def parse_recipe(name):
 
 def planned_gb(script, model_args, lora_args, args, gpus):
     """The memory plan's per-GPU figure for the recipe's model (its real architecture, on the meta device)."""
+    return recipe_plan(script, model_args, lora_args, args, gpus)["total"] / 1e9
+
+
+def recipe_plan(script, model_args, lora_args, args, gpus):
+    """The memory plan (`memory_plan`'s dict) of the recipe's model as it would train under `args`."""
     import torch
     from test_training_plan import QWEN2_7B, QWEN3_VL_8B, bf16_args
     from transformers import AutoModelForCausalLM, Qwen3VLConfig
@@ -148,7 +196,9 @@ def planned_gb(script, model_args, lora_args, args, gpus):
     from training_plan import add_lora, lora_settings, memory_plan, use_precision_policy
 
     deepspeed = os.path.join(ROOT, args.deepspeed) if args.deepspeed else None
-    plan_args = bf16_args(world_size=gpus, fsdp=bool(args.fsdp), deepspeed=deepspeed)
+    plan_args = bf16_args(world_size=gpus, fsdp=bool(args.fsdp), deepspeed=deepspeed,
+                          accumulation=args.gradient_accumulation_steps,
+                          accumulation_kwargs=args.accelerator_config.gradient_accumulation_kwargs)
     with torch.device("meta"):
         if script.__name__ == "sft_qwen2":
             model = AutoModelForCausalLM.from_config(QWEN2_7B, dtype=torch.bfloat16)
@@ -164,10 +214,24 @@ def planned_gb(script, model_args, lora_args, args, gpus):
                 model.add_lora(lora_settings(model.model, lora_args, "language_model"))
             model.set_trainable(model_args.freeze_backbone, model_args.freeze_vision, "base")
     use_precision_policy(model, plan_args)
-    return memory_plan(model, plan_args, 0, gpu_bytes=80e9, gpu_name="an 80 GB GPU")["total"] / 1e9
+    return memory_plan(model, plan_args, 0, gpu_bytes=80e9, gpu_name="an 80 GB GPU")
 
 
 class TestRecipes:
+    @pytest.mark.parametrize("name", [name for name in RECIPES if "fsdp2" in name])
+    def test_fsdp2_recipes_reduce_every_micro_batch(self, name):
+        """The YAML carries accelerate's sync_each_batch to the Trainer through HfArgumentParser, and the comment
+        beside it says what turning it off would add to the plan: FSDP2's unsharded fp32 gradients."""
+        script, (model_args, _, lora_args, args), _ = parse_recipe(name)
+        assert args.gradient_accumulation_steps > 1
+        assert args.accelerator_config.gradient_accumulation_kwargs == {"sync_each_batch": True}
+        assert recipe_plan(script, model_args, lora_args, args, 8)["no_sync_gradients"] == 0
+        args.accelerator_config.gradient_accumulation_kwargs = {"sync_each_batch": False}
+        held = recipe_plan(script, model_args, lora_args, args, 8)["no_sync_gradients"]
+        with open(os.path.join(ROOT, "configs", name)) as f:
+            said = float(re.search(r"\+([\d.]+) GB a GPU here", f.read()).group(1))
+        assert said == round(held / 1e9, 1)
+
     def test_every_recipe_the_issue_names_is_shipped(self):
         assert RECIPES == ["scorer-qwen3vl-8b-full-fsdp2-8gpu.yaml", "scorer-qwen3vl-8b-heads-1gpu.yaml",
                            "scorer-qwen3vl-8b-lora-1gpu.yaml", "sft-qwen2-7b-full-fsdp2-8gpu.yaml",

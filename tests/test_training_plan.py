@@ -9,10 +9,11 @@ import safetensors.torch
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3VLConfig
 
+from conftest import ROOT
 import demo
 import sft_qwen2
 from training_plan import (LoraArguments, add_lora, lean_loss_bytes, lora_parameter_count, lora_settings, memory_plan,
-                           plan_bytes, use_precision_policy)
+                           plan_bytes, reduce_every_micro_batch, use_precision_policy)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Precision: a tiny Qwen2 stored in bf16, lr 1e-5, 60 steps, constant schedule; the weight update (checkpoint minus
@@ -104,10 +105,11 @@ QWEN3_VL_8B = dict(  # Qwen/Qwen3-VL-8B-Instruct's config.json
 GPU_80GB = 80e9
 
 
-def bf16_args(world_size=1, pure_bf16=False, fsdp=False, deepspeed=None):
+def bf16_args(world_size=1, pure_bf16=False, fsdp=False, deepspeed=None, accumulation=1, accumulation_kwargs=None):
     return SimpleNamespace(bf16=True, fp16=False, pure_bf16=pure_bf16, use_cpu=False, world_size=world_size,
                            learning_rate=1e-5, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, weight_decay=0.0,
-                           fsdp=fsdp, deepspeed=deepspeed)
+                           fsdp=fsdp, deepspeed=deepspeed, gradient_accumulation_steps=accumulation,
+                           accelerator_config=SimpleNamespace(gradient_accumulation_kwargs=accumulation_kwargs))
 
 
 @pytest.fixture
@@ -178,6 +180,34 @@ class TestMemoryPlan:
         plan = memory_plan(model, args, 0, gpu_bytes=GPU_80GB, gpu_name="an 80 GB GPU")
         assert (plan["weights"], plan["gradients"], plan["optimizer"]) == (2 * n, 2 * n / 8, 12 * n / 8)
         assert plan["gathered"] == 0
+
+    def test_sharded_gradients_counted_as_held(self, qwen2_7b, capsys):
+        """FSDP2 with gradient accumulation: reducing every micro-batch is the scripts' default, and a run that turns
+        it off holds every unsharded fp32 gradient in place of its shard between micro-batches (tests/test_sharding.py
+        measures both under fully_shard). ZeRO-3 with the shipped JSON keeps fp32 gradient partitions."""
+        n = 7_615_616_512
+        use_precision_policy(qwen2_7b, bf16_args(world_size=8, fsdp=True))
+        unsharded = 4 * n - 4 * n / 8  # the whole fp32 gradient in place of the shard the plan counts already
+        for kwargs, held in ((None, 0), ({"sync_each_batch": True}, 0), ({"sync_each_batch": False}, unsharded)):
+            args = bf16_args(world_size=8, fsdp=True, accumulation=4, accumulation_kwargs=kwargs)
+            reduce_every_micro_batch(args)
+            plan = memory_plan(qwen2_7b, args, 0, gpu_bytes=GPU_80GB, gpu_name="an 80 GB GPU")
+            assert plan["no_sync_gradients"] == held and plan["gradients"] == 4 * n / 8
+            assert "= 15.2 GB" in plan["lines"][0]
+        assert ("the unsharded fp32 gradients FSDP2 holds between micro-batches (accelerator_config "
+                "gradient_accumulation_kwargs sync_each_batch is false) 26.7 GB") in plan["lines"][0]
+        args = bf16_args(world_size=8, fsdp=True, accumulation_kwargs={"sync_each_batch": False})  # no accumulation
+        assert memory_plan(qwen2_7b, args, 0)["no_sync_gradients"] == 0
+
+        model = qwen2_7b.to(torch.bfloat16)
+        args = bf16_args(world_size=8, deepspeed=os.path.join(ROOT, "configs", "deepspeed", "zero3.json"))
+        capsys.readouterr()
+        use_precision_policy(model, args)
+        assert capsys.readouterr().out.startswith("precision: DeepSpeed, bf16 weights, gradients reduced in fp32 and "
+                                                  "accumulated in fp32, fp32 master weights and AdamW states")
+        plan = memory_plan(model, args, 0, gpu_bytes=GPU_80GB, gpu_name="an 80 GB GPU")
+        assert (plan["weights"], plan["gradients"], plan["optimizer"]) == (2 * n / 8, 4 * n / 8, 12 * n / 8)
+        assert "= 17.1 GB" in plan["lines"][0] and plan["no_sync_gradients"] == 0
 
     def test_qwen3_vl_8b_scorer(self):
         from train_scorer import Qwen3VLScorer

@@ -6,6 +6,7 @@
 Both train the same tiny Qwen2 with the scripts' lean loss (it reads lm_head.weight outside lm_head's forward; under
 ZeRO-3 that weight is an empty partition unless gathered) on the same batches (each rank its half), write the
 logged losses to WORKDIR/<mode>/losses.json and the final model with `trainer.save_model` to WORKDIR/<mode>/final.
+The ZeRO-3 run then takes one bf16 step with the same JSON and adds the gradient dtypes its engine reports.
 
 The scripts refuse --deepspeed on a machine without GPUs (accelerate counts one process there, so DeepSpeed's batch
 check fails); DeepSpeed itself runs on CPU with three adjustments made here, that GPU runs do not need: `use_cpu`,
@@ -63,6 +64,28 @@ class Losses(TrainerCallback):
             self.losses.append(logs["loss"])
 
 
+def arguments(out, world, zero3, **changes):
+    return TrainingArguments(**{
+        "output_dir": out, "per_device_train_batch_size": BATCH // world, "max_steps": STEPS, "learning_rate": 1e-3,
+        "adam_epsilon": 1e-4, "lr_scheduler_type": "constant", "weight_decay": 0.0, "logging_steps": 1,
+        "save_strategy": "no", "report_to": "none", "seed": 0, "disable_tqdm": True, "use_cpu": True,
+        "deepspeed": os.path.join(ROOT, "configs", "deepspeed", "zero3.json") if zero3 else None, **changes})
+
+
+def bf16_gradient_dtypes(workdir, base, world):
+    """One step of a bf16 run with the shipped JSON, its "auto" precision filled in by the Trainer as on a GPU with
+    bf16: the dtypes the DeepSpeed engine reduces gradients in (`communication_data_type`) and accumulates them in
+    (`get_data_types`), and the dtype of the gradient partitions its ZeRO-3 optimizer keeps."""
+    args = arguments(os.path.join(workdir, "zero3-bf16"), world, True, bf16=True, max_steps=1)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)  # loaded partitioned by the new args
+    trainer = InOrder(model=model, args=args, train_dataset=Rows(torch.load(os.path.join(workdir, "rows.pt"))))
+    trainer.train()
+    engine = trainer.model_wrapped
+    return {"model": str(engine.get_data_types()[0]), "reduced": str(engine.communication_data_type),
+            "accumulated": str(engine.get_data_types()[1]),
+            "partitions": str(engine.optimizer.grad_partitions_flat_buffer.dtype)}
+
+
 def main(workdir, mode):
     zero3 = mode == "zero3"
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -73,11 +96,7 @@ def main(workdir, mode):
 
         # the module by its full name: in deepspeed.comm the attribute `torch` is torch itself
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None  # gloo alone: nothing to compile
-    args = TrainingArguments(
-        output_dir=out, per_device_train_batch_size=BATCH // world, max_steps=STEPS, learning_rate=1e-3,
-        adam_epsilon=1e-4, lr_scheduler_type="constant", weight_decay=0.0, logging_steps=1, save_strategy="no",
-        report_to="none", seed=0, disable_tqdm=True, use_cpu=True,
-        deepspeed=os.path.join(ROOT, "configs", "deepspeed", "zero3.json") if zero3 else None)
+    args = arguments(out, world, zero3)
     if zero3:
         import deepspeed
 
@@ -95,9 +114,10 @@ def main(workdir, mode):
                       callbacks=[losses])
     trainer.train()
     trainer.save_model(os.path.join(out, "final"))  # ZeRO-3: every rank takes part in gathering the weights
+    dtypes = bf16_gradient_dtypes(workdir, base, world) if zero3 else None
     if args.process_index == 0:
         with open(os.path.join(out, "losses.json"), "w") as f:
-            json.dump({"losses": losses.losses, "partitioned": partitioned}, f)
+            json.dump({"losses": losses.losses, "partitioned": partitioned, "bf16_gradient_dtypes": dtypes}, f)
     if zero3:
         import torch.distributed as dist
 
