@@ -14,8 +14,16 @@ find the checkpoint with `checkpoint_to_resume(args)` (refusing one that `resume
   logged as `skipped_steps`; after `--max_bad_steps` such steps in a row the run saves and exits 2.
 - A checkpoint gets a `checkpoint-complete` marker once every rank has written its part; resume skips a
   `checkpoint-N` without it (a save that a crash or a kill cut short), says so, and takes the newest complete one.
+- Next to the marker, rank 0 writes `checkpoint-run.json`: what the run is (`run_record`: the model, what trains,
+  the sharding and the number of processes). A resume compares it with the run at hand (`resume_mismatch`), not
+  the checkpoint's `config.json`, which a sharded FSDP2 save does not write, and refuses with one line a checkpoint
+  this run cannot load: another model or mode, another sharding, another number of processes under ZeRO.
+- House rule: every file a sharded save writes and every file its resume reads is listed in `CHECKPOINT_FILES`,
+  here and nowhere else; tests/test_sharding.py checks that list against what accelerate and DeepSpeed write.
 """
 
+import glob
+import json
 import os
 import shlex
 import signal
@@ -28,6 +36,26 @@ from transformers import TrainerCallback
 from plumbing import fail, leave_process_group, log
 
 COMPLETE = "checkpoint-complete"
+RUN_RECORD = "checkpoint-run.json"
+# Every file of a sharded checkpoint, per sharding kind (`sharding`), as glob patterns in which {rank} stands for each
+# rank of the run that saved it and {step} for its step: what the saves write (transformers' Trainer, accelerate,
+# DeepSpeed) and what a resume reads. Resume checks they are all there (a copy without the hidden `.metadata` files
+# cannot load); tests/test_sharding.py checks the list against what the libraries write (fp16 runs add scaler.pt).
+TRAINER_FILES = ("trainer_state.json", "scheduler.pt", "rng_state_{rank}.pth", COMPLETE, RUN_RECORD)
+CHECKPOINT_FILES = {
+    # Trainer.save_model writes nothing here (it saves only FULL_STATE_DICT); accelerate's save_fsdp_model and
+    # save_fsdp_optimizer write torch's distributed checkpoint (DCP): one file per rank and an index
+    "FSDP2 SHARDED_STATE_DICT": TRAINER_FILES + (
+        "pytorch_model_fsdp_0/.metadata", "pytorch_model_fsdp_0/__{rank}_0.distcp",
+        "optimizer_0/.metadata", "optimizer_0/__{rank}_0.distcp"),
+    # the gathered 16-bit model (stage3_gather_16bit_weights_on_model_save) as an HF folder, which resume does not
+    # read, then DeepSpeed's own checkpoint: each rank's partition of the weights and of the optimizer states
+    # (bf16_ prefixed under bf16)
+    "DeepSpeed ZeRO-3": TRAINER_FILES + (
+        "config.json", "generation_config.json", "model.safetensors", "latest", "zero_to_fp32.py",
+        "global_step{step}/zero_pp_rank_{rank}_mp_rank_00_model_states.pt",
+        "global_step{step}/*zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"),
+}
 EXIT_CODES = {signal.SIGTERM: 143, signal.SIGINT: 130}
 # A signal this soon after the first is the same request: a launcher forwards to its workers what the process group
 # has already received (torchrun does, for SIGTERM and SIGINT).
@@ -118,17 +146,52 @@ class SkipNonFinite(TrainerCallback):
 
 
 class MarkComplete(TrainerCallback):
-    """Write the completeness marker into a checkpoint once every rank has finished writing it."""
+    """Write the completeness marker and the run record into a checkpoint once every rank has finished writing it."""
 
-    def on_save(self, args, state, control, **kwargs):
+    def on_save(self, args, state, control, model=None, **kwargs):
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
         if args.should_save:
-            path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", COMPLETE)
-            with open(path, "w") as f:
+            path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            write_run_record(path, run_record(model, args.world_size))
+            with open(os.path.join(path, COMPLETE), "w") as f:
                 f.write(f"step {state.global_step}\n")
+
+
+def sharding(state=None):
+    """How this run's checkpoints are written, from accelerate's `state` (default: the AcceleratorState that the
+    Trainer set up): "FSDP2 SHARDED_STATE_DICT", "DeepSpeed ZeRO-3", or "none" (one process or DDP, whose
+    checkpoints are the same files). Read from accelerate, not from the flags: it shards only on GPUs."""
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    state = state or AcceleratorState()
+    if state.distributed_type == DistributedType.FSDP:
+        return f"FSDP{state.fsdp_plugin.fsdp_version} {state.fsdp_plugin.state_dict_type.name}"
+    if state.distributed_type == DistributedType.DEEPSPEED:
+        return f"DeepSpeed ZeRO-{state.deepspeed_plugin.zero_stage}"
+    return "none"
+
+
+def run_record(model, world_size, state=None):
+    """What a checkpoint of this run holds and how it is written: the model (a scorer: the base it refers to; SFT:
+    the architecture's sizes), what trains (a scorer: `scorer_trains`; SFT: LoRA or full), `sharding(state)` and the
+    number of processes. MarkComplete writes it into each checkpoint; resume_mismatch compares it."""
+    config = model.config
+    if hasattr(config, "scorer_trains"):
+        identity, trains = {"scorer_base_model": config.scorer_base_model}, config.scorer_trains
+    else:
+        identity = {key: getattr(config, key, None)
+                    for key in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")}
+        trains = "LoRA" if getattr(model, "peft_config", None) else "full"  # a peft model carries its settings
+    return {"model": identity, "trains": trains, "sharding": sharding(state), "world_size": world_size}
+
+
+def write_run_record(path, record):
+    with open(os.path.join(path, RUN_RECORD), "w") as f:
+        json.dump(record, f, indent=1)
 
 
 def checkpoint_to_resume(args):
@@ -149,32 +212,77 @@ def checkpoint_to_resume(args):
     return None
 
 
-def resume_mismatch(path, config, use_peft=False):
-    """Why checkpoint `path` cannot continue this run, or None; found before training, not as a load error after the
-    model, data and Trainer are set up. A scorer (`config.scorer_trains`) needs the same trained parameters on the
-    same base (its optimizer state fits only those); SFT needs LoRA adapters for a LoRA run and the full model for a
-    full one, saved from this model."""
-    from transformers import AutoConfig
-
-    if hasattr(config, "scorer_trains"):
-        saved = AutoConfig.from_pretrained(path)
-        for key in ("scorer_trains", "scorer_base_model"):
-            if getattr(saved, key, None) != getattr(config, key):
-                return (f"{path}: saved with {key} = {getattr(saved, key, None)}, this run has "
-                        f"{getattr(config, key)}; use the same model and freezing flags to resume, or another "
-                        f"--output_dir")
-        return None
+def saved_record(path, run):
+    """The run record of checkpoint `path`. A checkpoint of an earlier version has none: it is checked as that
+    version checked it, by its `config.json` (the model) and `adapter_config.json` (LoRA), its sharding and
+    process count taken as this run's; with neither file (an FSDP2 save, which that version could not resume
+    either) nothing says what it holds: None."""
+    if os.path.isfile(os.path.join(path, RUN_RECORD)):
+        with open(os.path.join(path, RUN_RECORD)) as f:
+            return json.load(f)
     adapter = os.path.isfile(os.path.join(path, "adapter_config.json"))
-    if adapter != use_peft:
-        saved, here = ("LoRA adapters", "the full model") if adapter else ("the full model", "LoRA adapters")
-        return (f"{path}: holds {saved} and this run trains {here}; resume with the flags it was saved with, or "
-                f"use another --output_dir")
-    if not adapter:
-        saved = AutoConfig.from_pretrained(path)
-        for key in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size"):
-            if getattr(saved, key, None) != getattr(config, key, None):
-                return (f"{path}: saved from another model ({key} {getattr(saved, key, None)}, this model's "
-                        f"{getattr(config, key, None)}); use another --output_dir")
+    if not adapter and not os.path.isfile(os.path.join(path, "config.json")):
+        return None
+    saved = {}
+    if os.path.isfile(os.path.join(path, "config.json")):
+        with open(os.path.join(path, "config.json")) as f:
+            saved = json.load(f)
+    scorer = "scorer_base_model" in run["model"]
+    return {**run, "model": {key: saved.get(key) for key in run["model"]} if saved else run["model"],
+            "trains": saved.get("scorer_trains") if scorer else ("LoRA" if adapter else "full")}
+
+
+def n_processes(n):
+    return f"{n} process" + ("es" if n > 1 else "")
+
+
+def resume_mismatch(path, run):
+    """Why checkpoint `path` cannot continue the run described by `run` (`run_record`), or None; found before
+    training, not as a load error after the model, data and Trainer are set up. The sharding must be the one it was
+    saved with (each writes other files; FSDP2 and DeepSpeed shard on GPUs only), with as many processes under ZeRO
+    (DeepSpeed loads each rank's own partition of the optimizer states; torch's distributed checkpoint reshards an
+    FSDP2 one to any number), and every file of that sharding there; what trains the same (a scorer: the same
+    trained parameters on the same base, which its optimizer state fits; SFT: LoRA adapters or the full model), from
+    the same model."""
+    recorded = os.path.isfile(os.path.join(path, RUN_RECORD))
+    saved = saved_record(path, run)
+    if saved is None:
+        return (f"{path}: no {RUN_RECORD} (saved by an earlier version of this script, which could not resume it "
+                f"either) and no config.json: nothing says what it holds; use another --output_dir")
+    if saved["sharding"] != run["sharding"]:
+        def kind(record):
+            return (f"{'no sharding' if record['sharding'] == 'none' else record['sharding']} on "
+                    f"{n_processes(record['world_size'])}")
+        no_gpu = saved["sharding"] != "none" and not torch.cuda.is_available()
+        return (f"{path}: saved with {kind(saved)}, this run has {kind(run)}"
+                + (" (no GPU here: FSDP and DeepSpeed shard on GPUs only)" if no_gpu else "")
+                + "; resume with the sharding it was saved with, or use another --output_dir")
+    if saved["sharding"].startswith("DeepSpeed") and saved["world_size"] != run["world_size"]:
+        return (f"{path}: saved with {saved['sharding']} on {n_processes(saved['world_size'])}, this run has "
+                f"{run['world_size']}; DeepSpeed loads each rank's own partition of the optimizer states: resume on "
+                f"{saved['world_size']} GPUs, or use another --output_dir")
+    step = os.path.basename(os.path.normpath(path)).split("-")[-1]
+    for pattern in CHECKPOINT_FILES.get(saved["sharding"], ()) if recorded else ():
+        for rank in range(saved["world_size"]) if "{rank}" in pattern else [0]:
+            name = pattern.format(rank=rank, step=step)
+            if not glob.glob(os.path.join(glob.escape(path), name)):
+                return (f"{path}: {name} is missing, which a {saved['sharding']} resume reads; copy the whole "
+                        f"checkpoint (hidden files too), or use another --output_dir")
+    scorer = "scorer_base_model" in run["model"]
+    if saved["trains"] != run["trains"]:
+        if scorer:
+            return (f"{path}: saved with scorer_trains = {saved['trains']}, this run has {run['trains']}; use the "
+                    f"same model and freezing flags to resume, or another --output_dir")
+        holds = {"LoRA": "LoRA adapters", "full": "the full model"}
+        return (f"{path}: holds {holds[saved['trains']]} and this run trains {holds[run['trains']]}; resume with the "
+                f"flags it was saved with, or use another --output_dir")
+    for key, value in run["model"].items():
+        if saved["model"].get(key) != value:
+            if scorer:
+                return (f"{path}: saved with {key} = {saved['model'].get(key)}, this run has {value}; use the same "
+                        f"model and freezing flags to resume, or another --output_dir")
+            return (f"{path}: saved from another model ({key} {saved['model'].get(key)}, this model's {value}); use "
+                    f"another --output_dir")
     return None
 
 

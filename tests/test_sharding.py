@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, exit_2_line, run_cli
 
 REL = 1e-5
 
@@ -58,6 +58,71 @@ class TestFSDP2:
                                                "outputs": ["torch.float32"]}
         assert fsdp2["sft_bf16_policy"] == {"loss_finite": True, "grads_fp32": True}
 
+
+class TestShardedCheckpoints:
+    """Checkpoints written as the Trainer writes them on GPUs with the FSDP2 recipes (SHARDED_STATE_DICT): accelerate's
+    save_fsdp_model / save_fsdp_optimizer over 2 gloo processes (tests/fsdp2_worker.py), the Trainer's own files,
+    the scripts' run record and marker; no config.json among them."""
+
+    def test_the_files_are_those_reliability_lists(self, fsdp2):
+        from reliability import CHECKPOINT_FILES
+
+        listed = sorted(p.format(rank=r) for p in CHECKPOINT_FILES["FSDP2 SHARDED_STATE_DICT"]
+                        for r in (range(2) if "{rank}" in p else [0]))
+        assert set(fsdp2["sharded_checkpoints"]["files"]) == {"sft", "sft_lora", "scorer"}
+        for files in fsdp2["sharded_checkpoints"]["files"].values():
+            assert files == listed
+
+    def test_another_number_of_processes_loads_it(self, fsdp2):
+        """accelerate's load_fsdp_model / load_fsdp_optimizer (torch's distributed checkpoint) put the 2-process
+        checkpoint into the layout of one process (the whole output layer in one shard): the same weights and AdamW
+        states. So an FSDP2 checkpoint is not refused for another number of GPUs (rng_state_N.pth of a rank that
+        did not exist then is only missing: the Trainer logs it and goes on)."""
+        assert fsdp2["sharded_checkpoints"]["resharded"] == {"local_rows": [207, 414], "weights": 0.0,
+                                                             "optimizer": 0.0}
+
+    @pytest.mark.parametrize("name, trains, identity", [
+        ("sft", "full", {"model_type": "qwen2", "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 414}),
+        ("sft_lora", "LoRA", {"model_type": "qwen2", "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 414}),
+        ("scorer", "all", {"scorer_base_model": None})])
+    def test_the_run_it_was_saved_by_resumes_from_it_on_any_number_of_gpus(self, fsdp2, name, trains, identity):
+        from reliability import resume_mismatch
+
+        path = fsdp2["sharded_checkpoints"]["paths"][name]
+        for world_size in (2, 8):
+            run = {"model": identity, "trains": trains, "sharding": "FSDP2 SHARDED_STATE_DICT",
+                   "world_size": world_size}
+            assert resume_mismatch(path, run) is None
+
+    @pytest.mark.parametrize("name", ["sft", "sft_lora", "scorer"])
+    def test_a_cpu_run_refuses_it_with_one_line(self, fsdp2, name, capsys):
+        """What each script's resume line does on this machine, which has no GPU: no FSDP (accelerate shards only on
+        GPUs), so it cannot load the shards; before the record, it crashed reading a config.json that a sharded save
+        does not write (LoRA: it claimed the checkpoint held the full model)."""
+        import sft_qwen2
+        import train_scorer
+
+        path = fsdp2["sharded_checkpoints"]["paths"][name]
+        main = train_scorer.main if name == "scorer" else sft_qwen2.main
+        extra = ["--use_peft"] if name == "sft_lora" else []
+        line = exit_2_line(capsys, main, ["--demo", "--output_dir", os.path.dirname(path), *extra])
+        assert line == (f"error: {path}: saved with FSDP2 SHARDED_STATE_DICT on 2 processes, this run has no sharding "
+                        f"on 1 process (no GPU here: FSDP and DeepSpeed shard on GPUs only); resume with the sharding "
+                        f"it was saved with, or use another --output_dir")
+
+    def test_a_copy_without_the_hidden_index_is_refused(self, fsdp2, tmp_path):
+        """`cp checkpoint-3/*` leaves out DCP's `.metadata` files, without which nothing loads."""
+        import shutil
+
+        from reliability import resume_mismatch
+
+        copy = shutil.copytree(fsdp2["sharded_checkpoints"]["paths"]["sft"], tmp_path / "checkpoint-3")
+        os.remove(copy / "pytorch_model_fsdp_0" / ".metadata")
+        run = {"model": {"model_type": "qwen2", "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 414},
+               "trains": "full", "sharding": "FSDP2 SHARDED_STATE_DICT", "world_size": 2}
+        assert resume_mismatch(str(copy), run) == (
+            f"{copy}: pytorch_model_fsdp_0/.metadata is missing, which a FSDP2 SHARDED_STATE_DICT resume reads; copy "
+            f"the whole checkpoint (hidden files too), or use another --output_dir")
 
 
 @pytest.fixture(scope="module")
