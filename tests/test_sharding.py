@@ -110,6 +110,21 @@ class TestShardedCheckpoints:
                         f"on 1 process (no GPU here: FSDP and DeepSpeed shard on GPUs only); resume with the sharding "
                         f"it was saved with, or use another --output_dir")
 
+    def test_one_without_a_run_record_is_refused_with_one_line(self, fsdp2, tmp_path):
+        """An FSDP2 checkpoint of an earlier version: no record, no config.json; that version could not resume it
+        either (a traceback), so nothing that worked is lost by refusing it."""
+        import shutil
+
+        from reliability import RUN_RECORD, resume_mismatch
+
+        copy = shutil.copytree(fsdp2["sharded_checkpoints"]["paths"]["sft"], tmp_path / "checkpoint-3")
+        os.remove(copy / RUN_RECORD)
+        run = {"model": {"model_type": "qwen2", "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 414},
+               "trains": "full", "sharding": "FSDP2 SHARDED_STATE_DICT", "world_size": 2}
+        assert resume_mismatch(str(copy), run) == (
+            f"{copy}: no checkpoint-run.json (saved by an earlier version of this script, which could not resume it "
+            f"either) and no config.json: nothing says what it holds; use another --output_dir")
+
     def test_a_copy_without_the_hidden_index_is_refused(self, fsdp2, tmp_path):
         """`cp checkpoint-3/*` leaves out DCP's `.metadata` files, without which nothing loads."""
         import shutil
