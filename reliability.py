@@ -37,24 +37,26 @@ from plumbing import fail, leave_process_group, log
 
 COMPLETE = "checkpoint-complete"
 RUN_RECORD = "checkpoint-run.json"
-# Every file of a sharded checkpoint, per sharding kind (`sharding`), as glob patterns in which {rank} stands for each
-# rank of the run that saved it and {step} for its step: what the saves write (transformers' Trainer, accelerate,
-# DeepSpeed) and what a resume reads. Resume checks they are all there (a copy without the hidden `.metadata` files
-# cannot load); tests/test_sharding.py checks the list against what the libraries write (fp16 runs add scaler.pt).
+# Every file of a sharded checkpoint, per sharding kind (`sharding`): what a resume reads (checked to be there before
+# it starts: a copy without the hidden `.metadata` files cannot load) and what the save writes besides. Glob patterns;
+# {rank} stands for each rank of the run that saved it, {step} for its step. tests/test_sharding.py checks the lists
+# against what transformers' Trainer, accelerate and DeepSpeed write (fp16 runs add the Trainer's scaler.pt).
 TRAINER_FILES = ("trainer_state.json", "scheduler.pt", "rng_state_{rank}.pth", COMPLETE, RUN_RECORD)
 CHECKPOINT_FILES = {
     # Trainer.save_model writes nothing here (it saves only FULL_STATE_DICT); accelerate's save_fsdp_model and
-    # save_fsdp_optimizer write torch's distributed checkpoint (DCP): one file per rank and an index
-    "FSDP2 SHARDED_STATE_DICT": TRAINER_FILES + (
-        "pytorch_model_fsdp_0/.metadata", "pytorch_model_fsdp_0/__{rank}_0.distcp",
-        "optimizer_0/.metadata", "optimizer_0/__{rank}_0.distcp"),
-    # the gathered 16-bit model (stage3_gather_16bit_weights_on_model_save) as an HF folder, which resume does not
-    # read, then DeepSpeed's own checkpoint: each rank's partition of the weights and of the optimizer states
-    # (bf16_ prefixed under bf16)
-    "DeepSpeed ZeRO-3": TRAINER_FILES + (
-        "config.json", "generation_config.json", "model.safetensors", "latest", "zero_to_fp32.py",
-        "global_step{step}/zero_pp_rank_{rank}_mp_rank_00_model_states.pt",
-        "global_step{step}/*zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"),
+    # save_fsdp_optimizer write torch's distributed checkpoint (DCP): a file per rank and an index
+    "FSDP2 SHARDED_STATE_DICT": {
+        "resume reads": TRAINER_FILES + ("pytorch_model_fsdp_0/.metadata", "pytorch_model_fsdp_0/__{rank}_0.distcp",
+                                         "optimizer_0/.metadata", "optimizer_0/__{rank}_0.distcp"),
+        "also written": ()},
+    # DeepSpeed's own checkpoint: each rank's partition of the weights and of the optimizer states (bf16_ prefixed
+    # under bf16); besides, the gathered 16-bit model as an HF folder (stage3_gather_16bit_weights_on_model_save,
+    # plus the tokenizer's or processor's files) and DeepSpeed's conversion scripts
+    "DeepSpeed ZeRO-3": {
+        "resume reads": TRAINER_FILES + ("latest", "global_step{step}/zero_pp_rank_{rank}_mp_rank_00_model_states.pt",
+                                         "global_step{step}/*zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"),
+        "also written": ("config.json", "generation_config.json", "model.safetensors", "training_args.bin",
+                         "zero_to_fp32.py", "zero_to_torch.py")},
 }
 EXIT_CODES = {signal.SIGTERM: 143, signal.SIGINT: 130}
 # A signal this soon after the first is the same request: a launcher forwards to its workers what the process group
@@ -262,7 +264,7 @@ def resume_mismatch(path, run):
                 f"{run['world_size']}; DeepSpeed loads each rank's own partition of the optimizer states: resume on "
                 f"{saved['world_size']} GPUs, or use another --output_dir")
     step = os.path.basename(os.path.normpath(path)).split("-")[-1]
-    for pattern in CHECKPOINT_FILES.get(saved["sharding"], ()) if recorded else ():
+    for pattern in CHECKPOINT_FILES.get(saved["sharding"], {}).get("resume reads", ()) if recorded else ():
         for rank in range(saved["world_size"]) if "{rank}" in pattern else [0]:
             name = pattern.format(rank=rank, step=step)
             if not glob.glob(os.path.join(glob.escape(path), name)):

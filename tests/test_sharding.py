@@ -59,19 +59,27 @@ class TestFSDP2:
         assert fsdp2["sft_bf16_policy"] == {"loss_finite": True, "grads_fp32": True}
 
 
+def unlisted(files, kind, step):
+    """(files of a 2-process checkpoint that reliability.CHECKPOINT_FILES[kind] does not list, listed files it lacks)"""
+    import fnmatch
+
+    from reliability import CHECKPOINT_FILES
+
+    listed = [p.format(rank=r, step=step) for part in CHECKPOINT_FILES[kind].values() for p in part
+              for r in (range(2) if "{rank}" in p else [0])]
+    return ([f for f in files if not any(fnmatch.fnmatchcase(f, p) for p in listed)],
+            [p for p in listed if not fnmatch.filter(files, p)])
+
+
 class TestShardedCheckpoints:
     """Checkpoints written as the Trainer writes them on GPUs with the FSDP2 recipes (SHARDED_STATE_DICT): accelerate's
     save_fsdp_model / save_fsdp_optimizer over 2 gloo processes (tests/fsdp2_worker.py), the Trainer's own files,
     the scripts' run record and marker; no config.json among them."""
 
     def test_the_files_are_those_reliability_lists(self, fsdp2):
-        from reliability import CHECKPOINT_FILES
-
-        listed = sorted(p.format(rank=r) for p in CHECKPOINT_FILES["FSDP2 SHARDED_STATE_DICT"]
-                        for r in (range(2) if "{rank}" in p else [0]))
         assert set(fsdp2["sharded_checkpoints"]["files"]) == {"sft", "sft_lora", "scorer"}
         for files in fsdp2["sharded_checkpoints"]["files"].values():
-            assert files == listed
+            assert unlisted(files, "FSDP2 SHARDED_STATE_DICT", step=3) == ([], [])
 
     def test_another_number_of_processes_loads_it(self, fsdp2):
         """accelerate's load_fsdp_model / load_fsdp_optimizer (torch's distributed checkpoint) put the 2-process
@@ -142,7 +150,8 @@ class TestShardedCheckpoints:
 
 @pytest.fixture(scope="module")
 def zero3(tmp_path_factory):
-    """The reference (1 process, no DeepSpeed), then ZeRO-3 over 2 processes with the shipped JSON: same batches."""
+    """The reference (1 process, no DeepSpeed), then ZeRO-3 over 2 processes with the shipped JSON: same batches;
+    then ZeRO-3 with 1 process trying to resume the 2-process checkpoint."""
     work = tmp_path_factory.mktemp("zero3")
     env = {"OMP_NUM_THREADS": "1"}
     plain = run_cli([sys.executable, "tests/zero3_worker.py", str(work), "plain"], env=env)
@@ -150,6 +159,9 @@ def zero3(tmp_path_factory):
     # the first DeepSpeed run on a machine compiles its CPU communication op (about 2.5 minutes on 2 cores)
     res = run_cli([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                    "tests/zero3_worker.py", str(work), "zero3"], env=env, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = run_cli([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+                   "tests/zero3_worker.py", str(work), "resume"], env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     return work
 
@@ -179,6 +191,28 @@ class TestZero3:
         assert diff <= REL, diff
         ids = torch.arange(5, 29)[None]
         torch.testing.assert_close(got(input_ids=ids).logits, want(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+    def test_its_checkpoint_holds_the_files_reliability_lists_and_a_run_on_other_gpus_is_refused(self, zero3):
+        """The Trainer's own ZeRO-3 checkpoint (every file DeepSpeed and the Trainer write, and the run record, which
+        says what accelerate set up) meets a run of as many processes, and one of another number, which DeepSpeed
+        itself cannot resume (tried with one process)."""
+        with open(zero3 / "resume" / "error.txt") as f:
+            assert f.read().startswith("ZeRORuntimeException: The checkpoint being loaded used a DP world size of 2 "
+                                       "but the current world size is 1.")
+        from reliability import RUN_RECORD, resume_mismatch
+
+        path = zero3 / "zero3" / "checkpoint-4"
+        files = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())
+        assert unlisted(files, "DeepSpeed ZeRO-3", step=4) == ([], [])
+        with open(path / RUN_RECORD) as f:
+            record = json.load(f)
+        assert record == {"model": {"model_type": "qwen2", "hidden_size": 64, "num_hidden_layers": 2,
+                                    "vocab_size": 512}, "trains": "full", "sharding": "DeepSpeed ZeRO-3",
+                          "world_size": 2}
+        assert resume_mismatch(str(path), record) is None
+        assert resume_mismatch(str(path), {**record, "world_size": 8}) == (
+            f"{path}: saved with DeepSpeed ZeRO-3 on 2 processes, this run has 8; DeepSpeed loads each rank's own "
+            f"partition of the optimizer states: resume on 2 GPUs, or use another --output_dir")
 
     def test_the_shipped_config_gathers_the_save_and_leaves_optimizer_and_schedule_to_the_trainer(self):
         with open(os.path.join(ROOT, "configs", "deepspeed", "zero3.json")) as f:

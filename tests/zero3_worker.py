@@ -2,10 +2,12 @@
 
     python tests/zero3_worker.py WORKDIR plain                          # the reference: 1 process, no DeepSpeed
     torchrun --nproc_per_node 2 tests/zero3_worker.py WORKDIR zero3     # ZeRO-3 over 2 CPU processes (gloo)
+    torchrun --nproc_per_node 1 tests/zero3_worker.py WORKDIR resume    # ZeRO-3, 1 process, from zero3's checkpoint
 
 Both train the same tiny Qwen2 with the scripts' lean loss (it reads lm_head.weight outside lm_head's forward; under
 ZeRO-3 that weight is an empty partition unless gathered) on the same batches (each rank its half), write the
-logged losses to WORKDIR/<mode>/losses.json and the final model with `trainer.save_model` to WORKDIR/<mode>/final.
+logged losses to WORKDIR/<mode>/losses.json and the final model with `trainer.save_model` to WORKDIR/<mode>/final;
+the last step is also a checkpoint, which `resume` tries to continue with one process: WORKDIR/resume/error.txt.
 
 The scripts refuse --deepspeed on a machine without GPUs (accelerate counts one process there, so DeepSpeed's batch
 check fails); DeepSpeed itself runs on CPU with three adjustments made here, that GPU runs do not need: `use_cpu`,
@@ -28,6 +30,7 @@ from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, Trainin
 import demo  # noqa: E402
 from collate import IGNORE_INDEX  # noqa: E402
 from lean_loss import use_lean_causal_lm_loss  # noqa: E402
+from reliability import MarkComplete  # noqa: E402
 
 STEPS, BATCH = 4, 4  # global batch: 4 rows, 2 per rank under ZeRO-3
 
@@ -64,7 +67,7 @@ class Losses(TrainerCallback):
 
 
 def main(workdir, mode):
-    zero3 = mode == "zero3"
+    zero3 = mode in ("zero3", "resume")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     base = os.path.join(workdir, "base")
     out = os.path.join(workdir, mode)
@@ -75,7 +78,8 @@ def main(workdir, mode):
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None  # gloo alone: nothing to compile
     args = TrainingArguments(
         output_dir=out, per_device_train_batch_size=BATCH // world, max_steps=STEPS, learning_rate=1e-3,
-        adam_epsilon=1e-4, lr_scheduler_type="constant", weight_decay=0.0, logging_steps=1, save_strategy="no",
+        adam_epsilon=1e-4, lr_scheduler_type="constant", weight_decay=0.0, logging_steps=1, save_strategy="steps",
+        save_steps=STEPS,  # one checkpoint, at the end: the files a sharded save writes
         report_to="none", seed=0, disable_tqdm=True, use_cpu=True,
         deepspeed=os.path.join(ROOT, "configs", "deepspeed", "zero3.json") if zero3 else None)
     if zero3:
@@ -92,7 +96,17 @@ def main(workdir, mode):
     use_lean_causal_lm_loss(model)
     losses = Losses()
     trainer = InOrder(model=model, args=args, train_dataset=Rows(torch.load(os.path.join(workdir, "rows.pt"))),
-                      callbacks=[losses])
+                      callbacks=[losses, MarkComplete()])
+    if mode == "resume":  # what DeepSpeed says of a checkpoint of 2 processes
+        os.makedirs(out, exist_ok=True)
+        try:
+            trainer.train(resume_from_checkpoint=os.path.join(workdir, "zero3", f"checkpoint-{STEPS}"))
+            error = "none"
+        except Exception as e:
+            error = f"{type(e).__name__}: {e}"
+        with open(os.path.join(out, "error.txt"), "w") as f:
+            f.write(error)
+        os._exit(0)
     trainer.train()
     trainer.save_model(os.path.join(out, "final"))  # ZeRO-3: every rank takes part in gathering the weights
     if args.process_index == 0:
