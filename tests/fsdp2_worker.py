@@ -6,6 +6,8 @@ Trainer shards only on GPUs (accelerate ignores --fsdp on a CPU), but torch's ow
 check shards a tiny model in the units accelerate 1.15 makes for `Trainer(--fsdp)` (`shard_like_accelerate`), runs
 the same batches as an unsharded copy of it (each rank its half), and reports the largest relative differences of
 losses, gradients and weights after AdamW steps, then saves with the scripts' `save_final_model` and reloads.
+Last, it writes checkpoints as the Trainer does under FSDP2 with the recipes' SHARDED_STATE_DICT (accelerate's own
+save functions, which run on CPU) and loads one back into the layout of another number of processes.
 """
 
 import json

@@ -14,7 +14,7 @@ import safetensors.torch
 from transformers import TrainingArguments
 
 from conftest import ROOT, exit_2_line, run_cli
-from reliability import COMPLETE, RUN_RECORD, TRAINER_FILES, GracefulStop, checkpoint_to_resume, resume_mismatch
+from reliability import COMPLETE, GracefulStop, checkpoint_to_resume
 
 SFT_RUN = ["--max_steps", "40", "--eval_steps", "20", "--save_steps", "20"]  # the demo, a little longer
 SCORER_RUN = ["--max_steps", "20", "--eval_steps", "20", "--save_steps", "10", "--eval_on_start", "false",
@@ -152,6 +152,8 @@ class TestGracefulStop:
     def test_two_processes_stop_at_the_same_step_and_resume_to_the_same_metrics(self, tmp_path):
         """SIGTERM to run.sh's torchrun: both ranks save one checkpoint at the step they agreed on, every process is
         gone well within 60 s, and the same command then ends with the eval metrics of an uninterrupted run."""
+        from reliability import RUN_RECORD, TRAINER_FILES
+
         out, whole = tmp_path / "run", tmp_path / "whole"
         nproc = {"NPROC_PER_NODE": "2"}
         cmd = ["bash", "run.sh", "train_scorer.py", "--demo", "--output_dir", str(out), *SCORER_RUN]
@@ -422,7 +424,7 @@ class TestFailBeforeTrainingData:
         assert line == (f"error: {lora_out / 'checkpoint-2'}: holds LoRA adapters and this run trains the full "
                         f"model; resume with the flags it was saved with, or use another --output_dir")
         # a checkpoint of an earlier version (no run record) is checked by its files, as that version checked it
-        os.remove(lora_out / "checkpoint-2" / RUN_RECORD)
+        os.remove(lora_out / "checkpoint-2" / "checkpoint-run.json")
         assert exit_2_line(capsys, sft_qwen2.main, sft_args(sft_demo, lora_out, *saved)) == line
 
         other = demo.build_tiny_qwen2(tmp_path / "other", hidden_size=32)
@@ -437,6 +439,8 @@ class TestFailBeforeTrainingData:
         without DeepSpeed, and a ZeRO-3 one on another number of processes, whose optimizer partitions DeepSpeed
         cannot redistribute (engine._load_zero_checkpoint: "Automatic adjustment of ZeRO's optimizer state
         partitioning with a new world size is not currently supported")."""
+        from reliability import RUN_RECORD, resume_mismatch
+
         model = {"model_type": "qwen2", "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 414}
 
         def checkpoint(name, sharding, world_size):

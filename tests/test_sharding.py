@@ -71,6 +71,16 @@ def unlisted(files, kind, step):
             [p for p in listed if not fnmatch.filter(files, p)])
 
 
+TINY_QWEN2 = {"model_type": "qwen2", "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 414}  # demo.py's
+
+
+def fsdp2_run(name, world_size=2):
+    """The run record of a GPU run with an FSDP2 recipe on the worker's checkpoint `name`'s model and mode."""
+    identity, trains = {"sft": (TINY_QWEN2, "full"), "sft_lora": (TINY_QWEN2, "LoRA"),
+                        "scorer": ({"scorer_base_model": None}, "all")}[name]
+    return {"model": identity, "trains": trains, "sharding": "FSDP2 SHARDED_STATE_DICT", "world_size": world_size}
+
+
 class TestShardedCheckpoints:
     """Checkpoints written as the Trainer writes them on GPUs with the FSDP2 recipes (SHARDED_STATE_DICT): accelerate's
     save_fsdp_model / save_fsdp_optimizer over 2 gloo processes (tests/fsdp2_worker.py), the Trainer's own files,
@@ -89,18 +99,16 @@ class TestShardedCheckpoints:
         assert fsdp2["sharded_checkpoints"]["resharded"] == {"local_rows": [207, 414], "weights": 0.0,
                                                              "optimizer": 0.0}
 
-    @pytest.mark.parametrize("name, trains, identity", [
-        ("sft", "full", {"model_type": "qwen2", "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 414}),
-        ("sft_lora", "LoRA", {"model_type": "qwen2", "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 414}),
-        ("scorer", "all", {"scorer_base_model": None})])
-    def test_the_run_it_was_saved_by_resumes_from_it_on_any_number_of_gpus(self, fsdp2, name, trains, identity):
-        from reliability import resume_mismatch
+    @pytest.mark.parametrize("name", ["sft", "sft_lora", "scorer"])
+    def test_the_run_it_was_saved_by_resumes_from_it_on_any_number_of_gpus(self, fsdp2, name):
+        """No crash on the missing config.json, and LoRA adapters are known as such."""
+        from reliability import RUN_RECORD, resume_mismatch
 
         path = fsdp2["sharded_checkpoints"]["paths"][name]
-        for world_size in (2, 8):
-            run = {"model": identity, "trains": trains, "sharding": "FSDP2 SHARDED_STATE_DICT",
-                   "world_size": world_size}
-            assert resume_mismatch(path, run) is None
+        with open(os.path.join(path, RUN_RECORD)) as f:
+            assert json.load(f) == fsdp2_run(name)
+        assert resume_mismatch(path, fsdp2_run(name)) is None
+        assert resume_mismatch(path, fsdp2_run(name, world_size=8)) is None
 
     @pytest.mark.parametrize("name", ["sft", "sft_lora", "scorer"])
     def test_a_cpu_run_refuses_it_with_one_line(self, fsdp2, name, capsys):
@@ -118,34 +126,24 @@ class TestShardedCheckpoints:
                         f"on 1 process (no GPU here: FSDP and DeepSpeed shard on GPUs only); resume with the sharding "
                         f"it was saved with, or use another --output_dir")
 
-    def test_one_without_a_run_record_is_refused_with_one_line(self, fsdp2, tmp_path):
-        """An FSDP2 checkpoint of an earlier version: no record, no config.json; that version could not resume it
-        either (a traceback), so nothing that worked is lost by refusing it."""
-        import shutil
-
-        from reliability import RUN_RECORD, resume_mismatch
-
-        copy = shutil.copytree(fsdp2["sharded_checkpoints"]["paths"]["sft"], tmp_path / "checkpoint-3")
-        os.remove(copy / RUN_RECORD)
-        run = {"model": {"model_type": "qwen2", "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 414},
-               "trains": "full", "sharding": "FSDP2 SHARDED_STATE_DICT", "world_size": 2}
-        assert resume_mismatch(str(copy), run) == (
-            f"{copy}: no checkpoint-run.json (saved by an earlier version of this script, which could not resume it "
-            f"either) and no config.json: nothing says what it holds; use another --output_dir")
-
-    def test_a_copy_without_the_hidden_index_is_refused(self, fsdp2, tmp_path):
-        """`cp checkpoint-3/*` leaves out DCP's `.metadata` files, without which nothing loads."""
+    @pytest.mark.parametrize("remove, line", [
+        ("checkpoint-run.json", "no checkpoint-run.json (saved by an earlier version of this script, which could not "
+                                "resume it either) and no config.json: nothing says what it holds; use another "
+                                "--output_dir"),
+        ("pytorch_model_fsdp_0/.metadata", "pytorch_model_fsdp_0/.metadata is missing, which a FSDP2 "
+                                           "SHARDED_STATE_DICT resume reads; copy the whole checkpoint (hidden files "
+                                           "too), or use another --output_dir")], ids=["earlier-version", "cp-star"])
+    def test_one_without_its_record_or_a_file_is_refused(self, fsdp2, tmp_path, remove, line):
+        """An FSDP2 checkpoint of an earlier version has no record and no config.json (that version could not resume
+        it either: a traceback, so refusing it loses nothing that worked); `cp checkpoint-3/*` leaves out DCP's
+        hidden index, without which nothing loads."""
         import shutil
 
         from reliability import resume_mismatch
 
         copy = shutil.copytree(fsdp2["sharded_checkpoints"]["paths"]["sft"], tmp_path / "checkpoint-3")
-        os.remove(copy / "pytorch_model_fsdp_0" / ".metadata")
-        run = {"model": {"model_type": "qwen2", "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 414},
-               "trains": "full", "sharding": "FSDP2 SHARDED_STATE_DICT", "world_size": 2}
-        assert resume_mismatch(str(copy), run) == (
-            f"{copy}: pytorch_model_fsdp_0/.metadata is missing, which a FSDP2 SHARDED_STATE_DICT resume reads; copy "
-            f"the whole checkpoint (hidden files too), or use another --output_dir")
+        os.remove(copy / remove)
+        assert resume_mismatch(str(copy), fsdp2_run("sft")) == f"{copy}: {line}"
 
 
 @pytest.fixture(scope="module")
