@@ -38,9 +38,9 @@ from plumbing import fail, leave_process_group, log
 COMPLETE = "checkpoint-complete"
 RUN_RECORD = "checkpoint-run.json"
 # Every file of a sharded checkpoint, per sharding kind (`sharding`): what a resume reads (checked to be there before
-# it starts: a copy without the hidden `.metadata` files cannot load) and what the save writes besides. Glob patterns;
-# {rank} stands for each rank of the run that saved it, {step} for its step. tests/test_sharding.py checks the lists
-# against what transformers' Trainer, accelerate and DeepSpeed write (fp16 runs add the Trainer's scaler.pt).
+# it starts: a copy without the hidden `.metadata` files cannot load) and what the save writes besides. Glob patterns
+# in which {rank} stands for each rank of the run that saved it. tests/test_sharding.py checks the lists against what
+# transformers' Trainer, accelerate and DeepSpeed write (fp16 runs add the Trainer's scaler.pt).
 TRAINER_FILES = ("trainer_state.json", "scheduler.pt", "rng_state_{rank}.pth", COMPLETE, RUN_RECORD)
 CHECKPOINT_FILES = {
     # Trainer.save_model writes nothing here (it saves only FULL_STATE_DICT); accelerate's save_fsdp_model and
@@ -53,8 +53,8 @@ CHECKPOINT_FILES = {
     # under bf16); besides, the gathered 16-bit model as an HF folder (stage3_gather_16bit_weights_on_model_save,
     # plus the tokenizer's or processor's files) and DeepSpeed's conversion scripts
     "DeepSpeed ZeRO-3": {
-        "resume reads": TRAINER_FILES + ("latest", "global_step{step}/zero_pp_rank_{rank}_mp_rank_00_model_states.pt",
-                                         "global_step{step}/*zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"),
+        "resume reads": TRAINER_FILES + ("latest", "global_step*/zero_pp_rank_{rank}_mp_rank_00_model_states.pt",
+                                         "global_step*/*zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"),
         "also written": ("config.json", "generation_config.json", "model.safetensors", "training_args.bin",
                          "zero_to_fp32.py", "zero_to_torch.py")},
 }
@@ -246,11 +246,14 @@ def resume_mismatch(path, run):
     FSDP2 one to any number), and every file of that sharding there; what trains the same (a scorer: the same
     trained parameters on the same base, which its optimizer state fits; SFT: LoRA adapters or the full model), from
     the same model."""
+    if not os.path.isdir(path):
+        return f"--resume_from_checkpoint {path}: no such folder"
     recorded = os.path.isfile(os.path.join(path, RUN_RECORD))
     saved = saved_record(path, run)
     if saved is None:
-        return (f"{path}: no {RUN_RECORD} (saved by an earlier version of this script, which could not resume it "
-                f"either) and no config.json: nothing says what it holds; use another --output_dir")
+        return (f"{path}: holds no {RUN_RECORD}, config.json or adapter_config.json, so nothing says what it holds "
+                f"(an FSDP2 checkpoint of an earlier version of this script, which could not resume it either, has "
+                f"none); use another --output_dir")
     if saved["sharding"] != run["sharding"]:
         def kind(record):
             return (f"{'no sharding' if record['sharding'] == 'none' else record['sharding']} on "
@@ -263,10 +266,9 @@ def resume_mismatch(path, run):
         return (f"{path}: saved with {saved['sharding']} on {n_processes(saved['world_size'])}, this run has "
                 f"{run['world_size']}; DeepSpeed loads each rank's own partition of the optimizer states: resume on "
                 f"{saved['world_size']} GPUs, or use another --output_dir")
-    step = os.path.basename(os.path.normpath(path)).split("-")[-1]
     for pattern in CHECKPOINT_FILES.get(saved["sharding"], {}).get("resume reads", ()) if recorded else ():
         for rank in range(saved["world_size"]) if "{rank}" in pattern else [0]:
-            name = pattern.format(rank=rank, step=step)
+            name = pattern.format(rank=rank)
             if not glob.glob(os.path.join(glob.escape(path), name)):
                 return (f"{path}: {name} is missing, which a {saved['sharding']} resume reads; copy the whole "
                         f"checkpoint (hidden files too), or use another --output_dir")

@@ -437,8 +437,7 @@ class TestFailBeforeTrainingData:
     def test_a_checkpoint_of_another_sharding_or_zero_world_size_is_refused(self, tmp_path):
         """The run record decides (no files needed for these verdicts): a plain checkpoint under FSDP2, a ZeRO-3 one
         without DeepSpeed, and a ZeRO-3 one on another number of processes, whose optimizer partitions DeepSpeed
-        cannot redistribute (engine._load_zero_checkpoint: "Automatic adjustment of ZeRO's optimizer state
-        partitioning with a new world size is not currently supported")."""
+        cannot redistribute (tried in tests/test_sharding.py); and a --resume_from_checkpoint that does not exist."""
         from reliability import RUN_RECORD, resume_mismatch
 
         model = {"model_type": "qwen2", "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 414}
@@ -454,6 +453,8 @@ class TestFailBeforeTrainingData:
             return {"model": model, "trains": "full", "sharding": sharding, "world_size": world_size}
         plain, zero3 = checkpoint("plain", "none", 1), checkpoint("zero3", "DeepSpeed ZeRO-3", 8)
         assert resume_mismatch(plain, run("none", 2)) is None  # DDP and one process write the same files
+        typo = tmp_path / "typo"
+        assert resume_mismatch(typo, run("none", 1)) == f"--resume_from_checkpoint {typo}: no such folder"
         assert resume_mismatch(plain, run("FSDP2 SHARDED_STATE_DICT", 8)) == (
             f"{plain}: saved with no sharding on 1 process, this run has FSDP2 SHARDED_STATE_DICT on 8 processes; "
             f"resume with the sharding it was saved with, or use another --output_dir")

@@ -59,13 +59,13 @@ class TestFSDP2:
         assert fsdp2["sft_bf16_policy"] == {"loss_finite": True, "grads_fp32": True}
 
 
-def unlisted(files, kind, step):
+def unlisted(files, kind):
     """(files of a 2-process checkpoint that reliability.CHECKPOINT_FILES[kind] does not list, listed files it lacks)"""
     import fnmatch
 
     from reliability import CHECKPOINT_FILES
 
-    listed = [p.format(rank=r, step=step) for part in CHECKPOINT_FILES[kind].values() for p in part
+    listed = [p.format(rank=r) for part in CHECKPOINT_FILES[kind].values() for p in part
               for r in (range(2) if "{rank}" in p else [0])]
     return ([f for f in files if not any(fnmatch.fnmatchcase(f, p) for p in listed)],
             [p for p in listed if not fnmatch.filter(files, p)])
@@ -89,7 +89,7 @@ class TestShardedCheckpoints:
     def test_the_files_are_those_reliability_lists(self, fsdp2):
         assert set(fsdp2["sharded_checkpoints"]["files"]) == {"sft", "sft_lora", "scorer"}
         for files in fsdp2["sharded_checkpoints"]["files"].values():
-            assert unlisted(files, "FSDP2 SHARDED_STATE_DICT", step=3) == ([], [])
+            assert unlisted(files, "FSDP2 SHARDED_STATE_DICT") == ([], [])
 
     def test_another_number_of_processes_loads_it(self, fsdp2):
         """accelerate's load_fsdp_model / load_fsdp_optimizer (torch's distributed checkpoint) put the 2-process
@@ -127,9 +127,9 @@ class TestShardedCheckpoints:
                         f"it was saved with, or use another --output_dir")
 
     @pytest.mark.parametrize("remove, line", [
-        ("checkpoint-run.json", "no checkpoint-run.json (saved by an earlier version of this script, which could not "
-                                "resume it either) and no config.json: nothing says what it holds; use another "
-                                "--output_dir"),
+        ("checkpoint-run.json", "holds no checkpoint-run.json, config.json or adapter_config.json, so nothing says "
+                                "what it holds (an FSDP2 checkpoint of an earlier version of this script, which could "
+                                "not resume it either, has none); use another --output_dir"),
         ("pytorch_model_fsdp_0/.metadata", "pytorch_model_fsdp_0/.metadata is missing, which a FSDP2 "
                                            "SHARDED_STATE_DICT resume reads; copy the whole checkpoint (hidden files "
                                            "too), or use another --output_dir")], ids=["earlier-version", "cp-star"])
@@ -201,7 +201,7 @@ class TestZero3:
 
         path = zero3 / "zero3" / "checkpoint-4"
         files = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())
-        assert unlisted(files, "DeepSpeed ZeRO-3", step=4) == ([], [])
+        assert unlisted(files, "DeepSpeed ZeRO-3") == ([], [])
         with open(path / RUN_RECORD) as f:
             record = json.load(f)
         assert record == {"model": {"model_type": "qwen2", "hidden_size": 64, "num_hidden_layers": 2,
