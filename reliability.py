@@ -39,9 +39,10 @@ COMPLETE = "checkpoint-complete"
 RUN_RECORD = "checkpoint-run.json"
 # Every file of a sharded checkpoint, per sharding kind (`sharding`): what a resume reads (checked to be there before
 # it starts: a copy without the hidden `.metadata` files cannot load) and what the save writes besides. Glob patterns
-# in which {rank} stands for each rank of the run that saved it. tests/test_sharding.py checks the lists against what
-# transformers' Trainer, accelerate and DeepSpeed write (fp16 runs add the Trainer's scaler.pt).
-TRAINER_FILES = ("trainer_state.json", "scheduler.pt", "rng_state_{rank}.pth", COMPLETE, RUN_RECORD)
+# in which {rank} stands for each rank of the run that saved it, {_rank} for "_" and each rank, or for nothing after a
+# run of one process (`checkpoint_files`). tests/test_sharding.py checks the lists against what transformers' Trainer,
+# accelerate and DeepSpeed write (fp16 runs add the Trainer's scaler.pt).
+TRAINER_FILES = ("trainer_state.json", "scheduler.pt", "rng_state{_rank}.pth", COMPLETE, RUN_RECORD)
 CHECKPOINT_FILES = {
     # Trainer.save_model writes nothing here (it saves only FULL_STATE_DICT); accelerate's save_fsdp_model and
     # save_fsdp_optimizer write torch's distributed checkpoint (DCP): a file per rank and an index
@@ -234,6 +235,14 @@ def saved_record(path, run):
             "trains": saved.get("scorer_trains") if scorer else ("LoRA" if adapter else "full")}
 
 
+def checkpoint_files(sharding, world_size, part="resume reads"):
+    """The file patterns of CHECKPOINT_FILES[sharding][part] ("resume reads" or "also written") in a checkpoint of a
+    run of `world_size` processes (none for a sharding not listed there)."""
+    return [pattern.format(rank=rank, _rank=f"_{rank}" if world_size > 1 else "")
+            for pattern in CHECKPOINT_FILES.get(sharding, {}).get(part, ())
+            for rank in (range(world_size) if "rank}" in pattern else [0])]
+
+
 def n_processes(n):
     return f"{n} process" + ("es" if n > 1 else "")
 
@@ -266,12 +275,10 @@ def resume_mismatch(path, run):
         return (f"{path}: saved with {saved['sharding']} on {n_processes(saved['world_size'])}, this run has "
                 f"{run['world_size']}; DeepSpeed loads each rank's own partition of the optimizer states: resume on "
                 f"{saved['world_size']} GPUs, or use another --output_dir")
-    for pattern in CHECKPOINT_FILES.get(saved["sharding"], {}).get("resume reads", ()) if recorded else ():
-        for rank in range(saved["world_size"]) if "{rank}" in pattern else [0]:
-            name = pattern.format(rank=rank)
-            if not glob.glob(os.path.join(glob.escape(path), name)):
-                return (f"{path}: {name} is missing, which a {saved['sharding']} resume reads; copy the whole "
-                        f"checkpoint (hidden files too), or use another --output_dir")
+    for name in checkpoint_files(saved["sharding"], saved["world_size"]) if recorded else ():
+        if not glob.glob(os.path.join(glob.escape(path), name)):
+            return (f"{path}: {name} is missing, which a {saved['sharding']} resume reads; copy the whole checkpoint "
+                    f"(hidden files too), or use another --output_dir")
     scorer = "scorer_base_model" in run["model"]
     if saved["trains"] != run["trains"]:
         if scorer:

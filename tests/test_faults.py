@@ -163,8 +163,8 @@ class TestGracefulStop:
         step = stopped_step(log, "SIGTERM")
         assert (out / f"checkpoint-{step}" / COMPLETE).is_file() and not (out / "model.safetensors").exists()
         # what the Trainer writes into every checkpoint of 2 processes (any sharding), as reliability lists it
-        assert [p.format(rank=r) for p in TRAINER_FILES for r in range(2) if not
-                (out / f"checkpoint-{step}" / p.format(rank=r)).is_file()] == []
+        assert [p.format(_rank=f"_{r}") for p in TRAINER_FILES for r in range(2) if not
+                (out / f"checkpoint-{step}" / p.format(_rank=f"_{r}")).is_file()] == []
         with open(out / f"checkpoint-{step}" / RUN_RECORD) as f:
             assert json.load(f) == {"model": {"scorer_base_model": None}, "trains": "all", "sharding": "none",
                                     "world_size": 2}

@@ -63,10 +63,9 @@ def unlisted(files, kind):
     """(files of a 2-process checkpoint that reliability.CHECKPOINT_FILES[kind] does not list, listed files it lacks)"""
     import fnmatch
 
-    from reliability import CHECKPOINT_FILES
+    from reliability import checkpoint_files
 
-    listed = [p.format(rank=r) for part in CHECKPOINT_FILES[kind].values() for p in part
-              for r in (range(2) if "{rank}" in p else [0])]
+    listed = checkpoint_files(kind, 2) + checkpoint_files(kind, 2, "also written")
     return ([f for f in files if not any(fnmatch.fnmatchcase(f, p) for p in listed)],
             [p for p in listed if not fnmatch.filter(files, p)])
 
@@ -125,6 +124,19 @@ class TestShardedCheckpoints:
         assert line == (f"error: {path}: saved with FSDP2 SHARDED_STATE_DICT on 2 processes, this run has no sharding "
                         f"on 1 process (no GPU here: FSDP and DeepSpeed shard on GPUs only); resume with the sharding "
                         f"it was saved with, or use another --output_dir")
+
+    def test_one_process_names_its_rng_state_as_the_trainer_does(self, fsdp2, tmp_path):
+        """FSDP2 in one process on one GPU (torchrun sets LOCAL_RANK: accelerate shards; bench/gpu_check.py does it):
+        the Trainer writes rng_state.pth, not rng_state_0.pth."""
+        import shutil
+
+        from reliability import RUN_RECORD, resume_mismatch
+
+        copy = shutil.copytree(fsdp2["sharded_checkpoints"]["paths"]["sft"], tmp_path / "checkpoint-3")
+        os.rename(copy / "rng_state_0.pth", copy / "rng_state.pth")
+        with open(copy / RUN_RECORD, "w") as f:
+            json.dump(fsdp2_run("sft", world_size=1), f)
+        assert resume_mismatch(str(copy), fsdp2_run("sft", world_size=1)) is None
 
     @pytest.mark.parametrize("remove, line", [
         ("checkpoint-run.json", "holds no checkpoint-run.json, config.json or adapter_config.json, so nothing says "
