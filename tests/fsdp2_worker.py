@@ -384,12 +384,14 @@ def save_sharded_checkpoint(model, out, recipe, accelerator):
     save_fsdp_model(plugin, accelerator, model, path, adapter_only=True)
     save_fsdp_optimizer(plugin, accelerator, optimizer, model, path)
     rank = dist.get_rank()
+    if rank == 0:  # the Trainer's should_save process
+        torch.save(scheduler.state_dict(), os.path.join(path, "scheduler.pt"))
     torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.random.get_rng_state()},
                os.path.join(path, f"rng_state_{rank}.pth"))
+    if rank == 0:
+        TrainerState(global_step=CHECKPOINT_STEP, max_steps=10).save_to_json(os.path.join(path, "trainer_state.json"))
     dist.barrier()  # MarkComplete's: every rank's part written
     if rank == 0:
-        torch.save(scheduler.state_dict(), os.path.join(path, "scheduler.pt"))
-        TrainerState(global_step=CHECKPOINT_STEP, max_steps=10).save_to_json(os.path.join(path, "trainer_state.json"))
         write_run_record(path, run_record(model, WORLD, state))
         with open(os.path.join(path, COMPLETE), "w") as f:
             f.write(f"step {CHECKPOINT_STEP}\n")
@@ -398,8 +400,8 @@ def save_sharded_checkpoint(model, out, recipe, accelerator):
 
 
 def one_shard_layout(model_of):
-    """The model `model_of()` builds, sharded in accelerate's units over this rank alone: the layout a one-GPU run
-    holds. Each rank gets a group of its own (every rank creates every group, as torch requires)."""
+    """The model `model_of()` builds, sharded (each decoder layer, then the rest) over this rank alone: the layout a
+    one-GPU run holds. Each rank gets a group of its own (every rank creates every group, as torch requires)."""
     from torch.distributed.device_mesh import DeviceMesh
 
     groups = [dist.new_group([r]) for r in range(WORLD)]
