@@ -17,7 +17,8 @@ find the checkpoint with `checkpoint_to_resume(args)` (refusing one that `resume
 - Next to the marker, rank 0 writes `checkpoint-run.json`: what the run is (`run_record`: the model, what trains,
   the sharding and the number of processes). A resume compares it with the run at hand (`resume_mismatch`), not
   the checkpoint's `config.json`, which a sharded FSDP2 save does not write, and refuses with one line a checkpoint
-  this run cannot load: another model or mode, another sharding, another number of processes under ZeRO.
+  this run cannot load: another model or mode, another sharding, another number of processes under ZeRO, a file
+  missing. Rank 0 chooses the checkpoint, every rank checks its own view of it, and all agree on the verdict.
 - House rule: every file a sharded save writes and every file its resume reads is listed in `CHECKPOINT_FILES`,
   here and nowhere else; tests/test_sharding.py checks that list against what accelerate and DeepSpeed write.
 """
@@ -199,20 +200,32 @@ def write_run_record(path, record):
 
 def checkpoint_to_resume(args):
     """`--resume_from_checkpoint` if given, else the newest complete `checkpoint-N` in `output_dir` (None: start
-    afresh); newer incomplete ones are named and skipped."""
+    afresh); newer incomplete ones are named and skipped. Rank 0's choice, on every rank (one broadcast): nodes may
+    not share a disk, and every rank must resume from the same step (resume_mismatch then checks each rank's view)."""
     resume = args.resume_from_checkpoint
-    if resume is not None or not os.path.isdir(args.output_dir):
-        return resume
-    steps = sorted((int(name.split("-")[1]), name) for name in os.listdir(args.output_dir)
-                   if name.startswith("checkpoint-") and name.split("-")[1].isdigit()
-                   and os.path.isdir(os.path.join(args.output_dir, name)))
-    for _, name in reversed(steps):
-        path = os.path.join(args.output_dir, name)
-        if os.path.isfile(os.path.join(path, COMPLETE)):
-            log(f"resuming from {path}")
-            return path
-        log(f"skipping {path}: incomplete (no {COMPLETE} marker; its save was cut short)")
-    return None
+    if resume is None and os.path.isdir(args.output_dir):
+        steps = sorted((int(name.split("-")[1]), name) for name in os.listdir(args.output_dir)
+                       if name.startswith("checkpoint-") and name.split("-")[1].isdigit()
+                       and os.path.isdir(os.path.join(args.output_dir, name)))
+        for _, name in reversed(steps):
+            path = os.path.join(args.output_dir, name)
+            if os.path.isfile(os.path.join(path, COMPLETE)):
+                log(f"resuming from {path}")
+                resume = path
+                break
+            log(f"skipping {path}: incomplete (no {COMPLETE} marker; its save was cut short)")
+    return rank_0s(resume)
+
+
+def rank_0s(value):
+    """Rank 0's `value` on every rank (one broadcast; `value` itself without a process group)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def saved_record(path, run):
@@ -249,14 +262,30 @@ def n_processes(n):
 
 def resume_mismatch(path, run):
     """Why checkpoint `path` cannot continue the run described by `run` (`run_record`), or None; found before
-    training, not as a load error after the model, data and Trainer are set up. The sharding must be the one it was
-    saved with (each writes other files; FSDP2 and DeepSpeed shard on GPUs only), with as many processes under ZeRO
+    training, not as a load error after the model, data and Trainer are set up. Every rank checks what it sees
+    (`checkpoint_problem`), and all take the first problem in rank order, so that all exit together or none does;
+    one that rank 0 does not meet says which process met it (its node does not see the files rank 0 sees)."""
+    import torch.distributed as dist
+
+    problem = checkpoint_problem(path, run)
+    if not (dist.is_available() and dist.is_initialized()):
+        return problem
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, problem)
+    rank, problem = next(((r, p) for r, p in enumerate(every) if p is not None), (0, None))
+    return problem if rank == 0 else (f"{problem} (met by process {rank}, not by process 0: do all nodes see the "
+                                      f"same files?)")
+
+
+def checkpoint_problem(path, run):
+    """resume_mismatch's verdict from this process's view. The sharding must be the one the checkpoint was saved
+    with (each writes other files; FSDP2 and DeepSpeed shard on GPUs only), with as many processes under ZeRO
     (DeepSpeed loads each rank's own partition of the optimizer states; torch's distributed checkpoint reshards an
     FSDP2 one to any number), and every file of that sharding there; what trains the same (a scorer: the same
     trained parameters on the same base, which its optimizer state fits; SFT: LoRA adapters or the full model), from
     the same model."""
     if not os.path.isdir(path):
-        return f"--resume_from_checkpoint {path}: no such folder"
+        return f"{path}: no such folder"
     recorded = os.path.isfile(os.path.join(path, RUN_RECORD))
     saved = saved_record(path, run)
     if saved is None:

@@ -444,7 +444,30 @@ def check_sharded_checkpoints(workdir, models):
                 "local_rows": [model.lm_head.weight.to_local().shape[0], other.lm_head.weight.to_local().shape[0]],
                 "weights": model_rel(list(zip(other.parameters(), [whole(p) for p in model.parameters()]))),
                 "optimizer": max(rel(loaded[i][k], saved[i][k]) for i in saved for k in ("exp_avg", "exp_avg_sq"))}
+    results["agreed"] = check_one_decision(workdir, results["paths"]["sft"])
     return results
+
+
+def check_one_decision(workdir, checkpoint):
+    """reliability's resume decisions when the ranks see different disks (as nodes may): rank 0 sees `checkpoint`
+    in its output folder, rank 1 an empty output folder and, at the path it is given, a copy without DCP's index.
+    Every rank gets rank 0's choice, and rank 1's problem."""
+    import shutil
+
+    from reliability import checkpoint_to_resume, resume_mismatch, run_record
+
+    rank = dist.get_rank()
+    output_dir, path = os.path.dirname(checkpoint), checkpoint
+    if rank == 1:
+        output_dir = path = os.path.join(workdir, "rank-1-disk")
+        shutil.copytree(checkpoint, path)
+        os.remove(os.path.join(path, "pytorch_model_fsdp_0", ".metadata"))
+    chosen = checkpoint_to_resume(SimpleNamespace(resume_from_checkpoint=None, output_dir=output_dir))
+    with open(os.path.join(checkpoint, "checkpoint-run.json")) as f:
+        run = json.load(f)
+    every = [None] * WORLD
+    dist.all_gather_object(every, {"chosen": chosen, "problem": resume_mismatch(path, run)})
+    return every
 
 
 def main(workdir):

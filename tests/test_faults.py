@@ -454,7 +454,7 @@ class TestFailBeforeTrainingData:
         plain, zero3 = checkpoint("plain", "none", 1), checkpoint("zero3", "DeepSpeed ZeRO-3", 8)
         assert resume_mismatch(plain, run("none", 2)) is None  # DDP and one process write the same files
         typo = tmp_path / "typo"
-        assert resume_mismatch(typo, run("none", 1)) == f"--resume_from_checkpoint {typo}: no such folder"
+        assert resume_mismatch(typo, run("none", 1)) == f"{typo}: no such folder"
         assert resume_mismatch(plain, run("FSDP2 SHARDED_STATE_DICT", 8)) == (
             f"{plain}: saved with no sharding on 1 process, this run has FSDP2 SHARDED_STATE_DICT on 8 processes; "
             f"resume with the sharding it was saved with, or use another --output_dir")

@@ -138,6 +138,16 @@ class TestShardedCheckpoints:
             json.dump(fsdp2_run("sft", world_size=1), f)
         assert resume_mismatch(str(copy), fsdp2_run("sft", world_size=1)) is None
 
+    def test_every_rank_resumes_from_rank_0s_choice_and_exits_with_any_ranks_problem(self, fsdp2):
+        """Nodes may not share a disk: rank 1's output folder is empty and its copy of the checkpoint lacks DCP's
+        index. Both ranks take rank 0's checkpoint, and both get rank 1's verdict, so they exit together."""
+        path = fsdp2["sharded_checkpoints"]["paths"]["sft"]
+        copy = os.path.join(os.path.dirname(os.path.dirname(path)), "rank-1-disk")
+        problem = (f"{copy}: pytorch_model_fsdp_0/.metadata is missing, which a FSDP2 SHARDED_STATE_DICT resume "
+                   f"reads; copy the whole checkpoint (hidden files too), or use another --output_dir (met by process "
+                   f"1, not by process 0: do all nodes see the same files?)")
+        assert fsdp2["sharded_checkpoints"]["agreed"] == [{"chosen": path, "problem": problem}] * 2
+
     @pytest.mark.parametrize("remove, line", [
         ("checkpoint-run.json", "holds no checkpoint-run.json, config.json or adapter_config.json, so nothing says "
                                 "what it holds (an FSDP2 checkpoint of an earlier version of this script, which could "
