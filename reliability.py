@@ -14,8 +14,17 @@ find the checkpoint with `checkpoint_to_resume(args)` (refusing one that `resume
   logged as `skipped_steps`; after `--max_bad_steps` such steps in a row the run saves and exits 2.
 - A checkpoint gets a `checkpoint-complete` marker once every rank has written its part; resume skips a
   `checkpoint-N` without it (a save that a crash or a kill cut short), says so, and takes the newest complete one.
+- Next to the marker, rank 0 writes `checkpoint-run.json`: what the run is (`run_record`: the model, what trains,
+  the sharding and the number of processes). A resume compares it with the run at hand (`resume_mismatch`), not
+  the checkpoint's `config.json`, which a sharded FSDP2 save does not write, and refuses with one line a checkpoint
+  this run cannot load: another model or mode, another sharding, another number of processes under ZeRO, a file
+  missing. Rank 0 chooses the checkpoint, every rank checks its own view of it, and all agree on the verdict.
+- House rule: every file a sharded save writes and every file its resume reads is listed in `CHECKPOINT_FILES`,
+  here and nowhere else; tests/test_sharding.py checks that list against what accelerate and DeepSpeed write.
 """
 
+import glob
+import json
 import os
 import shlex
 import signal
@@ -28,6 +37,29 @@ from transformers import TrainerCallback
 from plumbing import fail, leave_process_group, log
 
 COMPLETE = "checkpoint-complete"
+RUN_RECORD = "checkpoint-run.json"
+# Every file of a sharded checkpoint, per sharding kind (`sharding`): what a resume reads (checked to be there before
+# it starts: a copy without the hidden `.metadata` files cannot load) and what the save writes besides. Glob patterns
+# in which {rank} stands for each rank of the run that saved it, {_rank} for "_" and each rank, or for nothing after a
+# run of one process (`checkpoint_files`). tests/test_sharding.py checks the lists against what transformers' Trainer,
+# accelerate and DeepSpeed write (fp16 runs add the Trainer's scaler.pt).
+TRAINER_FILES = ("trainer_state.json", "scheduler.pt", "rng_state{_rank}.pth", COMPLETE, RUN_RECORD)
+CHECKPOINT_FILES = {
+    # Trainer.save_model writes nothing here (it saves only FULL_STATE_DICT); accelerate's save_fsdp_model and
+    # save_fsdp_optimizer write torch's distributed checkpoint (DCP): a file per rank and an index
+    "FSDP2 SHARDED_STATE_DICT": {
+        "resume reads": TRAINER_FILES + ("pytorch_model_fsdp_0/.metadata", "pytorch_model_fsdp_0/__{rank}_0.distcp",
+                                         "optimizer_0/.metadata", "optimizer_0/__{rank}_0.distcp"),
+        "also written": ()},
+    # DeepSpeed's own checkpoint: each rank's partition of the weights and of the optimizer states (bf16_ prefixed
+    # under bf16); besides, the gathered 16-bit model as an HF folder (stage3_gather_16bit_weights_on_model_save,
+    # plus the tokenizer's or processor's files) and DeepSpeed's conversion scripts
+    "DeepSpeed ZeRO-3": {
+        "resume reads": TRAINER_FILES + ("latest", "global_step*/zero_pp_rank_{rank}_mp_rank_00_model_states.pt",
+                                         "global_step*/*zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"),
+        "also written": ("config.json", "generation_config.json", "model.safetensors", "training_args.bin",
+                         "zero_to_fp32.py", "zero_to_torch.py")},
+}
 EXIT_CODES = {signal.SIGTERM: 143, signal.SIGINT: 130}
 # A signal this soon after the first is the same request: a launcher forwards to its workers what the process group
 # has already received (torchrun does, for SIGTERM and SIGINT).
@@ -118,63 +150,179 @@ class SkipNonFinite(TrainerCallback):
 
 
 class MarkComplete(TrainerCallback):
-    """Write the completeness marker into a checkpoint once every rank has finished writing it."""
+    """Write the completeness marker and the run record into a checkpoint once every rank has finished writing it."""
 
-    def on_save(self, args, state, control, **kwargs):
+    def on_save(self, args, state, control, model=None, **kwargs):
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
         if args.should_save:
-            path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", COMPLETE)
-            with open(path, "w") as f:
+            path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            write_run_record(path, run_record(model, args.world_size))
+            with open(os.path.join(path, COMPLETE), "w") as f:
                 f.write(f"step {state.global_step}\n")
+
+
+def sharding(state=None):
+    """How this run's checkpoints are written, from accelerate's `state` (default: the AcceleratorState that the
+    Trainer set up): "FSDP2 SHARDED_STATE_DICT", "DeepSpeed ZeRO-3", or "none" (one process or DDP, whose
+    checkpoints are the same files). Read from accelerate, not from the flags: it shards only on GPUs."""
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    state = state or AcceleratorState()
+    if state.distributed_type == DistributedType.FSDP:
+        return f"FSDP{state.fsdp_plugin.fsdp_version} {state.fsdp_plugin.state_dict_type.name}"
+    if state.distributed_type == DistributedType.DEEPSPEED:
+        return f"DeepSpeed ZeRO-{state.deepspeed_plugin.zero_stage}"
+    return "none"
+
+
+def run_record(model, world_size, state=None):
+    """What a checkpoint of this run holds and how it is written: the model (a scorer: the base it refers to; SFT:
+    the architecture's sizes), what trains (a scorer: `scorer_trains`; SFT: LoRA or full), `sharding(state)` and the
+    number of processes. MarkComplete writes it into each checkpoint; resume_mismatch compares it."""
+    config = model.config
+    if hasattr(config, "scorer_trains"):
+        identity, trains = {"scorer_base_model": config.scorer_base_model}, config.scorer_trains
+    else:
+        identity = {key: getattr(config, key, None)
+                    for key in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")}
+        trains = "LoRA" if getattr(model, "peft_config", None) else "full"  # a peft model carries its settings
+    return {"model": identity, "trains": trains, "sharding": sharding(state), "world_size": world_size}
+
+
+def write_run_record(path, record):
+    with open(os.path.join(path, RUN_RECORD), "w") as f:
+        json.dump(record, f, indent=1)
 
 
 def checkpoint_to_resume(args):
     """`--resume_from_checkpoint` if given, else the newest complete `checkpoint-N` in `output_dir` (None: start
-    afresh); newer incomplete ones are named and skipped."""
+    afresh); newer incomplete ones are named and skipped. Rank 0's choice, on every rank (one broadcast): nodes may
+    not share a disk, and every rank must resume from the same step (resume_mismatch then checks each rank's view)."""
     resume = args.resume_from_checkpoint
-    if resume is not None or not os.path.isdir(args.output_dir):
-        return resume
-    steps = sorted((int(name.split("-")[1]), name) for name in os.listdir(args.output_dir)
-                   if name.startswith("checkpoint-") and name.split("-")[1].isdigit()
-                   and os.path.isdir(os.path.join(args.output_dir, name)))
-    for _, name in reversed(steps):
-        path = os.path.join(args.output_dir, name)
-        if os.path.isfile(os.path.join(path, COMPLETE)):
-            log(f"resuming from {path}")
-            return path
-        log(f"skipping {path}: incomplete (no {COMPLETE} marker; its save was cut short)")
-    return None
+    if resume is None and os.path.isdir(args.output_dir):
+        steps = sorted((int(name.split("-")[1]), name) for name in os.listdir(args.output_dir)
+                       if name.startswith("checkpoint-") and name.split("-")[1].isdigit()
+                       and os.path.isdir(os.path.join(args.output_dir, name)))
+        for _, name in reversed(steps):
+            path = os.path.join(args.output_dir, name)
+            if os.path.isfile(os.path.join(path, COMPLETE)):
+                log(f"resuming from {path}")
+                resume = path
+                break
+            log(f"skipping {path}: incomplete (no {COMPLETE} marker; its save was cut short)")
+    return rank_0s(resume)
 
 
-def resume_mismatch(path, config, use_peft=False):
-    """Why checkpoint `path` cannot continue this run, or None; found before training, not as a load error after the
-    model, data and Trainer are set up. A scorer (`config.scorer_trains`) needs the same trained parameters on the
-    same base (its optimizer state fits only those); SFT needs LoRA adapters for a LoRA run and the full model for a
-    full one, saved from this model."""
-    from transformers import AutoConfig
+def rank_0s(value):
+    """Rank 0's `value` on every rank (one broadcast; `value` itself without a process group)."""
+    import torch.distributed as dist
 
-    if hasattr(config, "scorer_trains"):
-        saved = AutoConfig.from_pretrained(path)
-        for key in ("scorer_trains", "scorer_base_model"):
-            if getattr(saved, key, None) != getattr(config, key):
-                return (f"{path}: saved with {key} = {getattr(saved, key, None)}, this run has "
-                        f"{getattr(config, key)}; use the same model and freezing flags to resume, or another "
-                        f"--output_dir")
-        return None
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def saved_record(path, run):
+    """The run record of checkpoint `path`. A checkpoint of an earlier version has none: it is checked as that
+    version checked it, by its `config.json` (the model) and `adapter_config.json` (LoRA), its sharding and
+    process count taken as this run's; with neither file (an FSDP2 save, which that version could not resume
+    either) nothing says what it holds: None."""
+    if os.path.isfile(os.path.join(path, RUN_RECORD)):
+        with open(os.path.join(path, RUN_RECORD)) as f:
+            return json.load(f)
     adapter = os.path.isfile(os.path.join(path, "adapter_config.json"))
-    if adapter != use_peft:
-        saved, here = ("LoRA adapters", "the full model") if adapter else ("the full model", "LoRA adapters")
-        return (f"{path}: holds {saved} and this run trains {here}; resume with the flags it was saved with, or "
-                f"use another --output_dir")
-    if not adapter:
-        saved = AutoConfig.from_pretrained(path)
-        for key in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size"):
-            if getattr(saved, key, None) != getattr(config, key, None):
-                return (f"{path}: saved from another model ({key} {getattr(saved, key, None)}, this model's "
-                        f"{getattr(config, key, None)}); use another --output_dir")
+    if not adapter and not os.path.isfile(os.path.join(path, "config.json")):
+        return None
+    saved = {}
+    if os.path.isfile(os.path.join(path, "config.json")):
+        with open(os.path.join(path, "config.json")) as f:
+            saved = json.load(f)
+    scorer = "scorer_base_model" in run["model"]
+    return {**run, "model": {key: saved.get(key) for key in run["model"]} if saved else run["model"],
+            "trains": saved.get("scorer_trains") if scorer else ("LoRA" if adapter else "full")}
+
+
+def checkpoint_files(sharding, world_size, part="resume reads"):
+    """The file patterns of CHECKPOINT_FILES[sharding][part] ("resume reads" or "also written") in a checkpoint of a
+    run of `world_size` processes (none for a sharding not listed there)."""
+    return [pattern.format(rank=rank, _rank=f"_{rank}" if world_size > 1 else "")
+            for pattern in CHECKPOINT_FILES.get(sharding, {}).get(part, ())
+            for rank in (range(world_size) if "rank}" in pattern else [0])]
+
+
+def n_processes(n):
+    return f"{n} process" + ("es" if n > 1 else "")
+
+
+def resume_mismatch(path, run):
+    """Why checkpoint `path` cannot continue the run described by `run` (`run_record`), or None; found before
+    training, not as a load error after the model, data and Trainer are set up. Every rank checks what it sees
+    (`checkpoint_problem`), and all take the first problem in rank order, so that all exit together or none does;
+    one that rank 0 does not meet says which process met it (its node does not see the files rank 0 sees)."""
+    import torch.distributed as dist
+
+    problem = checkpoint_problem(path, run)
+    if not (dist.is_available() and dist.is_initialized()):
+        return problem
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, problem)
+    rank, problem = next(((r, p) for r, p in enumerate(every) if p is not None), (0, None))
+    return problem if rank == 0 else (f"{problem} (met by process {rank}, not by process 0: do all nodes see the "
+                                      f"same files?)")
+
+
+def checkpoint_problem(path, run):
+    """resume_mismatch's verdict from this process's view. The sharding must be the one the checkpoint was saved
+    with (each writes other files; FSDP2 and DeepSpeed shard on GPUs only), with as many processes under ZeRO
+    (DeepSpeed loads each rank's own partition of the optimizer states; torch's distributed checkpoint reshards an
+    FSDP2 one to any number), and every file of that sharding there; what trains the same (a scorer: the same
+    trained parameters on the same base, which its optimizer state fits; SFT: LoRA adapters or the full model), from
+    the same model."""
+    if not os.path.isdir(path):
+        return f"{path}: no such folder"
+    recorded = os.path.isfile(os.path.join(path, RUN_RECORD))
+    saved = saved_record(path, run)
+    if saved is None:
+        return (f"{path}: holds no {RUN_RECORD}, config.json or adapter_config.json, so nothing says what it holds "
+                f"(an FSDP2 checkpoint of an earlier version of this script, which could not resume it either, has "
+                f"none); use another --output_dir")
+    if saved["sharding"] != run["sharding"]:
+        def kind(record):
+            return (f"{'no sharding' if record['sharding'] == 'none' else record['sharding']} on "
+                    f"{n_processes(record['world_size'])}")
+        no_gpu = saved["sharding"] != "none" and not torch.cuda.is_available()
+        return (f"{path}: saved with {kind(saved)}, this run has {kind(run)}"
+                + (" (no GPU here: FSDP and DeepSpeed shard on GPUs only)" if no_gpu else "")
+                + "; resume with the sharding it was saved with, or use another --output_dir")
+    if saved["sharding"].startswith("DeepSpeed") and saved["world_size"] != run["world_size"]:
+        return (f"{path}: saved with {saved['sharding']} on {n_processes(saved['world_size'])}, this run has "
+                f"{run['world_size']}; DeepSpeed loads each rank's own partition of the optimizer states: resume on "
+                f"{saved['world_size']} GPUs, or use another --output_dir")
+    for name in checkpoint_files(saved["sharding"], saved["world_size"]) if recorded else ():
+        if not glob.glob(os.path.join(glob.escape(path), name)):
+            return (f"{path}: {name} is missing, which a {saved['sharding']} resume reads; copy the whole checkpoint "
+                    f"(hidden files too), or use another --output_dir")
+    scorer = "scorer_base_model" in run["model"]
+    if saved["trains"] != run["trains"]:
+        if scorer:
+            return (f"{path}: saved with scorer_trains = {saved['trains']}, this run has {run['trains']}; use the "
+                    f"same model and freezing flags to resume, or another --output_dir")
+        holds = {"LoRA": "LoRA adapters", "full": "the full model"}
+        return (f"{path}: holds {holds[saved['trains']]} and this run trains {holds[run['trains']]}; resume with the "
+                f"flags it was saved with, or use another --output_dir")
+    for key, value in run["model"].items():
+        if saved["model"].get(key) != value:
+            if scorer:
+                return (f"{path}: saved with {key} = {saved['model'].get(key)}, this run has {value}; use the same "
+                        f"model and freezing flags to resume, or another --output_dir")
+            return (f"{path}: saved from another model ({key} {saved['model'].get(key)}, this model's {value}); use "
+                    f"another --output_dir")
     return None
 
 

@@ -52,7 +52,7 @@ from lean_loss import use_lean_causal_lm_loss
 from plumbing import (TrainingDefaults, check_output_dir, fail, final_evaluation, leave_process_group, log,
                       parse_arguments, prepare_demo, weights_source)
 from reliability import (GracefulStop, MarkComplete, SkipNonFinite, checkpoint_to_resume, exit_if_failed,
-                         exit_if_stopped, resume_mismatch)
+                         exit_if_stopped, resume_mismatch, run_record)
 from training_plan import (LoraArguments, add_lora, check_flags, checkpoint_dtype, load_dtype, lora_parameter_count,
                            lora_settings, memory_plan, optimizer_steps, reduce_every_micro_batch, save_final_model,
                            steps_line, to_base_dtype, use_fsdp_precision, use_precision_policy)
@@ -295,7 +295,7 @@ def main(argv=None):
 
     # Run: train (resuming from the newest complete checkpoint in output_dir), save, evaluate
     resume = checkpoint_to_resume(args)
-    if resume and (problem := resume_mismatch(resume, model.config, lora_args.use_peft)):
+    if resume and (problem := resume_mismatch(resume, run_record(model, args.world_size))):
         fail(problem, every_rank=True)
     result = trainer.train(resume_from_checkpoint=resume)
     exit_if_stopped(stop, args)

@@ -8,14 +8,18 @@ the same batches as an unsharded copy of it (each rank its half), and reports th
 losses, gradients and weights after AdamW steps, then saves with the scripts' `save_final_model` and reloads. One
 more runs gradient accumulation as the Trainer does and reports the gradient bytes each rank holds after each
 micro-batch, with the memory plan's figure for the same model and settings (`check_held_gradients`).
+Last, it writes checkpoints as the Trainer does under FSDP2 with the recipes' SHARDED_STATE_DICT (accelerate's own
+save functions, which run on CPU) and loads one back into the layout of another number of processes.
 """
 
 import gc
 import json
 import os
+import random
 import sys
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -400,6 +404,136 @@ def check_exact_pass_uneven(workdir, path, processor):
 INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Sharded checkpoints: what a Trainer with the recipes' fsdp_config writes at a save on GPUs
+# ---------------------------------------------------------------------------------------------------------------
+
+CHECKPOINT_STEP = 3
+
+
+def fsdp_plugin(recipe):
+    """accelerate's FSDP plugin as the Trainer makes it from a recipe's fsdp_config, and the AcceleratorState it has
+    on GPUs (on a CPU accelerate leaves FSDP off: the run record is written with what a GPU run holds)."""
+    import yaml
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+    from transformers import TrainingArguments
+
+    with open(os.path.join(ROOT, "configs", recipe)) as f:
+        config = yaml.safe_load(f)["fsdp_config"]
+    args = TrainingArguments(output_dir="unused", use_cpu=True, report_to="none", fsdp=True, fsdp_config=config)
+    plugin = FullyShardedDataParallelPlugin(**args.fsdp_plugin_args)
+    return plugin, SimpleNamespace(distributed_type=DistributedType.FSDP, fsdp_plugin=plugin)
+
+
+def save_sharded_checkpoint(model, out, recipe, accelerator):
+    """A checkpoint-N of `model` after one AdamW step, written as Trainer._save_checkpoint writes it under FSDP with
+    SHARDED_STATE_DICT (transformers 5.25): save_model writes nothing (it saves FULL_STATE_DICT only); accelerate's
+    save_fsdp_model (with the Trainer's adapter_only=True) and save_fsdp_optimizer, called here themselves; then the
+    Trainer's own scheduler.pt, rng_state_{rank}.pth and trainer_state.json, and the scripts' MarkComplete part (run
+    record, marker). Returns the path and the optimizer."""
+    from accelerate.utils import save_fsdp_model, save_fsdp_optimizer
+    from transformers import TrainerState, get_scheduler
+
+    from reliability import COMPLETE, run_record, write_run_record
+
+    plugin, state = fsdp_plugin(recipe)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=10)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.full_like(p, 0.01)
+    optimizer.step()
+    scheduler.step()
+    path = os.path.join(out, f"checkpoint-{CHECKPOINT_STEP}")
+    save_fsdp_model(plugin, accelerator, model, path, adapter_only=True)
+    save_fsdp_optimizer(plugin, accelerator, optimizer, model, path)
+    rank = dist.get_rank()
+    if rank == 0:  # the Trainer's should_save process
+        torch.save(scheduler.state_dict(), os.path.join(path, "scheduler.pt"))
+    torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.random.get_rng_state()},
+               os.path.join(path, f"rng_state_{rank}.pth"))
+    if rank == 0:
+        TrainerState(global_step=CHECKPOINT_STEP, max_steps=10).save_to_json(os.path.join(path, "trainer_state.json"))
+    dist.barrier()  # MarkComplete's: every rank's part written
+    if rank == 0:
+        write_run_record(path, run_record(model, WORLD, state))
+        with open(os.path.join(path, COMPLETE), "w") as f:
+            f.write(f"step {CHECKPOINT_STEP}\n")
+    dist.barrier()
+    return path, optimizer
+
+
+def one_shard_layout(model_of):
+    """The model `model_of()` builds, sharded (each decoder layer, then the rest) over this rank alone: the layout a
+    one-GPU run holds. Each rank gets a group of its own (every rank creates every group, as torch requires)."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    groups = [dist.new_group([r]) for r in range(WORLD)]
+    mesh = DeviceMesh.from_group(groups[dist.get_rank()], "cpu")
+    model = model_of()
+    kw = {"mesh": mesh}
+    for layer in model.model.layers:
+        fully_shard(layer, **kw)
+    fully_shard(model, **kw)
+    return model
+
+
+def check_sharded_checkpoints(workdir, models):
+    """FSDP2 checkpoints of the SFT model (full and LoRA) and the scorer, with the recipes' fsdp_config: their file
+    lists, and whether the full SFT one loads (accelerate's load_fsdp_model / load_fsdp_optimizer) into the layout of
+    another number of processes (one shard instead of two)."""
+    from accelerate import Accelerator
+    from accelerate.utils import load_fsdp_model, load_fsdp_optimizer
+
+    accelerator = Accelerator(cpu=True)
+    results = {"paths": {}, "files": {}}
+    sft_recipe, scorer_recipe = "sft-qwen2-7b-full-fsdp2-8gpu.yaml", "scorer-qwen3vl-8b-full-fsdp2-8gpu.yaml"
+    for name, model_of, recipe in (
+            ("sft", lambda: shard_like_accelerate(load_sft(models["untied"])), sft_recipe),
+            ("sft_lora", lambda: shard_like_accelerate(load_sft(models["untied"], lora=True)), sft_recipe),
+            ("scorer", lambda: shard_scorer(load_vl_scorer(models["vl"])), scorer_recipe)):
+        model = model_of()
+        path, optimizer = save_sharded_checkpoint(model, os.path.join(workdir, f"fsdp2-{name}"), recipe, accelerator)
+        results["paths"][name] = path
+        results["files"][name] = sorted(os.path.relpath(os.path.join(d, f), path)
+                                        for d, _, files in os.walk(path) for f in files)
+        if name == "sft":
+            plugin, _ = fsdp_plugin(recipe)
+            other = one_shard_layout(lambda: load_sft(models["untied"]))
+            other_optimizer = torch.optim.AdamW(other.parameters(), lr=1e-3)
+            load_fsdp_model(plugin, accelerator, other, path, adapter_only=True)
+            load_fsdp_optimizer(plugin, accelerator, other_optimizer, other, path)
+            saved, loaded = optimizer.state_dict()["state"], other_optimizer.state_dict()["state"]
+            results["resharded"] = {
+                "local_rows": [model.lm_head.weight.to_local().shape[0], other.lm_head.weight.to_local().shape[0]],
+                "weights": model_rel(list(zip(other.parameters(), [whole(p) for p in model.parameters()]))),
+                "optimizer": max(rel(loaded[i][k], saved[i][k]) for i in saved for k in ("exp_avg", "exp_avg_sq"))}
+    results["agreed"] = check_one_decision(workdir, results["paths"]["sft"])
+    return results
+
+
+def check_one_decision(workdir, checkpoint):
+    """reliability's resume decisions when the ranks see different disks (as nodes may): rank 0 sees `checkpoint`
+    in its output folder, rank 1 an empty output folder and, at the path it is given, a copy without DCP's index.
+    Every rank gets rank 0's choice, and rank 1's problem."""
+    import shutil
+
+    from reliability import checkpoint_to_resume, resume_mismatch, run_record
+
+    rank = dist.get_rank()
+    output_dir, path = os.path.dirname(checkpoint), checkpoint
+    if rank == 1:
+        output_dir = path = os.path.join(workdir, "rank-1-disk")
+        shutil.copytree(checkpoint, path)
+        os.remove(os.path.join(path, "pytorch_model_fsdp_0", ".metadata"))
+    chosen = checkpoint_to_resume(SimpleNamespace(resume_from_checkpoint=None, output_dir=output_dir))
+    with open(os.path.join(checkpoint, "checkpoint-run.json")) as f:
+        run = json.load(f)
+    every = [None] * WORLD
+    dist.all_gather_object(every, {"chosen": chosen, "problem": resume_mismatch(path, run)})
+    return every
+
+
 def main(workdir):
     dist.init_process_group("gloo")
     from accelerate import PartialState
@@ -418,6 +552,7 @@ def main(workdir):
     results = check_sft(workdir, models, AutoTokenizer.from_pretrained(models["untied"]))
     results.update(check_held_gradients(models["untied"], len(AutoTokenizer.from_pretrained(models["untied"]))))
     results.update(check_scorer(workdir, models["vl"], AutoProcessor.from_pretrained(models["vl"])))
+    results["sharded_checkpoints"] = check_sharded_checkpoints(workdir, models)
     if dist.get_rank() == 0:
         with open(os.path.join(workdir, "results.json"), "w") as f:
             json.dump(results, f, indent=1)

@@ -1,6 +1,7 @@
 """Faults injected on CPU with the tiny models: signals mid-run (1 process, and 2 through run.sh), a save cut short,
 resume equality."""
 
+import json
 import os
 import re
 import signal
@@ -151,6 +152,8 @@ class TestGracefulStop:
     def test_two_processes_stop_at_the_same_step_and_resume_to_the_same_metrics(self, tmp_path):
         """SIGTERM to run.sh's torchrun: both ranks save one checkpoint at the step they agreed on, every process is
         gone well within 60 s, and the same command then ends with the eval metrics of an uninterrupted run."""
+        from reliability import RUN_RECORD, TRAINER_FILES
+
         out, whole = tmp_path / "run", tmp_path / "whole"
         nproc = {"NPROC_PER_NODE": "2"}
         cmd = ["bash", "run.sh", "train_scorer.py", "--demo", "--output_dir", str(out), *SCORER_RUN]
@@ -159,6 +162,12 @@ class TestGracefulStop:
         assert log.count("SIGTERM received") == 2 and log.count("stopped by SIGTERM") == 1  # 2 ranks, rank 0 says
         step = stopped_step(log, "SIGTERM")
         assert (out / f"checkpoint-{step}" / COMPLETE).is_file() and not (out / "model.safetensors").exists()
+        # what the Trainer writes into every checkpoint of 2 processes (any sharding), as reliability lists it
+        assert [p.format(_rank=f"_{r}") for p in TRAINER_FILES for r in range(2) if not
+                (out / f"checkpoint-{step}" / p.format(_rank=f"_{r}")).is_file()] == []
+        with open(out / f"checkpoint-{step}" / RUN_RECORD) as f:
+            assert json.load(f) == {"model": {"scorer_base_model": None}, "trains": "all", "sharding": "none",
+                                    "world_size": 2}
 
         resumed = run_cli(cmd, env=nproc)
         assert resumed.returncode == 0 and "resuming from" in resumed.stdout, resumed.stderr[-2000:]
@@ -414,6 +423,9 @@ class TestFailBeforeTrainingData:
         line = exit_2_line(capsys, sft_qwen2.main, sft_args(sft_demo, lora_out, *saved))
         assert line == (f"error: {lora_out / 'checkpoint-2'}: holds LoRA adapters and this run trains the full "
                         f"model; resume with the flags it was saved with, or use another --output_dir")
+        # a checkpoint of an earlier version (no run record) is checked by its files, as that version checked it
+        os.remove(lora_out / "checkpoint-2" / "checkpoint-run.json")
+        assert exit_2_line(capsys, sft_qwen2.main, sft_args(sft_demo, lora_out, *saved)) == line
 
         other = demo.build_tiny_qwen2(tmp_path / "other", hidden_size=32)
         full_out = tmp_path / "full"
@@ -421,6 +433,36 @@ class TestFailBeforeTrainingData:
         line = exit_2_line(capsys, sft_qwen2.main, sft_args(sft_demo, full_out, *saved))
         assert line == (f"error: {full_out / 'checkpoint-2'}: saved from another model (hidden_size 32, this "
                         f"model's 64); use another --output_dir")
+
+    def test_a_checkpoint_of_another_sharding_or_zero_world_size_is_refused(self, tmp_path):
+        """The run record decides (no files needed for these verdicts): a plain checkpoint under FSDP2, a ZeRO-3 one
+        without DeepSpeed, and a ZeRO-3 one on another number of processes, whose optimizer partitions DeepSpeed
+        cannot redistribute (tried in tests/test_sharding.py); and a --resume_from_checkpoint that does not exist."""
+        from reliability import RUN_RECORD, resume_mismatch
+
+        model = {"model_type": "qwen2", "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 414}
+
+        def checkpoint(name, sharding, world_size):
+            path = tmp_path / name / "checkpoint-5"
+            path.mkdir(parents=True)
+            with open(path / RUN_RECORD, "w") as f:
+                json.dump({"model": model, "trains": "full", "sharding": sharding, "world_size": world_size}, f)
+            return path
+
+        def run(sharding, world_size):
+            return {"model": model, "trains": "full", "sharding": sharding, "world_size": world_size}
+        plain, zero3 = checkpoint("plain", "none", 1), checkpoint("zero3", "DeepSpeed ZeRO-3", 8)
+        assert resume_mismatch(plain, run("none", 2)) is None  # DDP and one process write the same files
+        typo = tmp_path / "typo"
+        assert resume_mismatch(typo, run("none", 1)) == f"{typo}: no such folder"
+        assert resume_mismatch(plain, run("FSDP2 SHARDED_STATE_DICT", 8)) == (
+            f"{plain}: saved with no sharding on 1 process, this run has FSDP2 SHARDED_STATE_DICT on 8 processes; "
+            f"resume with the sharding it was saved with, or use another --output_dir")
+        assert resume_mismatch(zero3, run("DeepSpeed ZeRO-3", 4)) == (
+            f"{zero3}: saved with DeepSpeed ZeRO-3 on 8 processes, this run has 4; DeepSpeed loads each rank's own "
+            f"partition of the optimizer states: resume on 8 GPUs, or use another --output_dir")
+        assert resume_mismatch(zero3, run("none", 1)).startswith(
+            f"{zero3}: saved with DeepSpeed ZeRO-3 on 8 processes, this run has no sharding on 1 process")
 
     def test_empty_eval_shards_exit_2_before_training(self, scorer_demo, tmp_path, capsys):
         import demo

@@ -71,10 +71,119 @@ class TestFSDP2:
             assert max(run["held"]) == pytest.approx(run["planned"], rel=0.1), run
 
 
+def unlisted(files, kind):
+    """(files of a 2-process checkpoint that reliability.CHECKPOINT_FILES[kind] does not list, listed files it lacks)"""
+    import fnmatch
+
+    from reliability import checkpoint_files
+
+    listed = checkpoint_files(kind, 2) + checkpoint_files(kind, 2, "also written")
+    return ([f for f in files if not any(fnmatch.fnmatchcase(f, p) for p in listed)],
+            [p for p in listed if not fnmatch.filter(files, p)])
+
+
+TINY_QWEN2 = {"model_type": "qwen2", "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 414}  # demo.py's
+
+
+def fsdp2_run(name, world_size=2):
+    """The run record of a GPU run with an FSDP2 recipe on the worker's checkpoint `name`'s model and mode."""
+    identity, trains = {"sft": (TINY_QWEN2, "full"), "sft_lora": (TINY_QWEN2, "LoRA"),
+                        "scorer": ({"scorer_base_model": None}, "all")}[name]
+    return {"model": identity, "trains": trains, "sharding": "FSDP2 SHARDED_STATE_DICT", "world_size": world_size}
+
+
+class TestShardedCheckpoints:
+    """Checkpoints written as the Trainer writes them on GPUs with the FSDP2 recipes (SHARDED_STATE_DICT): accelerate's
+    save_fsdp_model / save_fsdp_optimizer over 2 gloo processes (tests/fsdp2_worker.py), the Trainer's own files,
+    the scripts' run record and marker; no config.json among them."""
+
+    def test_the_files_are_those_reliability_lists(self, fsdp2):
+        assert set(fsdp2["sharded_checkpoints"]["files"]) == {"sft", "sft_lora", "scorer"}
+        for files in fsdp2["sharded_checkpoints"]["files"].values():
+            assert unlisted(files, "FSDP2 SHARDED_STATE_DICT") == ([], [])
+
+    def test_another_number_of_processes_loads_it(self, fsdp2):
+        """accelerate's load_fsdp_model / load_fsdp_optimizer (torch's distributed checkpoint) put the 2-process
+        checkpoint into the layout of one process (the whole output layer in one shard): the same weights and AdamW
+        states. So an FSDP2 checkpoint is not refused for another number of GPUs (rng_state_N.pth of a rank that
+        did not exist then is only missing: the Trainer logs it and goes on)."""
+        assert fsdp2["sharded_checkpoints"]["resharded"] == {"local_rows": [207, 414], "weights": 0.0,
+                                                             "optimizer": 0.0}
+
+    @pytest.mark.parametrize("name", ["sft", "sft_lora", "scorer"])
+    def test_the_run_it_was_saved_by_resumes_from_it_on_any_number_of_gpus(self, fsdp2, name):
+        """No crash on the missing config.json, and LoRA adapters are known as such."""
+        from reliability import RUN_RECORD, resume_mismatch
+
+        path = fsdp2["sharded_checkpoints"]["paths"][name]
+        with open(os.path.join(path, RUN_RECORD)) as f:
+            assert json.load(f) == fsdp2_run(name)
+        assert resume_mismatch(path, fsdp2_run(name)) is None
+        assert resume_mismatch(path, fsdp2_run(name, world_size=8)) is None
+
+    @pytest.mark.parametrize("name", ["sft", "sft_lora", "scorer"])
+    def test_a_cpu_run_refuses_it_with_one_line(self, fsdp2, name, capsys):
+        """What each script's resume line does on this machine, which has no GPU: no FSDP (accelerate shards only on
+        GPUs), so it cannot load the shards; before the record, it crashed reading a config.json that a sharded save
+        does not write (LoRA: it claimed the checkpoint held the full model)."""
+        import sft_qwen2
+        import train_scorer
+
+        path = fsdp2["sharded_checkpoints"]["paths"][name]
+        main = train_scorer.main if name == "scorer" else sft_qwen2.main
+        extra = ["--use_peft"] if name == "sft_lora" else []
+        line = exit_2_line(capsys, main, ["--demo", "--output_dir", os.path.dirname(path), *extra])
+        assert line == (f"error: {path}: saved with FSDP2 SHARDED_STATE_DICT on 2 processes, this run has no sharding "
+                        f"on 1 process (no GPU here: FSDP and DeepSpeed shard on GPUs only); resume with the sharding "
+                        f"it was saved with, or use another --output_dir")
+
+    def test_one_process_names_its_rng_state_as_the_trainer_does(self, fsdp2, tmp_path):
+        """FSDP2 in one process on one GPU (torchrun sets LOCAL_RANK: accelerate shards; bench/gpu_check.py does it):
+        the Trainer writes rng_state.pth, not rng_state_0.pth."""
+        import shutil
+
+        from reliability import RUN_RECORD, resume_mismatch
+
+        copy = shutil.copytree(fsdp2["sharded_checkpoints"]["paths"]["sft"], tmp_path / "checkpoint-3")
+        os.rename(copy / "rng_state_0.pth", copy / "rng_state.pth")
+        with open(copy / RUN_RECORD, "w") as f:
+            json.dump(fsdp2_run("sft", world_size=1), f)
+        assert resume_mismatch(str(copy), fsdp2_run("sft", world_size=1)) is None
+
+    def test_every_rank_resumes_from_rank_0s_choice_and_exits_with_any_ranks_problem(self, fsdp2):
+        """Nodes may not share a disk: rank 1's output folder is empty and its copy of the checkpoint lacks DCP's
+        index. Both ranks take rank 0's checkpoint, and both get rank 1's verdict, so they exit together."""
+        path = fsdp2["sharded_checkpoints"]["paths"]["sft"]
+        copy = os.path.join(os.path.dirname(os.path.dirname(path)), "rank-1-disk")
+        problem = (f"{copy}: pytorch_model_fsdp_0/.metadata is missing, which a FSDP2 SHARDED_STATE_DICT resume "
+                   f"reads; copy the whole checkpoint (hidden files too), or use another --output_dir (met by process "
+                   f"1, not by process 0: do all nodes see the same files?)")
+        assert fsdp2["sharded_checkpoints"]["agreed"] == [{"chosen": path, "problem": problem}] * 2
+
+    @pytest.mark.parametrize("remove, line", [
+        ("checkpoint-run.json", "holds no checkpoint-run.json, config.json or adapter_config.json, so nothing says "
+                                "what it holds (an FSDP2 checkpoint of an earlier version of this script, which could "
+                                "not resume it either, has none); use another --output_dir"),
+        ("pytorch_model_fsdp_0/.metadata", "pytorch_model_fsdp_0/.metadata is missing, which a FSDP2 "
+                                           "SHARDED_STATE_DICT resume reads; copy the whole checkpoint (hidden files "
+                                           "too), or use another --output_dir")], ids=["earlier-version", "cp-star"])
+    def test_one_without_its_record_or_a_file_is_refused(self, fsdp2, tmp_path, remove, line):
+        """An FSDP2 checkpoint of an earlier version has no record and no config.json (that version could not resume
+        it either: a traceback, so refusing it loses nothing that worked); `cp checkpoint-3/*` leaves out DCP's
+        hidden index, without which nothing loads."""
+        import shutil
+
+        from reliability import resume_mismatch
+
+        copy = shutil.copytree(fsdp2["sharded_checkpoints"]["paths"]["sft"], tmp_path / "checkpoint-3")
+        os.remove(copy / remove)
+        assert resume_mismatch(str(copy), fsdp2_run("sft")) == f"{copy}: {line}"
+
 
 @pytest.fixture(scope="module")
 def zero3(tmp_path_factory):
-    """The reference (1 process, no DeepSpeed), then ZeRO-3 over 2 processes with the shipped JSON: same batches."""
+    """The reference (1 process, no DeepSpeed), then ZeRO-3 over 2 processes with the shipped JSON: same batches;
+    then ZeRO-3 with 1 process trying to resume the 2-process checkpoint."""
     work = tmp_path_factory.mktemp("zero3")
     env = {"OMP_NUM_THREADS": "1"}
     plain = run_cli([sys.executable, "tests/zero3_worker.py", str(work), "plain"], env=env)
@@ -82,6 +191,9 @@ def zero3(tmp_path_factory):
     # the first DeepSpeed run on a machine compiles its CPU communication op (about 2.5 minutes on 2 cores)
     res = run_cli([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                    "tests/zero3_worker.py", str(work), "zero3"], env=env, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = run_cli([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+                   "tests/zero3_worker.py", str(work), "resume"], env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     return work
 
@@ -119,6 +231,28 @@ class TestZero3:
         assert diff <= REL, diff
         ids = torch.arange(5, 29)[None]
         torch.testing.assert_close(got(input_ids=ids).logits, want(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+    def test_its_checkpoint_holds_the_files_reliability_lists_and_a_run_on_other_gpus_is_refused(self, zero3):
+        """The Trainer's own ZeRO-3 checkpoint (every file DeepSpeed and the Trainer write, and the run record, which
+        says what accelerate set up) meets a run of as many processes, and one of another number, which DeepSpeed
+        itself cannot resume (tried with one process)."""
+        with open(zero3 / "resume" / "error.txt") as f:
+            assert f.read().startswith("ZeRORuntimeException: The checkpoint being loaded used a DP world size of 2 "
+                                       "but the current world size is 1.")
+        from reliability import RUN_RECORD, resume_mismatch
+
+        path = zero3 / "zero3" / "checkpoint-4"
+        files = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())
+        assert unlisted(files, "DeepSpeed ZeRO-3") == ([], [])
+        with open(path / RUN_RECORD) as f:
+            record = json.load(f)
+        assert record == {"model": {"model_type": "qwen2", "hidden_size": 64, "num_hidden_layers": 2,
+                                    "vocab_size": 512}, "trains": "full", "sharding": "DeepSpeed ZeRO-3",
+                          "world_size": 2}
+        assert resume_mismatch(str(path), record) is None
+        assert resume_mismatch(str(path), {**record, "world_size": 8}) == (
+            f"{path}: saved with DeepSpeed ZeRO-3 on 2 processes, this run has 8; DeepSpeed loads each rank's own "
+            f"partition of the optimizer states: resume on 2 GPUs, or use another --output_dir")
 
     def test_the_shipped_config_gathers_the_save_and_leaves_optimizer_and_schedule_to_the_trainer(self):
         with open(os.path.join(ROOT, "configs", "deepspeed", "zero3.json")) as f:

@@ -2,10 +2,12 @@
 
     python tests/zero3_worker.py WORKDIR plain                          # the reference: 1 process, no DeepSpeed
     torchrun --nproc_per_node 2 tests/zero3_worker.py WORKDIR zero3     # ZeRO-3 over 2 CPU processes (gloo)
+    torchrun --nproc_per_node 1 tests/zero3_worker.py WORKDIR resume    # ZeRO-3, 1 process, from zero3's checkpoint
 
 Both train the same tiny Qwen2 with the scripts' lean loss (it reads lm_head.weight outside lm_head's forward; under
 ZeRO-3 that weight is an empty partition unless gathered) on the same batches (each rank its half), write the
-logged losses to WORKDIR/<mode>/losses.json and the final model with `trainer.save_model` to WORKDIR/<mode>/final.
+logged losses to WORKDIR/<mode>/losses.json and the final model with `trainer.save_model` to WORKDIR/<mode>/final;
+the last step is also a checkpoint, which `resume` tries to continue with one process: WORKDIR/resume/error.txt.
 The ZeRO-3 run then takes one bf16 step with the same JSON and adds the gradient dtypes its engine reports.
 
 The scripts refuse --deepspeed on a machine without GPUs (accelerate counts one process there, so DeepSpeed's batch
@@ -29,6 +31,7 @@ from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, Trainin
 import demo  # noqa: E402
 from collate import IGNORE_INDEX  # noqa: E402
 from lean_loss import use_lean_causal_lm_loss  # noqa: E402
+from reliability import MarkComplete  # noqa: E402
 
 STEPS, BATCH = 4, 4  # global batch: 4 rows, 2 per rank under ZeRO-3
 
@@ -87,7 +90,7 @@ def bf16_gradient_dtypes(workdir, base, world):
 
 
 def main(workdir, mode):
-    zero3 = mode == "zero3"
+    zero3 = mode in ("zero3", "resume")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     base = os.path.join(workdir, "base")
     out = os.path.join(workdir, mode)
@@ -96,7 +99,8 @@ def main(workdir, mode):
 
         # the module by its full name: in deepspeed.comm the attribute `torch` is torch itself
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None  # gloo alone: nothing to compile
-    args = arguments(out, world, zero3)
+    # one checkpoint, at the end: the files a sharded save writes
+    args = arguments(out, world, zero3, save_strategy="steps", save_steps=STEPS)
     if zero3:
         import deepspeed
 
@@ -111,7 +115,17 @@ def main(workdir, mode):
     use_lean_causal_lm_loss(model)
     losses = Losses()
     trainer = InOrder(model=model, args=args, train_dataset=Rows(torch.load(os.path.join(workdir, "rows.pt"))),
-                      callbacks=[losses])
+                      callbacks=[losses, MarkComplete()])
+    if mode == "resume":  # what DeepSpeed says of a checkpoint of 2 processes
+        os.makedirs(out, exist_ok=True)
+        try:
+            trainer.train(resume_from_checkpoint=os.path.join(workdir, "zero3", f"checkpoint-{STEPS}"))
+            error = "none"
+        except Exception as e:
+            error = f"{type(e).__name__}: {e}"
+        with open(os.path.join(out, "error.txt"), "w") as f:
+            f.write(error)
+        os._exit(0)
     trainer.train()
     trainer.save_model(os.path.join(out, "final"))  # ZeRO-3: every rank takes part in gathering the weights
     dtypes = bf16_gradient_dtypes(workdir, base, world) if zero3 else None
