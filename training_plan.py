@@ -324,6 +324,11 @@ def plan_bytes(model, args, world_size=1, sharded=None):
     # FSDP2 under no_sync: from the first micro-batch to the last, every unit holds its whole gradient in the fp32
     # reduce dtype where its shard would be (zero_grad freed the shards): all of it, less the shard counted above
     plan["no_sync_gradients"] = 4 * trained - plan["gradients"] if holds_unsharded_gradients(args) else 0
+    # ZeRO-3's optimizer step flattens each sub-group's gradient partition into a new fp32 tensor (stage3.py,
+    # _prepare_fp32_grad_for_sub_group): up to `sub_group_size` elements at a time (3.8 GB at 7B over 8 GPUs)
+    zero3 = bool(args.deepspeed) and "weights" in parts
+    sub_group = deepspeed_config(args).get("zero_optimization", {}).get("sub_group_size", 1e9) if zero3 else 0
+    plan["zero3_step_gradients"] = 4 * min(sub_group, trained / ranks)
     return plan
 
 
@@ -415,6 +420,7 @@ def memory_plan(model, args, lora_adapters, gpu_bytes=None, gpu_name=None, lean_
                ("gathered", "the layers gathered whole at a time (bf16)"),
                ("no_sync_gradients", "the unsharded fp32 gradients FSDP2 holds between micro-batches "
                                      "(accelerator_config gradient_accumulation_kwargs sync_each_batch is false)"),
+               ("zero3_step_gradients", "ZeRO-3's fp32 copy of a gradient partition at the optimizer step"),
                ("lean_loss", "the loss's buffers (fp32 logits of a chunk, the output layer's fp32 gradient)"))
               if plan[key]]
     where = f"{gpu_name}, {_size(gpu_bytes)}" if gpu_bytes else "no GPU here"

@@ -243,7 +243,8 @@ def check_lora(tiny, workdir):
 
 def check_fsdp2_save(tiny, workdir):
     """sft_qwen2.py under FSDP2 in one process, with the shipped 7B FSDP2 recipe's fsdp_config, on a tiny bf16
-    checkpoint: 4 steps with a sharded checkpoint at step 2 and 4, then a second run that resumes to step 6; the
+    checkpoint: 4 steps of 2 micro-batches with a sharded checkpoint at step 2 and 4, holding exactly the files
+    reliability.CHECKPOINT_FILES lists for it, then a second run that resumes to step 6; the
     final save must be one bf16 HF folder that plain from_pretrained loads, with weights that moved. On CPU the script
     must refuse --fsdp with exit 2 and one line instead (accelerate would silently train DDP); the gathered save is
     proven on CPU by tests/test_sharding.py with torch's own fully_shard."""
@@ -268,7 +269,8 @@ def check_fsdp2_save(tiny, workdir):
     def run(max_steps):
         cmd = ["bash", "run.sh", "sft_qwen2.py", "--model_name_or_path", base, "--train_file", train_file,
                "--output_dir", out, "--max_len", "256", "--max_steps", str(max_steps), "--save_steps", "2",
-               "--per_device_train_batch_size", "4", "--learning_rate", "1e-3", "--logging_steps", "1",
+               "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2", "--learning_rate",
+               "1e-3", "--logging_steps", "1",
                "--fsdp", "--fsdp_config", fsdp_json, "--activation_checkpointing", "false", "--disable_tqdm", "true"]
         env = dict(os.environ, NPROC_PER_NODE="1", PYTHON=sys.executable)  # run.sh exits with the script's own code
         return subprocess.run(cmd, capture_output=True, text=True, cwd=root, env=env, timeout=CHILD_TIMEOUT_S)
@@ -280,6 +282,12 @@ def check_fsdp2_save(tiny, workdir):
         return row(ok, f"CPU: exit {first.returncode}, {errors[0] if errors else 'no error line'}")
     if first.returncode != 0:
         return row(False, f"training exit {first.returncode}: {first.stderr.strip().splitlines()[-1][:150]}")
+    from reliability import checkpoint_files
+
+    checkpoint = os.path.join(out, "checkpoint-4")
+    files = sorted(os.path.relpath(os.path.join(d, f), checkpoint) for d, _, fs in os.walk(checkpoint) for f in fs)
+    listed = sorted(checkpoint_files("FSDP2 SHARDED_STATE_DICT", 1) + checkpoint_files("FSDP2 SHARDED_STATE_DICT", 1,
+                                                                                       "also written"))
     second = run(6)  # resumes from the newest sharded checkpoint, checkpoint-4
     with open(os.path.join(out, "trainer_state.json")) as f:
         steps = json.load(f)["global_step"]
@@ -293,8 +301,9 @@ def check_fsdp2_save(tiny, workdir):
     model = AutoModelForCausalLM.from_pretrained(out)
     logits = model(input_ids=torch.arange(1, 9)[None]).logits
     ok = (resumed and dtypes == ["bfloat16"] and saved.keys() == start.keys() and moved > 0
-          and bool(torch.isfinite(logits).all()))
+          and bool(torch.isfinite(logits).all()) and files == listed)
     return row(ok, f"4 steps + resumed to step {steps} ({'ok' if resumed else 'FAILED: ' + second.stderr[-150:]}); "
+                   f"checkpoint files {'as listed' if files == listed else f'{files} != listed {listed}'}; "
                    f"saved {len(saved)} tensors, {'/'.join(dtypes)}, {moved}/{len(start)} moved; from_pretrained "
                    f"loads, logits finite")
 

@@ -208,6 +208,9 @@ class TestMemoryPlan:
         plan = memory_plan(model, args, 0, gpu_bytes=GPU_80GB, gpu_name="an 80 GB GPU")
         assert (plan["weights"], plan["gradients"], plan["optimizer"]) == (2 * n / 8, 4 * n / 8, 12 * n / 8)
         assert "= 17.1 GB" in plan["lines"][0] and plan["no_sync_gradients"] == 0
+        # at the optimizer step ZeRO-3 flattens the gradient partition (under sub_group_size) into a new fp32 tensor
+        assert plan["zero3_step_gradients"] == 4 * n / 8
+        assert "ZeRO-3's fp32 copy of a gradient partition at the optimizer step 3.8 GB" in plan["lines"][0]
 
     def test_qwen3_vl_8b_scorer(self):
         from train_scorer import Qwen3VLScorer
