@@ -1,13 +1,19 @@
-"""What trains, in which precision, and what that costs per GPU: the precision policy, LoRA (peft), the memory plan.
+"""What trains, in which precision, and what that costs per GPU and per node: the precision policy, LoRA (peft),
+the memory plan (GPU and host memory), how the model is loaded under sharding, the final save.
 
-Both training scripts call these in the same order once the model is loaded (in `load_dtype`):
+Both training scripts load the model in `load_dtype` (weights read where `reads_weights`, else the architecture
+alone: `build_without_weights`), then call these in the same order:
   lora_settings -> add_lora (with --use_peft) -> use_precision_policy -> memory_plan -> Trainer(optimizer=...)
   -> use_fsdp_precision (with --fsdp) -> train -> save_final_model
 
 Sharded training (FSDP2 through --fsdp, DeepSpeed ZeRO through --deepspeed) needs GPUs; the precision policy below
-holds under FSDP2 (accelerate keeps what trains in fp32 and all-gathers it in bf16 for compute; gradients are
-reduced in fp32; fp32 heads get their own fp32 unit, `keep_fp32_under_fsdp`). Under DeepSpeed the weights are bf16
-and its ZeRO optimizer keeps the fp32 master weights.
+holds under FSDP2 (accelerate makes what trains fp32 as it shards the model and all-gathers it in bf16 for compute;
+gradients are reduced in fp32; fp32 heads get their own fp32 unit, `keep_fp32_under_fsdp`). Under DeepSpeed the
+weights are bf16 and its ZeRO optimizer keeps the fp32 master weights.
+
+Host memory is per node (8 processes each holding an fp32 copy of a 7B model is 244 GB): with --fsdp and
+`cpu_ram_efficient_loading` only rank 0 reads the checkpoint (`loads_on_main_only`); the final save gathers one
+tensor at a time (`final_state_dict`); the plan's host line says what a node needs.
 
 Precision (bf16 or fp16 runs). Plain AdamW on bf16 weights loses most small updates (an update below half the
 bf16 spacing of a weight rounds away: for a weight near 0.02 that is 6e-5, for a norm weight near 1.0 it is 4e-3,
@@ -24,6 +30,7 @@ so lr 1e-5 never moves it). So:
 
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 
@@ -355,10 +362,8 @@ def host_bytes(model, args, sharded, per_process_total):
     each holds. Loading: every process reads the checkpoint and, unsharded, upcasts what trains, unless only rank 0
     reads (FSDP2 with `loads_on_main_only`: rank 0's copy upcast by accelerate; ZeRO-3: transformers reads the
     state dict on rank 0 alone, other ranks map it to the meta device, and zero.Init has put the partitions on the
-    GPUs). Training: the weights live on the GPUs (with --use_cpu in every process: `per_process_total`). The final save:
-    one copy in the checkpoint's dtype on rank 0 (`final_state_dict`; ZeRO-3's gathered 16-bit weights)."""
-    import os
-
+    GPUs). Training: the weights live on the GPUs (with --use_cpu in every process: `per_process_total`). The final
+    save: one copy in the checkpoint's dtype on rank 0 (`final_state_dict`; ZeRO-3's gathered 16-bit weights)."""
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE") or 0) or min(args.world_size,
                                                                     torch.cuda.device_count() or args.world_size)
     itemsize = load_dtype(args).itemsize
@@ -416,7 +421,8 @@ def what_would_fit(model, adapters, gpu_bytes):
 def memory_plan(model, args, lora_adapters, gpu_bytes=None, gpu_name=None):
     """Print (rank 0) and return the per-GPU plan, then the host memory per node (`host_bytes`, in "host_line");
     a loud warning, naming what would fit, when weights, gradients and optimizer states alone exceed the GPU.
-    `lora_adapters`: parameters LoRA would train (the LoRA option). `gpu_bytes`/`gpu_name` default to this process's GPU (none on CPU: the plan is printed for reference)."""
+    `lora_adapters`: parameters LoRA would train (the LoRA option). `gpu_bytes`/`gpu_name` default to this process's
+    GPU (none on CPU: the plan is printed for reference)."""
     if gpu_bytes is None and torch.cuda.is_available() and not args.use_cpu:
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         gpu_bytes, gpu_name = props.total_memory, props.name
