@@ -6,6 +6,8 @@ Trainer shards only on GPUs (accelerate ignores --fsdp on a CPU), but torch's ow
 check shards a tiny model in the units accelerate 1.15 makes for `Trainer(--fsdp)` (`shard_like_accelerate`), runs
 the same batches as an unsharded copy of it (each rank its half), and reports the largest relative differences of
 losses, gradients and weights after AdamW steps, then saves with the scripts' `save_final_model` and reloads.
+Host memory: sft_qwen2.py's rank-0 loading through accelerate's own `fsdp2_prepare_model` (bytes each rank holds
+at each stage), and rank 0's peak resident memory while the final save gathers a larger model.
 """
 
 import json

@@ -179,7 +179,8 @@ class TestMemoryPlan:
         assert (plan["weights"], plan["gradients"], plan["optimizer"]) == (2 * n, 2 * n / 8, 12 * n / 8)
         assert plan["gathered"] == 0
 
-    def test_host_memory_per_node_at_load_in_training_and_at_the_final_save(self, qwen2_7b, tmp_path, monkeypatch):
+    def test_host_memory_per_node_at_load_in_training_and_at_the_final_save(self, qwen2_7b, tmp_path, monkeypatch,
+                                                                              capsys):
         """Qwen2-7B on 8 GPUs per node: every process loading and upcasting holds 8 x 30.5 GB; with rank-0 loading
         (cpu_ram_efficient_loading) only rank 0's upcast copy; ZeRO-3 reads the bf16 state dict on rank 0 alone.
         The final save holds one bf16 copy on rank 0; LOCAL_WORLD_SIZE says how many processes share a node."""
@@ -189,6 +190,8 @@ class TestMemoryPlan:
             args = bf16_args(world_size=8, fsdp=True, fsdp_config=fsdp_config)
             use_precision_policy(qwen2_7b, args)
             assert {p.dtype for p in qwen2_7b.parameters()} == {torch.bfloat16}  # accelerate upcasts as it shards
+            assert ("precision: bf16 autocast, fp32 master weights for 7,615,616,512 trainable parameters (upcast by "
+                    "accelerate as FSDP2 shards the model); frozen: none") in capsys.readouterr().out
             plan = memory_plan(qwen2_7b, args, 0, gpu_bytes=GPU_80GB, gpu_name="an 80 GB GPU")
             assert plan["host"] == {"load": load, "training": 0, "save": 2 * n}
         assert plan["host_line"] == ("host memory per node (8 processes): at load 30.5 GB, in training little "
