@@ -256,8 +256,9 @@ def main(argv=None):
     base_dtype = checkpoint_dtype(path, trust_remote_code=model_args.trust_remote_code)
     load = dict(dtype=load_dtype(args), attn_implementation=model_args.attn_implementation,
                 trust_remote_code=model_args.trust_remote_code)
+    source = weights_source(path, model_args.allow_pickle)  # on every rank: a refusal exits all of them together
     if reads_weights(args):
-        model = AutoModelForCausalLM.from_pretrained(path, **load, **weights_source(path, model_args.allow_pickle))
+        model = AutoModelForCausalLM.from_pretrained(path, **load, **source)
     else:
         config = AutoConfig.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
         model = build_without_weights(lambda: AutoModelForCausalLM.from_config(config, **load), load["dtype"])
