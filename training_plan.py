@@ -290,7 +290,7 @@ def final_state_dict(model, dtype, keep=(), here=True):
     """Every tensor of `model` whole, on the CPU, as `saved_as` says, where `here` (the process that writes; others
     get {}). FSDP2 shards are gathered one tensor at a time, every rank taking part in each gather in the same order
     (state_dict order), and each is cast to the save dtype at once: the writer holds one full copy in the save dtype
-    plus one gathered tensor, not the fp32 model and then its cast copy (45.7 GB for Qwen2-7B; now 15.2 GB)."""
+    plus one gathered tensor (15.2 GB for Qwen2-7B), not the fp32 model and then its cast copy (45.7 GB)."""
     from torch.distributed.tensor import DTensor
 
     state, done = {}, {}  # done: one gather and one copy for a tensor held under two names (tied embeddings)
