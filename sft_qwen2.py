@@ -53,9 +53,10 @@ from plumbing import (TrainingDefaults, check_output_dir, fail, final_evaluation
                       parse_arguments, prepare_demo, weights_source)
 from reliability import (GracefulStop, MarkComplete, SkipNonFinite, checkpoint_to_resume, exit_if_failed,
                          exit_if_stopped, resume_mismatch, run_record)
-from training_plan import (LoraArguments, add_lora, check_flags, checkpoint_dtype, load_dtype, lora_parameter_count,
-                           lora_settings, memory_plan, optimizer_steps, reduce_every_micro_batch, save_final_model,
-                           steps_line, to_base_dtype, use_fsdp_precision, use_precision_policy)
+from training_plan import (LoraArguments, add_lora, build_without_weights, check_flags, checkpoint_dtype, load_dtype,
+                           lora_parameter_count, lora_settings, memory_plan, optimizer_steps, reads_weights,
+                           reduce_every_micro_batch, save_final_model, steps_line, to_base_dtype, use_fsdp_precision,
+                           use_precision_policy)
 
 
 @dataclass
@@ -251,17 +252,18 @@ def main(argv=None):
     log(show_example(train_ds[0], tokenizer))
 
     # Model: loaded in the half dtype of the run; what trains becomes fp32 master weights (training_plan.py). A dry
-    # run builds the architecture alone, on the meta device: the plan needs shapes and dtypes, not weights.
+    # run, and under --fsdp with cpu_ram_efficient_loading every rank but the first (accelerate broadcasts rank 0's
+    # weights to them as it shards), build the architecture alone, on the meta device.
     path = model_args.model_name_or_path
     base_dtype = checkpoint_dtype(path, trust_remote_code=model_args.trust_remote_code)
     load = dict(dtype=load_dtype(args), attn_implementation=model_args.attn_implementation,
                 trust_remote_code=model_args.trust_remote_code)
-    if args.dry_run:
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(
-                AutoConfig.from_pretrained(path, trust_remote_code=model_args.trust_remote_code), **load)
+    source = weights_source(path, model_args.allow_pickle)  # on every rank: a refusal exits all of them together
+    if reads_weights(args):
+        model = AutoModelForCausalLM.from_pretrained(path, **load, **source)
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, **load, **weights_source(path, model_args.allow_pickle))
+        config = AutoConfig.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
+        model = build_without_weights(lambda: AutoModelForCausalLM.from_config(config, **load), load["dtype"])
     # Packed rows rely on position_ids to keep examples apart, which the model only does without a KV cache.
     model.config.use_cache = False
     if not args.use_liger_kernel:  # Liger brings its own fused linear + cross-entropy

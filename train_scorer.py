@@ -74,8 +74,9 @@ from plumbing import (TrainingDefaults, check_output_dir, fail, final_evaluation
 from reliability import (GracefulStop, MarkComplete, SkipNonFinite, all_ranks_max, checkpoint_to_resume,
                          exit_if_failed, exit_if_stopped, resume_mismatch, run_record)
 from training_plan import (LoraArguments, add_lora, check_flags, checkpoint_dtype, keep_fp32_under_fsdp, load_dtype,
-                           lora_parameter_count, lora_settings, memory_plan, optimizer_steps, reduce_every_micro_batch,
-                           save_final_model, steps_line, to_base_dtype, use_fsdp_precision, use_precision_policy)
+                           loads_on_main_only, lora_parameter_count, lora_settings, memory_plan, optimizer_steps,
+                           reduce_every_micro_batch, save_final_model, steps_line, to_base_dtype, use_fsdp_precision,
+                           use_precision_policy)
 
 CLASS_LABELS = [name for name, kind in LABELS.items() if kind == "class"]  # each has a `num_<name>s` setting
 
@@ -679,6 +680,11 @@ def main(argv=None):
         fail(f"--eval_strategy {args.eval_strategy} needs --eval_shards")
     if lora_args.use_peft and model_args.freeze_backbone:
         fail("--use_peft trains adapters in the backbone, --freeze_backbone only the heads: choose one")
+    if loads_on_main_only(args):  # measured under 2 gloo processes: load_state_dict then fails on a size mismatch
+        fail("--fsdp with cpu_ram_efficient_loading: accelerate would broadcast rank 0's tensors whole into the "
+             "sharded model, but the scorer's fp32 heads are sharded before it (keep_fp32_under_fsdp), so rank 0 "
+             "would send one shard of each head where the other ranks wait for all of it; leave the option out",
+             every_rank=True)
     if problem := check_flags(args, lora_args):
         fail(problem, every_rank=True)  # every rank meets it at the same point
     check_output_dir(args.output_dir)

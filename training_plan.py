@@ -1,15 +1,21 @@
-"""What trains, in which precision, and what that costs per GPU: the precision policy, LoRA (peft), the memory plan.
+"""What trains, in which precision, and what that costs per GPU and per node: the precision policy, LoRA (peft),
+the memory plan (GPU and host memory), how the model is loaded under sharding, the final save.
 
-Both training scripts call these in the same order: `reduce_every_micro_batch` once the arguments are parsed, then,
-once the model is loaded (in `load_dtype`):
+Both training scripts call `reduce_every_micro_batch` once the arguments are parsed, load the model in
+`load_dtype` (weights read where `reads_weights`, else the architecture alone: `build_without_weights`),
+then call these in the same order:
   lora_settings -> add_lora (with --use_peft) -> use_precision_policy -> memory_plan -> Trainer(optimizer=...)
   -> use_fsdp_precision (with --fsdp) -> train -> save_final_model
 
 Sharded training (FSDP2 through --fsdp, DeepSpeed ZeRO through --deepspeed) needs GPUs; the precision policy below
-holds under FSDP2 (accelerate keeps what trains in fp32 and all-gathers it in bf16 for compute; gradients are
-reduce-scattered in fp32 after every micro-batch; fp32 heads get their own fp32 unit, `keep_fp32_under_fsdp`).
-Under DeepSpeed the weights are bf16 and its ZeRO optimizer keeps the fp32 master weights; the shipped JSON has it
-reduce and accumulate the gradients in fp32 (`deepspeed_gradient_dtypes`).
+holds under FSDP2 (accelerate makes what trains fp32 as it shards the model and all-gathers it in bf16 for compute;
+gradients are reduce-scattered in fp32 after every micro-batch; fp32 heads get their own fp32 unit,
+`keep_fp32_under_fsdp`). Under DeepSpeed the weights are bf16 and its ZeRO optimizer keeps the fp32 master
+weights; the shipped JSON has it reduce and accumulate the gradients in fp32 (`deepspeed_gradient_dtypes`).
+
+Host memory is per node (8 processes each holding an fp32 copy of a 7B model is 244 GB): with --fsdp and
+`cpu_ram_efficient_loading` only rank 0 reads the checkpoint (`loads_on_main_only`); the final save gathers one
+tensor at a time (`final_state_dict`); the plan's host line says what a node needs.
 
 Precision (bf16 or fp16 runs). Plain AdamW on bf16 weights loses most small updates (an update below half the
 bf16 spacing of a weight rounds away: for a weight near 0.02 that is 6e-5, for a norm weight near 1.0 it is 4e-3,
@@ -26,6 +32,7 @@ so lr 1e-5 never moves it). So:
 
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 
@@ -112,6 +119,37 @@ def load_dtype(args):
     return half_dtype(args) or torch.float32
 
 
+def loads_on_main_only(args):
+    """Whether only the main process reads the checkpoint: --fsdp with `cpu_ram_efficient_loading` in its fsdp_config.
+    accelerate then upcasts rank 0's copy to fp32, shards it and broadcasts each tensor's shards from rank 0
+    (`fsdp2_prepare_model`), so every other process only needs the architecture (`build_without_weights`). The
+    library switch for this, transformers' `is_fsdp_enabled` (ACCELERATE_USE_FSDP), no longer keeps weights off
+    other ranks in transformers 5: from_pretrained reads every weight on every rank (measured), so the scripts
+    build those ranks' models themselves."""
+    return bool(args.fsdp) and str(args.fsdp_config.get("cpu_ram_efficient_loading", False)).lower() == "true"
+
+
+def reads_weights(args):
+    """Whether this process loads the checkpoint's weights: not in a dry run, nor on a rank other than the main one
+    when `loads_on_main_only`. Host memory per node at load is then one copy, not one per process."""
+    return not args.dry_run and (args.process_index == 0 or not loads_on_main_only(args))
+
+
+def build_without_weights(build, dtype):
+    """`build()`'s model with its parameters on the meta device in `dtype` (shapes and dtypes: no memory, nothing
+    read) and its buffers real. Real buffers matter: the rotary inv_freq tables are computed at construction (in
+    fp32, as from_pretrained leaves them) and are in no checkpoint, and accelerate keeps each rank's own
+    non-persistent buffers when it broadcasts rank 0's weights."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        model = build()
+    for p in model.parameters():
+        if p.is_floating_point():
+            p.data = p.data.to(dtype)
+    return model
+
+
 def checkpoint_dtype(path, **kwargs):
     """The dtype the checkpoint at `path` is stored in (bf16 for Qwen; fp32 where its config does not say)."""
     from transformers import AutoConfig
@@ -155,12 +193,15 @@ def use_precision_policy(model, args):
         log(f"precision: DeepSpeed, {_name(half or torch.float32)} weights, gradients reduced in {_name(reduced)} and "
             f"accumulated in {_name(accumulated)}, fp32 master weights and AdamW states inside its ZeRO optimizer")
         return None
+    # Under FSDP2 accelerate upcasts what trains as it shards the model (on rank 0 alone with `loads_on_main_only`);
+    # an upcast here would put a full fp32 copy in every process's host memory first.
     for p in model.parameters():
-        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32 and not args.pure_bf16:
+        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32 and not args.pure_bf16 \
+                and not args.fsdp:
             p.data = p.data.float()
-    counts = {}  # (trained or frozen, dtype) -> parameters
+    counts = {}  # (trained or frozen, dtype as it trains) -> parameters
     for p in model.parameters():
-        key = ("trained" if p.requires_grad else "frozen", p.dtype)
+        key = ("trained" if p.requires_grad else "frozen", trained_dtype(p, args))
         counts[key] = counts.get(key, 0) + p.numel()
     frozen = ", ".join(f"{n:,} {_name(d)}" for (kind, d), n in counts.items() if kind == "frozen") or "none"
     fp32 = counts.get(("trained", torch.float32), 0)
@@ -172,8 +213,8 @@ def use_precision_policy(model, args):
             f"compensated AdamW (torch-optimi)" + (f", fp32 for {fp32:,} (heads)" if fp32 else "")
             + f"; frozen: {frozen}")
     else:
-        log(f"precision: {_name(half)} autocast, fp32 master weights for {fp32:,} trainable parameters; "
-            f"frozen: {frozen}")
+        log(f"precision: {_name(half)} autocast, fp32 master weights for {fp32:,} trainable parameters"
+            + (" (upcast by accelerate as FSDP2 shards the model)" if args.fsdp else "") + f"; frozen: {frozen}")
     if not args.pure_bf16:
         return None
     import optimi
@@ -182,6 +223,14 @@ def use_precision_policy(model, args):
     # default cannot silently turn this into plain bf16 AdamW. fp32 parameters (heads) need none and get none.
     return optimi.AdamW, {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2),
                           "eps": args.adam_epsilon, "weight_decay": args.weight_decay, "kahan_sum": True}
+
+
+def trained_dtype(p, args):
+    """The dtype parameter `p` trains in: under FSDP2 with a half dtype accelerate makes what trains fp32 when it
+    shards the model (`use_precision_policy` leaves that to it); otherwise the dtype it has now."""
+    if args.fsdp and half_dtype(args) is not None and p.requires_grad and p.is_floating_point():
+        return torch.float32
+    return p.dtype
 
 
 def saved_as(name, tensor, dtype, keep=()):
@@ -228,27 +277,35 @@ def use_fsdp_precision(trainer, args):
 def save_final_model(trainer, model, output_dir, dtype, keep=()):
     """Save the trained `model` as one HF folder that `from_pretrained` loads, in the checkpoint's `dtype` (not twice
     its size); tensors whose names contain one of `keep` (fp32 heads, LoRA adapters) stay as they are. A model
-    sharded with FSDP2 is gathered first (every rank takes part, rank 0 writes; one tensor at a time through the GPU
-    into host memory: 30 GB for a 7B model in fp32); under DeepSpeed the Trainer saves the bf16 weights ZeRO-3
-    gathers (`stage3_gather_16bit_weights_on_model_save`). The tokenizer or processor goes with it."""
+    sharded with FSDP2 is gathered one tensor at a time (`final_state_dict`); under DeepSpeed the Trainer saves the
+    bf16 weights ZeRO-3 gathers (`stage3_gather_16bit_weights_on_model_save`). The tokenizer or processor goes with
+    it."""
     if trainer.is_deepspeed_enabled:
         trainer.save_model(output_dir)
         return
-    from torch.distributed.tensor import DTensor
-
-    sharded = any(isinstance(p, DTensor) for p in model.parameters())
-    state = full_state_dict(model) if sharded else model.state_dict()
+    state = final_state_dict(model, dtype, keep, trainer.args.should_save)
     if trainer.args.should_save:
-        state = {k: saved_as(k, v, dtype, keep) for k, v in state.items()}
         model.save_pretrained(output_dir, state_dict=state)
         trainer.processing_class.save_pretrained(output_dir)
 
 
-def full_state_dict(model):
-    """Every tensor of `model`, whole and on the CPU, on rank 0 (FSDP2 shards gathered; other ranks get {})."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+def final_state_dict(model, dtype, keep=(), here=True):
+    """Every tensor of `model` whole, on the CPU, as `saved_as` says, where `here` (the process that writes; others
+    get {}). FSDP2 shards are gathered one tensor at a time, every rank taking part in each gather in the same order
+    (state_dict order), and each is cast to the save dtype at once: the writer holds one full copy in the save dtype
+    plus one gathered tensor (15.2 GB for Qwen2-7B), not the fp32 model and then its cast copy (45.7 GB)."""
+    from torch.distributed.tensor import DTensor
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state, done = {}, {}  # done: one gather and one copy for a tensor held under two names (tied embeddings)
+    for name, held in model.state_dict(keep_vars=True).items():  # the model's own tensors: ids stay fixed
+        if id(held) not in done:
+            tensor = held.detach()
+            whole = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+            done[id(held)] = saved_as(name, whole, dtype, keep).cpu() if here else None
+            del whole
+        if here:
+            state[name] = done[id(held)]
+    return state
 
 
 def _name(dtype):
@@ -303,7 +360,7 @@ def plan_bytes(model, args, world_size=1, sharded=None):
     ds_grad_bytes = deepspeed_gradient_dtypes(args)[1].itemsize if args.deepspeed else None
     for p in model.parameters():
         numel = getattr(p, "ds_numel", p.numel())  # ZeRO-3 leaves an empty placeholder and records the full size
-        size = numel * p.element_size()
+        size = numel * trained_dtype(p, args).itemsize
         weights += size
         if p.requires_grad:
             trained += numel
@@ -348,6 +405,27 @@ def holds_unsharded_gradients(args):
     """Whether FSDP2 keeps every unsharded gradient between micro-batches in this run (`reduce_every_micro_batch`)."""
     return bool(args.fsdp) and args.gradient_accumulation_steps > 1 and not (
         args.accelerator_config.gradient_accumulation_kwargs or {}).get("sync_each_batch", False)
+
+
+def host_bytes(model, args, sharded, per_process_total):
+    """(processes per node, {load, training, save}: host bytes on the node of rank 0). Per node = processes x what
+    each holds. Loading: every process reads the checkpoint and, unsharded, upcasts what trains, unless only rank 0
+    reads (FSDP2 with `loads_on_main_only`: rank 0's copy upcast by accelerate; ZeRO-3: transformers reads the
+    state dict on rank 0 alone, other ranks map it to the meta device, and zero.Init has put the partitions on the
+    GPUs). Training: the weights live on the GPUs (with --use_cpu in every process: `per_process_total`). The final
+    save: one copy in the checkpoint's dtype on rank 0 (`final_state_dict`; ZeRO-3's gathered 16-bit weights)."""
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE") or 0) or min(args.world_size,
+                                                                    torch.cuda.device_count() or args.world_size)
+    itemsize = load_dtype(args).itemsize
+    trained = saved = 0
+    for p in model.parameters():
+        numel = getattr(p, "ds_numel", p.numel())
+        trained += numel * trained_dtype(p, args).itemsize
+        saved += numel * min(p.element_size(), itemsize)  # as loaded and saved (fp32 heads, adapters: small)
+    name = sharded[0] if sharded else ""
+    load = (saved if name == "DeepSpeed ZeRO-3" else trained if name == "FSDP2" and loads_on_main_only(args)
+            else per_node * trained)
+    return per_node, {"load": load, "training": per_node * per_process_total if args.use_cpu else 0, "save": saved}
 
 
 def _largest_layer(model):
@@ -404,10 +482,11 @@ def lean_loss_bytes(head, args):
 
 
 def memory_plan(model, args, lora_adapters, gpu_bytes=None, gpu_name=None, lean_loss=None):
-    """Print (rank 0) and return the per-GPU plan; a loud warning, naming what would fit, when weights, gradients
-    and optimizer states alone exceed the GPU. `lora_adapters`: parameters LoRA would train (the LoRA option).
-    `gpu_bytes`/`gpu_name` default to this process's GPU (none on CPU: the plan is printed for reference).
-    `lean_loss`: the output layer whose loss lean_loss.py computes (its buffers are counted), or None."""
+    """Print (rank 0) and return the per-GPU plan, then the host memory per node (`host_bytes`, in "host_line");
+    a loud warning, naming what would fit, when weights, gradients and optimizer states alone exceed the GPU.
+    `lora_adapters`: parameters LoRA would train (the LoRA option). `gpu_bytes`/`gpu_name` default to this process's
+    GPU (none on CPU: the plan is printed for reference). `lean_loss`: the output layer whose loss lean_loss.py
+    computes (its buffers are counted), or None."""
     if gpu_bytes is None and torch.cuda.is_available() and not args.use_cpu:
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         gpu_bytes, gpu_name = props.total_memory, props.name
@@ -430,12 +509,17 @@ def memory_plan(model, args, lora_adapters, gpu_bytes=None, gpu_name=None, lean_
              f"gradients {_size(plan['gradients'])} + "
              f"AdamW states {_size(plan['optimizer'])} = {_size(plan['total'])}; on top: "
              + ", ".join(extras + ["activations (gradient checkpointing keeps them small)"])]
+    per_node, plan["host"] = host_bytes(model, args, sharded, plan["total"])
+    training = _size(plan["host"]["training"]) if plan["host"]["training"] else "little (weights on the GPUs)"
+    plan["host_line"] = (f"host memory per node ({per_node} process{'es' if per_node > 1 else ''}): at load "
+                         f"{_size(plan['host']['load'])}, in training {training}, at the final save "
+                         f"{_size(plan['host']['save'])} (rank 0's)")
     if gpu_bytes and plan["total"] > gpu_bytes:
         fits = what_would_fit(model, lora_adapters, gpu_bytes)
         lines.append(f"WARNING: weights, gradients and optimizer states alone need {_size(plan['total'])} per "
                      f"GPU, more than this GPU's {_size(gpu_bytes)}: the run will fail with out-of-memory. "
                      f"What would fit: {'; '.join(fits) if fits else 'nothing listed here'}")
-    for line in lines:
+    for line in lines[:1] + [plan["host_line"]] + lines[1:]:
         log(line)
     plan["lines"] = lines
     return plan

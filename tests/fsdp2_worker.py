@@ -10,6 +10,8 @@ more runs gradient accumulation as the Trainer does and reports the gradient byt
 micro-batch, with the memory plan's figure for the same model and settings (`check_held_gradients`).
 Last, it writes checkpoints as the Trainer does under FSDP2 with the recipes' SHARDED_STATE_DICT (accelerate's own
 save functions, which run on CPU) and loads one back into the layout of another number of processes.
+Host memory: sft_qwen2.py's rank-0 loading through accelerate's own `fsdp2_prepare_model` (bytes each rank holds
+at each stage), and rank 0's peak resident memory while the final save gathers a larger model.
 """
 
 import gc
@@ -534,6 +536,84 @@ def check_one_decision(workdir, checkpoint):
     return every
 
 
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Host memory: rank-0 loading through accelerate's FSDP2 preparation, the streamed final save
+# ---------------------------------------------------------------------------------------------------------------
+
+def held_bytes(model):
+    """Bytes of this rank's parameters that hold memory (meta tensors hold none; a sharded one, its local shard)."""
+    local = [p.to_local() if isinstance(p, DTensor) else p for p in model.parameters()]
+    return sum(t.numel() * t.element_size() for t in local if t.device.type != "meta")
+
+
+def check_rank0_loading(path):
+    """sft_qwen2.py's loading under --fsdp with cpu_ram_efficient_loading (training_plan.reads_weights), its
+    precision policy, then the preparation accelerate runs inside Trainer (`fsdp2_prepare_model`, given what it reads
+    of an Accelerator): bytes held by each rank at each stage, the dtypes, and the result against from_pretrained."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from training_plan import build_without_weights, reads_weights, use_precision_policy
+
+    rank = dist.get_rank()
+    args = SimpleNamespace(fsdp=True, fsdp_config={"cpu_ram_efficient_loading": True}, dry_run=False,
+                           process_index=rank, bf16=True, fp16=False, pure_bf16=False, deepspeed=None)
+    if reads_weights(args):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    else:
+        config = AutoConfig.from_pretrained(path)
+        model = build_without_weights(lambda: AutoModelForCausalLM.from_config(config), torch.bfloat16)
+    out = {"loaded": held_bytes(model)}
+    use_precision_policy(model, args)
+    out["policy_dtypes"] = sorted({str(p.dtype) for p in model.parameters()})
+    out["after_policy"] = held_bytes(model)
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, cpu_ram_efficient_loading=True,
+                                            transformer_cls_names_to_wrap=["Qwen2DecoderLayer"],
+                                            mixed_precision_policy=fsdp_policy())
+    accelerator = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), torch_device_mesh=None,
+                                  parallelism_config=None, mixed_precision="bf16", is_main_process=rank == 0,
+                                  device=torch.device("cpu"))
+    model = fsdp2_prepare_model(accelerator, model)
+    out["prepared"] = held_bytes(model)
+    out["prepared_dtypes"] = sorted({str(p.dtype) for p in model.parameters()})
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    out["full_fp32"] = sum(p.numel() * 4 for p in reference.parameters())
+    ours = model.state_dict()
+    out["weights_equal"] = all(torch.equal(whole(ours[k]), v.float()) for k, v in reference.state_dict().items())
+    out["buffers_equal"] = all(torch.equal(b, dict(reference.named_buffers())[k]) for k, b in model.named_buffers())
+    every = [None] * WORLD
+    dist.all_gather_object(every, out)
+    return every
+
+
+def check_streamed_save(workdir, path, tokenizer):
+    """The final save of a 28M-parameter fp32 model in bf16 from FSDP2 shards: the growth of rank 0's peak resident
+    memory during save_final_model (the kernel's high-water mark, reset first) against one bf16 copy."""
+    import safetensors.torch
+
+    model = shard_like_accelerate(load_sft(path))
+    sizes = [p.numel() for p in model.parameters()]
+    out = os.path.join(workdir, "big-saved")
+    if dist.get_rank() == 0:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident size
+    before = vm("VmRSS")
+    save_final_model(trainer_like(tokenizer), model, out, torch.bfloat16)
+    peak = vm("VmHWM") - before
+    dist.barrier()
+    saved = safetensors.torch.load_file(os.path.join(out, "model.safetensors"))
+    exact = all(torch.equal(saved[k], whole(v).detach().to(torch.bfloat16)) for k, v in model.state_dict().items())
+    return {"peak": peak, "bf16": 2 * sum(sizes), "largest_fp32": 4 * max(sizes), "exact": exact}
+
+
+def vm(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
 def main(workdir):
     dist.init_process_group("gloo")
     from accelerate import PartialState
@@ -541,11 +621,14 @@ def main(workdir):
     PartialState(cpu=True)  # accelerate's collectives (train_scorer.exact_pass gathers with them) over gloo
     torch.set_num_threads(1)
     models = {"untied": os.path.join(workdir, "qwen2"), "tied": os.path.join(workdir, "qwen2-tied"),
-              "vl": os.path.join(workdir, "qwen3-vl")}
+              "vl": os.path.join(workdir, "qwen3-vl"), "bf16": os.path.join(workdir, "qwen2-bf16"),
+              "big": os.path.join(workdir, "qwen2-big")}
     if dist.get_rank() == 0:
         demo.build_tiny_qwen2(models["untied"])
         demo.build_tiny_qwen2(models["tied"], tie_word_embeddings=True)
         demo.build_tiny_qwen3_vl(models["vl"])
+        demo.build_tiny_qwen2(models["bf16"], dtype="bfloat16")  # as real Qwen checkpoints are stored
+        demo.build_tiny_qwen2(models["big"], hidden_size=512, num_layers=4, intermediate_size=4096)
     dist.barrier()
     from transformers import AutoProcessor, AutoTokenizer
 
@@ -553,6 +636,8 @@ def main(workdir):
     results.update(check_held_gradients(models["untied"], len(AutoTokenizer.from_pretrained(models["untied"]))))
     results.update(check_scorer(workdir, models["vl"], AutoProcessor.from_pretrained(models["vl"])))
     results["sharded_checkpoints"] = check_sharded_checkpoints(workdir, models)
+    results["streamed_save"] = check_streamed_save(workdir, models["big"], AutoTokenizer.from_pretrained(models["big"]))
+    results["rank0_loading"] = check_rank0_loading(models["bf16"])
     if dist.get_rank() == 0:
         with open(os.path.join(workdir, "results.json"), "w") as f:
             json.dump(results, f, indent=1)

@@ -17,8 +17,11 @@ REL = 1e-5
 def fsdp2(tmp_path_factory):
     """The worker's results: every check ran on two ranks, each with its half of the batches."""
     work = tmp_path_factory.mktemp("fsdp2")
+    # A fixed mmap threshold makes glibc hand every large freed block back at once, so the peak resident size the
+    # streamed-save check reads follows the bytes of live tensors (its dynamic threshold would keep freed blocks).
     res = run_cli([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                   "tests/fsdp2_worker.py", str(work)], env={"OMP_NUM_THREADS": "1"}, timeout=600)
+                   "tests/fsdp2_worker.py", str(work)], env={"OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"},
+                  timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     with open(work / "results.json") as f:
         return json.load(f)
@@ -69,6 +72,30 @@ class TestFSDP2:
         assert held["no_sync"]["held"] == pytest.approx([2 * shard, 2 * shard, shard], rel=0.1)
         for run in held.values():
             assert max(run["held"]) == pytest.approx(run["planned"], rel=0.1), run
+
+
+    def test_only_rank_0_loads_and_accelerate_upcasts_after_sharding(self, fsdp2):
+        """--fsdp with cpu_ram_efficient_loading, as sft_qwen2.py loads and accelerate's fsdp2_prepare_model then
+        shards: rank 1 holds no weight bytes until it receives its shards, the precision policy leaves the bf16
+        checkpoint as it is (no fp32 copy before sharding), and after preparation each rank holds half of the fp32
+        masters, equal to the checkpoint, with rank 0's rotary tables."""
+        rank0, rank1 = fsdp2["rank0_loading"]
+        full = rank0["full_fp32"]
+        assert full == 509_184
+        assert (rank0["loaded"], rank0["after_policy"], rank0["prepared"]) == (full // 2, full // 2, full // 2)
+        assert (rank1["loaded"], rank1["after_policy"], rank1["prepared"]) == (0, 0, full // 2)
+        for r in (rank0, rank1):
+            assert r["policy_dtypes"] == ["torch.bfloat16"] and r["prepared_dtypes"] == ["torch.float32"]
+            assert r["weights_equal"] and r["buffers_equal"]
+
+    def test_final_save_streams_one_tensor_at_a_time(self, fsdp2):
+        """Saving a 28M-parameter fp32 model in bf16 from FSDP2 shards: rank 0's peak resident memory grows by one
+        bf16 copy plus gathered tensors of the largest size (gathering everything in fp32 first, then casting, grew it
+        by 175 MB here), and the file holds exactly the bf16 weights."""
+        r = fsdp2["streamed_save"]
+        assert (r["bf16"], r["largest_fp32"]) == (57_488_384, 8_388_608)
+        assert r["peak"] <= r["bf16"] + 2 * r["largest_fp32"], r
+        assert r["exact"]
 
 
 def unlisted(files, kind):
@@ -332,7 +359,8 @@ def recipe_plan(script, model_args, lora_args, args, gpus):
     deepspeed = os.path.join(ROOT, args.deepspeed) if args.deepspeed else None
     plan_args = bf16_args(world_size=gpus, fsdp=bool(args.fsdp), deepspeed=deepspeed,
                           accumulation=args.gradient_accumulation_steps,
-                          accumulation_kwargs=args.accelerator_config.gradient_accumulation_kwargs)
+                          accumulation_kwargs=args.accelerator_config.gradient_accumulation_kwargs,
+                          fsdp_config=args.fsdp_config)
     with torch.device("meta"):
         if script.__name__ == "sft_qwen2":
             model = AutoModelForCausalLM.from_config(QWEN2_7B, dtype=torch.bfloat16)

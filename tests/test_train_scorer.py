@@ -594,3 +594,15 @@ def test_forking_recipe_adds_a_label_field(scorer_demo, tmp_path):
     assert "aesthetic_head.weight" in safetensors.torch.load_file(out / "model.safetensors")
     predictions = read_jsonl(out / "predictions.jsonl")
     assert len(predictions) == 12 and all(isinstance(p["aesthetic"], float) for p in predictions)
+
+
+def test_fsdp_rank0_loading_exits_2(scorer_demo, tmp_path, capsys):
+    """accelerate's cpu_ram_efficient_loading broadcasts rank 0's tensors whole into the sharded model; the scorer's
+    heads are sharded before it (their own fp32 unit), so rank 0 would send a shard where the others wait for a whole
+    tensor (under 2 gloo processes: a size mismatch in load_state_dict; on NCCL, a mismatched broadcast)."""
+    config = tmp_path / "recipe.json"  # as the FSDP2 recipe sets it
+    config.write_text(json.dumps({"model_name_or_path": scorer_demo[0], "train_shards": scorer_demo[1], "num_types": 3,
+                                  "output_dir": str(tmp_path / "o"), "use_cpu": True, "report_to": "none",
+                                  "fsdp": True, "fsdp_config": {"cpu_ram_efficient_loading": True}}))
+    err = exit_2_line(capsys, train_scorer.main, [str(config)])
+    assert err.startswith("error: --fsdp with cpu_ram_efficient_loading: ") and "leave the option out" in err, err

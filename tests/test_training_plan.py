@@ -105,11 +105,13 @@ QWEN3_VL_8B = dict(  # Qwen/Qwen3-VL-8B-Instruct's config.json
 GPU_80GB = 80e9
 
 
-def bf16_args(world_size=1, pure_bf16=False, fsdp=False, deepspeed=None, accumulation=1, accumulation_kwargs=None):
+def bf16_args(world_size=1, pure_bf16=False, fsdp=False, deepspeed=None, accumulation=1, accumulation_kwargs=None,
+              fsdp_config=None):
     return SimpleNamespace(bf16=True, fp16=False, pure_bf16=pure_bf16, use_cpu=False, world_size=world_size,
                            learning_rate=1e-5, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, weight_decay=0.0,
                            fsdp=fsdp, deepspeed=deepspeed, gradient_accumulation_steps=accumulation,
-                           accelerator_config=SimpleNamespace(gradient_accumulation_kwargs=accumulation_kwargs))
+                           accelerator_config=SimpleNamespace(gradient_accumulation_kwargs=accumulation_kwargs),
+                           fsdp_config=fsdp_config or {})
 
 
 @pytest.fixture
@@ -212,6 +214,32 @@ class TestMemoryPlan:
         assert plan["zero3_step_gradients"] == 4 * n / 8
         assert "ZeRO-3's fp32 copy of a gradient partition at the optimizer step 3.8 GB" in plan["lines"][0]
 
+    def test_host_memory_per_node_at_load_in_training_and_at_the_final_save(self, qwen2_7b, tmp_path, monkeypatch,
+                                                                              capsys):
+        """Qwen2-7B on 8 GPUs per node: every process loading and upcasting holds 8 x 30.5 GB; with rank-0 loading
+        (cpu_ram_efficient_loading) only rank 0's upcast copy; ZeRO-3 reads the bf16 state dict on rank 0 alone.
+        The final save holds one bf16 copy on rank 0; LOCAL_WORLD_SIZE says how many processes share a node."""
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+        n = 7_615_616_512
+        for fsdp_config, load in (({}, 8 * 4 * n), ({"cpu_ram_efficient_loading": True}, 4 * n)):
+            args = bf16_args(world_size=8, fsdp=True, fsdp_config=fsdp_config)
+            use_precision_policy(qwen2_7b, args)
+            assert {p.dtype for p in qwen2_7b.parameters()} == {torch.bfloat16}  # accelerate upcasts as it shards
+            assert ("precision: bf16 autocast, fp32 master weights for 7,615,616,512 trainable parameters (upcast by "
+                    "accelerate as FSDP2 shards the model); frozen: none") in capsys.readouterr().out
+            plan = memory_plan(qwen2_7b, args, 0, gpu_bytes=GPU_80GB, gpu_name="an 80 GB GPU")
+            assert plan["host"] == {"load": load, "training": 0, "save": 2 * n}
+        assert plan["host_line"] == ("host memory per node (8 processes): at load 30.5 GB, in training little "
+                                     "(weights on the GPUs), at the final save 15.2 GB (rank 0's)")
+        zero3 = tmp_path / "zero3.json"
+        zero3.write_text('{"zero_optimization": {"stage": 3}}')
+        plan = memory_plan(qwen2_7b, bf16_args(world_size=16, deepspeed=str(zero3)), 0, gpu_bytes=GPU_80GB)
+        assert plan["host"] == {"load": 2 * n, "training": 0, "save": 2 * n}
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # 16 processes on 4 nodes, unsharded (DDP): each loads
+        args = bf16_args(world_size=16)
+        use_precision_policy(qwen2_7b, args)
+        assert memory_plan(qwen2_7b, args, 0, gpu_bytes=GPU_80GB)["host"]["load"] == 4 * 4 * n
+
     def test_qwen3_vl_8b_scorer(self):
         from train_scorer import Qwen3VLScorer
 
@@ -248,7 +276,8 @@ class TestLeanLossBuffers:
         plan = memory_plan(qwen2_7b, args, 0, gpu_bytes=GPU_80GB, gpu_name="an 80 GB GPU",
                            lean_loss=qwen2_7b.lm_head)
         assert plan["lean_loss"] == self.LOGITS + (4 + 2) * self.LAYER  # gathered in bf16: fp32 + bf16 gradient
-        assert "the loss's buffers (fp32 logits of a chunk, the output layer's fp32 gradient) 3.8 GB" in plan["lines"][0]
+        assert ("the loss's buffers (fp32 logits of a chunk, the output layer's fp32 gradient) 3.8 GB"
+                in plan["lines"][0])
 
     def test_unsharded_fp32_masters_and_lora(self, qwen2_7b):
         args = bf16_args()
