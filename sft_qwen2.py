@@ -54,9 +54,9 @@ from plumbing import (TrainingDefaults, check_output_dir, fail, final_evaluation
 from reliability import (GracefulStop, MarkComplete, SkipNonFinite, checkpoint_to_resume, exit_if_failed,
                          exit_if_stopped, resume_mismatch, run_record)
 from training_plan import (LoraArguments, add_lora, build_without_weights, check_flags, checkpoint_dtype, load_dtype,
-                           lora_parameter_count, lora_settings, memory_plan, optimizer_steps, reads_weights,
-                           reduce_every_micro_batch, save_final_model, steps_line, to_base_dtype, use_fsdp_precision,
-                           use_precision_policy)
+                           load_device, lora_parameter_count, lora_settings, memory_plan, optimizer_steps,
+                           reads_weights, reduce_every_micro_batch, save_final_model, steps_line, to_base_dtype,
+                           use_fsdp_precision, use_precision_policy)
 
 
 @dataclass
@@ -260,7 +260,7 @@ def main(argv=None):
                 trust_remote_code=model_args.trust_remote_code)
     source = weights_source(path, model_args.allow_pickle)  # on every rank: a refusal exits all of them together
     if reads_weights(args):
-        model = AutoModelForCausalLM.from_pretrained(path, **load, **source)
+        model = AutoModelForCausalLM.from_pretrained(path, **load, **source, device_map=load_device(args))
     else:
         config = AutoConfig.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
         model = build_without_weights(lambda: AutoModelForCausalLM.from_config(config, **load), load["dtype"])

@@ -74,9 +74,9 @@ from plumbing import (TrainingDefaults, check_output_dir, fail, final_evaluation
 from reliability import (GracefulStop, MarkComplete, SkipNonFinite, all_ranks_max, checkpoint_to_resume,
                          exit_if_failed, exit_if_stopped, resume_mismatch, run_record)
 from training_plan import (LoraArguments, add_lora, check_flags, checkpoint_dtype, keep_fp32_under_fsdp, load_dtype,
-                           loads_on_main_only, lora_parameter_count, lora_settings, memory_plan, optimizer_steps,
-                           reduce_every_micro_batch, save_final_model, steps_line, to_base_dtype, use_fsdp_precision,
-                           use_precision_policy)
+                           load_device, loads_on_main_only, lora_parameter_count, lora_settings, memory_plan,
+                           optimizer_steps, reduce_every_micro_batch, save_final_model, steps_line, to_base_dtype,
+                           use_fsdp_precision, use_precision_policy)
 
 CLASS_LABELS = [name for name, kind in LABELS.items() if kind == "class"]  # each has a `num_<name>s` setting
 
@@ -331,9 +331,10 @@ class Qwen3VLScorer(Qwen3VLPreTrainedModel):
         return ScorerOutput(loss=loss, head_losses={k: v.detach() for k, v in losses.items()}, heads=heads)
 
 
-def load_scorer(model_args, dtype, lora_args=None, meta=False):
+def load_scorer(model_args, dtype, lora_args=None, meta=False, device=None):
     """The scorer, from a Qwen3-VL checkpoint (new heads) or a scorer save; with `lora_args.use_peft` new adapters
-    (unless the save has them); trainable parts set from the flags. `meta`: without weights (--dry_run)."""
+    (unless the save has them); trainable parts set from the flags. `meta`: without weights (--dry_run). `device`:
+    where the weights load (training_plan.load_device; None: the CPU)."""
     path = model_args.model_name_or_path
     config = AutoConfig.from_pretrained(path)
     for name in CLASS_LABELS:  # the class count: from the flag, else from a scorer save; never two different ones
@@ -350,7 +351,7 @@ def load_scorer(model_args, dtype, lora_args=None, meta=False):
         setattr(config, f"{name}_weight", getattr(model_args, f"{name}_weight", 1.0))
     weights = getattr(config, "scorer_base_model", None) or path  # a heads/adapter save names its base
     model = Qwen3VLScorer.from_pretrained(path, config=config, dtype=dtype, meta=meta,
-                                          attn_implementation=model_args.attn_implementation,
+                                          attn_implementation=model_args.attn_implementation, device_map=device,
                                           **weights_source(weights, model_args.allow_pickle))
     if lora_args is not None and lora_args.use_peft and not getattr(config, "scorer_lora", None):
         model.add_lora(lora_settings(model.model, lora_args, "language_model"))  # vision tower: only when named
@@ -722,7 +723,7 @@ def main(argv=None):
         if problem := missing_chat_template(processor, model_args.model_name_or_path):
             raise DataError(problem)
         set_seed(args.seed)  # new heads start the same way in every run with this seed
-        model = load_scorer(model_args, load_dtype(args), lora_args, meta=args.dry_run)
+        model = load_scorer(model_args, load_dtype(args), lora_args, meta=args.dry_run, device=load_device(args))
         save_dtype = checkpoint_dtype(model_args.model_name_or_path)
     except DataError as e:
         fail(e)

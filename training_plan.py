@@ -135,6 +135,18 @@ def reads_weights(args):
     return not args.dry_run and (args.process_index == 0 or not loads_on_main_only(args))
 
 
+def load_device(args):
+    """The device this process loads the checkpoint onto (`device_map`), or None for the CPU. On GPUs each process
+    loads straight onto its own GPU (safetensors pages go from the page cache, which a node's processes share, to the
+    GPU; no process holds a host copy, and what trains is upcast there), except where the library wants the weights
+    on the CPU: rank-0 loading (`loads_on_main_only`), whose copy accelerate shards and broadcasts, and DeepSpeed,
+    whose ZeRO-3 places the partitions itself. Without this, every process of an 8-GPU node kept its own copy in host
+    memory: 260.6 GB for the 8B scorer under FSDP2 (accelerate upcasts before it shards), 122 GB for 7B LoRA."""
+    if args.use_cpu or args.deepspeed or loads_on_main_only(args) or not torch.cuda.is_available():
+        return None
+    return args.device
+
+
 def build_without_weights(build, dtype):
     """`build()`'s model with its parameters on the meta device in `dtype` (shapes and dtypes: no memory, nothing
     read) and its buffers real. Real buffers matter: the rotary inv_freq tables are computed at construction (in
@@ -290,10 +302,12 @@ def save_final_model(trainer, model, output_dir, dtype, keep=()):
 
 
 def final_state_dict(model, dtype, keep=(), here=True):
-    """Every tensor of `model` whole, on the CPU, as `saved_as` says, where `here` (the process that writes; others
-    get {}). FSDP2 shards are gathered one tensor at a time, every rank taking part in each gather in the same order
-    (state_dict order), and each is cast to the save dtype at once: the writer holds one full copy in the save dtype
-    plus one gathered tensor (15.2 GB for Qwen2-7B), not the fp32 model and then its cast copy (45.7 GB)."""
+    """Every tensor of `model` whole, as `saved_as` says, where `here` (the process that writes; others get {}).
+    FSDP2 shards are gathered one tensor at a time onto the CPU, every rank taking part in each gather in the same
+    order (state_dict order), and each is cast to the save dtype at once: the writer holds one full copy in the save
+    dtype plus one gathered tensor (15.2 GB for Qwen2-7B), not the fp32 model and then its cast copy (45.7 GB).
+    Unsharded tensors stay where they are (save_pretrained moves what it writes, a shard at a time, and leaves out
+    what a heads or adapter save does not hold)."""
     from torch.distributed.tensor import DTensor
 
     state, done = {}, {}  # done: one gather and one copy for a tensor held under two names (tied embeddings)
@@ -301,7 +315,8 @@ def final_state_dict(model, dtype, keep=(), here=True):
         if id(held) not in done:
             tensor = held.detach()
             whole = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-            done[id(held)] = saved_as(name, whole, dtype, keep).cpu() if here else None
+            saved = saved_as(name, whole, dtype, keep) if here else None
+            done[id(held)] = saved.cpu() if here and isinstance(tensor, DTensor) else saved
             del whole
         if here:
             state[name] = done[id(held)]
@@ -380,6 +395,9 @@ def plan_bytes(model, args, world_size=1, sharded=None):
     plan["gathered"] = 2 * 2 * _largest_layer(model) if "weights" in parts else 0
     # FSDP2 under no_sync: from the first micro-batch to the last, every unit holds its whole gradient in the fp32
     # reduce dtype where its shard would be (zero_grad freed the shards): all of it, less the shard counted above
+    # FSDP2 without rank-0 loading: each process loads the whole model onto its GPU (`load_device`) and accelerate
+    # upcasts what trains there before it shards: a peak at setup, gone once the model is sharded
+    plan["unsharded_at_setup"] = weights if args.fsdp and not loads_on_main_only(args) else 0
     plan["no_sync_gradients"] = 4 * trained - plan["gradients"] if holds_unsharded_gradients(args) else 0
     # ZeRO-3's optimizer step flattens each sub-group's gradient partition into a new fp32 tensor (stage3.py,
     # _prepare_fp32_grad_for_sub_group): up to `sub_group_size` elements at a time (3.8 GB at 7B over 8 GPUs)
@@ -409,11 +427,13 @@ def holds_unsharded_gradients(args):
 
 def host_bytes(model, args, sharded, per_process_total):
     """(processes per node, {load, training, save}: host bytes on the node of rank 0). Per node = processes x what
-    each holds. Loading: every process reads the checkpoint and, unsharded, upcasts what trains, unless only rank 0
-    reads (FSDP2 with `loads_on_main_only`: rank 0's copy upcast by accelerate; ZeRO-3: transformers reads the
-    state dict on rank 0 alone, other ranks map it to the meta device, and zero.Init has put the partitions on the
-    GPUs). Training: the weights live on the GPUs (with --use_cpu in every process: `per_process_total`). The final
-    save: one copy in the checkpoint's dtype on rank 0 (`final_state_dict`; ZeRO-3's gathered 16-bit weights)."""
+    each holds. Loading on GPUs: the checkpoint's pages in the page cache, one copy shared by the node's processes,
+    which load straight onto their GPUs (`load_device`), except with rank-0 loading (FSDP2 with
+    `loads_on_main_only`: rank 0's copy, upcast by accelerate on the CPU) and under ZeRO-3 (transformers reads the
+    state dict on rank 0 alone, other ranks map it to the meta device, and zero.Init puts the partitions on the
+    GPUs); with --use_cpu every process holds its own copy, upcast. Training: the weights live on the GPUs (with
+    --use_cpu in every process: `per_process_total`). The final save: one copy in the checkpoint's dtype on rank 0
+    (`final_state_dict`; ZeRO-3's gathered 16-bit weights)."""
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE") or 0) or min(args.world_size,
                                                                     torch.cuda.device_count() or args.world_size)
     itemsize = load_dtype(args).itemsize
@@ -423,8 +443,8 @@ def host_bytes(model, args, sharded, per_process_total):
         trained += numel * trained_dtype(p, args).itemsize
         saved += numel * min(p.element_size(), itemsize)  # as loaded and saved (fp32 heads, adapters: small)
     name = sharded[0] if sharded else ""
-    load = (saved if name == "DeepSpeed ZeRO-3" else trained if name == "FSDP2" and loads_on_main_only(args)
-            else per_node * trained)
+    load = (per_node * trained if args.use_cpu else trained if name == "FSDP2" and loads_on_main_only(args)
+            else saved)
     return per_node, {"load": load, "training": per_node * per_process_total if args.use_cpu else 0, "save": saved}
 
 
@@ -497,6 +517,7 @@ def memory_plan(model, args, lora_adapters, gpu_bytes=None, gpu_name=None, lean_
               (("autocast_copies", "autocast half copies of the fp32 weights during forward"),
                ("ddp_buckets", "DDP gradient buckets"),
                ("gathered", "the layers gathered whole at a time (bf16)"),
+               ("unsharded_at_setup", "at setup, the whole model on each GPU until FSDP2 shards it"),
                ("no_sync_gradients", "the unsharded fp32 gradients FSDP2 holds between micro-batches "
                                      "(accelerator_config gradient_accumulation_kwargs sync_each_batch is false)"),
                ("zero3_step_gradients", "ZeRO-3's fp32 copy of a gradient partition at the optimizer step"),

@@ -251,7 +251,7 @@ def check_held_gradients(path, vocab):
     for name, kwargs in (("sync_each_batch", None), ("no_sync", {"sync_each_batch": False})):
         args = SimpleNamespace(fsdp=True, world_size=WORLD, gradient_accumulation_steps=MICRO_BATCHES, bf16=True,
                                fp16=False, pure_bf16=False, deepspeed=None,
-                               accelerator_config=SimpleNamespace(gradient_accumulation_kwargs=kwargs))
+                               accelerator_config=SimpleNamespace(gradient_accumulation_kwargs=kwargs), fsdp_config={})
         reduce_every_micro_batch(args)
         model = load_sft(path)  # fp32 master weights, as the Trainer shards them
         plan = plan_bytes(model, args, WORLD, sharding(args))

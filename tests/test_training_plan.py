@@ -216,12 +216,14 @@ class TestMemoryPlan:
 
     def test_host_memory_per_node_at_load_in_training_and_at_the_final_save(self, qwen2_7b, tmp_path, monkeypatch,
                                                                               capsys):
-        """Qwen2-7B on 8 GPUs per node: every process loading and upcasting holds 8 x 30.5 GB; with rank-0 loading
-        (cpu_ram_efficient_loading) only rank 0's upcast copy; ZeRO-3 reads the bf16 state dict on rank 0 alone.
-        The final save holds one bf16 copy on rank 0; LOCAL_WORLD_SIZE says how many processes share a node."""
+        """Qwen2-7B on 8 GPUs per node: each process loads straight onto its GPU, so a node holds the checkpoint's
+        pages once (15.2 GB, shared) and each GPU the whole model, upcast by accelerate, until FSDP2 shards it; with
+        rank-0 loading (cpu_ram_efficient_loading) rank 0's copy, upcast on the CPU, and no GPU holds the whole model;
+        ZeRO-3 reads the bf16 state dict on rank 0 alone; on CPUs each process holds its own copy, upcast. The final
+        save holds one bf16 copy on rank 0; LOCAL_WORLD_SIZE says how many processes share a node."""
         monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
         n = 7_615_616_512
-        for fsdp_config, load in (({}, 8 * 4 * n), ({"cpu_ram_efficient_loading": True}, 4 * n)):
+        for fsdp_config, load, setup in (({}, 2 * n, 4 * n), ({"cpu_ram_efficient_loading": True}, 4 * n, 0)):
             args = bf16_args(world_size=8, fsdp=True, fsdp_config=fsdp_config)
             use_precision_policy(qwen2_7b, args)
             assert {p.dtype for p in qwen2_7b.parameters()} == {torch.bfloat16}  # accelerate upcasts as it shards
@@ -229,16 +231,19 @@ class TestMemoryPlan:
                     "accelerate as FSDP2 shards the model); frozen: none") in capsys.readouterr().out
             plan = memory_plan(qwen2_7b, args, 0, gpu_bytes=GPU_80GB, gpu_name="an 80 GB GPU")
             assert plan["host"] == {"load": load, "training": 0, "save": 2 * n}
+            assert plan["unsharded_at_setup"] == setup
         assert plan["host_line"] == ("host memory per node (8 processes): at load 30.5 GB, in training little "
                                      "(weights on the GPUs), at the final save 15.2 GB (rank 0's)")
         zero3 = tmp_path / "zero3.json"
         zero3.write_text('{"zero_optimization": {"stage": 3}}')
         plan = memory_plan(qwen2_7b, bf16_args(world_size=16, deepspeed=str(zero3)), 0, gpu_bytes=GPU_80GB)
         assert plan["host"] == {"load": 2 * n, "training": 0, "save": 2 * n}
-        monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # 16 processes on 4 nodes, unsharded (DDP): each loads
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # 16 processes on 4 nodes, unsharded (DDP)
         args = bf16_args(world_size=16)
+        assert memory_plan(qwen2_7b, args, 0, gpu_bytes=GPU_80GB)["host"]["load"] == 2 * n  # onto the GPUs
+        args.use_cpu = True  # each process holds and upcasts its own copy
         use_precision_policy(qwen2_7b, args)
-        assert memory_plan(qwen2_7b, args, 0, gpu_bytes=GPU_80GB)["host"]["load"] == 4 * 4 * n
+        assert memory_plan(qwen2_7b, args, 0)["host"]["load"] == 4 * 4 * n
 
     def test_qwen3_vl_8b_scorer(self):
         from train_scorer import Qwen3VLScorer
@@ -285,3 +290,21 @@ class TestLeanLossBuffers:
         assert lean_loss_bytes(qwen2_7b.lm_head, args) == self.LOGITS + (2 + 4) * self.LAYER
         qwen2_7b.lm_head.requires_grad_(False).to(torch.bfloat16)  # LoRA: a frozen bf16 output layer
         assert lean_loss_bytes(qwen2_7b.lm_head, args) == self.LOGITS
+
+
+class TestLoadDevice:
+    """Where each process loads the checkpoint: straight onto its own GPU (no host copy per process), except where the
+    library wants it on the CPU (rank-0 loading, DeepSpeed) and on CPU runs."""
+
+    @pytest.mark.parametrize("changes, expected", [
+        ({}, "cuda:3"),
+        ({"fsdp": True}, "cuda:3"),  # FSDP2: accelerate upcasts on the GPU, then shards
+        ({"fsdp": True, "fsdp_config": {"cpu_ram_efficient_loading": True}}, None),  # rank 0's CPU copy is broadcast
+        ({"deepspeed": "zero3.json"}, None),  # zero.Init places the partitions itself
+        ({"use_cpu": True}, None)])
+    def test_each_process_loads_onto_its_own_gpu(self, monkeypatch, changes, expected):
+        from training_plan import load_device
+
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        args = SimpleNamespace(**{**vars(bf16_args(world_size=8)), "device": torch.device("cuda", 3), **changes})
+        assert load_device(args) == (torch.device(expected) if expected else None)
