@@ -331,7 +331,7 @@ def check_scorer(tiny, workdir, frozen):
     for name in LABELS:  # fp32 heads on a bf16 backbone, as train_scorer.py loads them
         model.head(name).float()
     model.set_trainable(freeze_backbone=frozen, freeze_vision=False, base_record="random weights")
-    use_precision_policy(model, SimpleNamespace(bf16=cuda, fp16=False, pure_bf16=False, deepspeed=None))
+    use_precision_policy(model, SimpleNamespace(bf16=cuda, fp16=False, pure_bf16=False, deepspeed=None, fsdp=False))
     if not frozen:  # train_scorer.py's default; a frozen backbone runs without autograd, nothing to recompute
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()

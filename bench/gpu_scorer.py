@@ -143,7 +143,8 @@ def child(a):
         model.head(name).float()
     frozen = a.mode == "frozen"
     model.set_trainable(freeze_backbone=frozen, freeze_vision=False, base_record="random weights")
-    use_precision_policy(model, SimpleNamespace(bf16=device == "cuda", fp16=False, pure_bf16=False, deepspeed=None))
+    use_precision_policy(model, SimpleNamespace(bf16=device == "cuda", fp16=False, pure_bf16=False, deepspeed=None,
+                                             fsdp=False))
     if a.ckpt == "on":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
