@@ -267,7 +267,10 @@ def resume_mismatch(path, run):
     one that rank 0 does not meet says which process met it (its node does not see the files rank 0 sees)."""
     import torch.distributed as dist
 
-    problem = checkpoint_problem(path, run)
+    try:  # a rank that cannot read its view must still reach the all-gather below, or the others wait forever
+        problem = checkpoint_problem(path, run)
+    except (OSError, ValueError) as e:  # unreadable files, a cut-short checkpoint-run.json
+        problem = f"{path}: cannot read it ({type(e).__name__}: {e}); use another --output_dir"
     if not (dist.is_available() and dist.is_initialized()):
         return problem
     every = [None] * dist.get_world_size()

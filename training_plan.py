@@ -291,13 +291,19 @@ def save_final_model(trainer, model, output_dir, dtype, keep=()):
     its size); tensors whose names contain one of `keep` (fp32 heads, LoRA adapters) stay as they are. A model
     sharded with FSDP2 is gathered one tensor at a time (`final_state_dict`); under DeepSpeed the Trainer saves the
     bf16 weights ZeRO-3 gathers (`stage3_gather_16bit_weights_on_model_save`). The tokenizer or processor goes with
-    it."""
+    it. `config.json` says `dtype`, the dtype of the saved weights: save_pretrained writes the model's own, the fp32
+    of its masters, and `from_pretrained` would then load a 7B model in fp32 (30.5 GB instead of 15.2)."""
     if trainer.is_deepspeed_enabled:
         trainer.save_model(output_dir)
         return
+    from transformers import PreTrainedModel
+
     state = final_state_dict(model, dtype, keep, trainer.args.should_save)
     if trainer.args.should_save:
         model.save_pretrained(output_dir, state_dict=state)
+        if isinstance(model, PreTrainedModel):  # a peft model saves its adapters and adapter_config.json only
+            model.config.dtype = dtype
+            model.config.save_pretrained(output_dir)
         trainer.processing_class.save_pretrained(output_dir)
 
 
@@ -397,7 +403,11 @@ def plan_bytes(model, args, world_size=1, sharded=None):
     # reduce dtype where its shard would be (zero_grad freed the shards): all of it, less the shard counted above
     # FSDP2 without rank-0 loading: each process loads the whole model onto its GPU (`load_device`) and accelerate
     # upcasts what trains there before it shards: a peak at setup, gone once the model is sharded
-    plan["unsharded_at_setup"] = weights if args.fsdp and not loads_on_main_only(args) else 0
+    # (plus the shards, made while accelerate still holds the unsharded state dict it keeps for rank-0 loading)
+    plan["unsharded_at_setup"] = weights * (1 + 1 / ranks) if args.fsdp and not loads_on_main_only(args) else 0
+    # FSDP2's backward: a unit's unsharded gradient in the compute dtype, then its fp32 copy to reduce-scatter
+    # (torch _fsdp_collectives.foreach_reduce): 3.3 GB at 7B for the embedding's unit
+    plan["reduce_buffers"] = (2 + 4) * _largest_layer(model) if args.fsdp else 0
     plan["no_sync_gradients"] = 4 * trained - plan["gradients"] if holds_unsharded_gradients(args) else 0
     # ZeRO-3's optimizer step flattens each sub-group's gradient partition into a new fp32 tensor (stage3.py,
     # _prepare_fp32_grad_for_sub_group): up to `sub_group_size` elements at a time (3.8 GB at 7B over 8 GPUs)
@@ -517,6 +527,7 @@ def memory_plan(model, args, lora_adapters, gpu_bytes=None, gpu_name=None, lean_
               (("autocast_copies", "autocast half copies of the fp32 weights during forward"),
                ("ddp_buckets", "DDP gradient buckets"),
                ("gathered", "the layers gathered whole at a time (bf16)"),
+               ("reduce_buffers", "a layer's gradient before its fp32 reduce-scatter"),
                ("unsharded_at_setup", "at setup, the whole model on each GPU until FSDP2 shards it"),
                ("no_sync_gradients", "the unsharded fp32 gradients FSDP2 holds between micro-batches "
                                      "(accelerator_config gradient_accumulation_kwargs sync_each_batch is false)"),

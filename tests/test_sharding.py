@@ -206,6 +206,19 @@ class TestShardedCheckpoints:
         os.remove(copy / remove)
         assert resume_mismatch(str(copy), fsdp2_run("sft")) == f"{copy}: {line}"
 
+    def test_an_unreadable_record_is_a_problem_not_a_traceback(self, fsdp2, tmp_path):
+        """A record cut short (a full disk, a copy interrupted) is one line: a rank that raised instead would never
+        reach the all-gather its peers wait in."""
+        import shutil
+
+        from reliability import RUN_RECORD, resume_mismatch
+
+        copy = shutil.copytree(fsdp2["sharded_checkpoints"]["paths"]["sft"], tmp_path / "checkpoint-3")
+        (copy / RUN_RECORD).write_text('{"model": {"model_')
+        assert resume_mismatch(str(copy), fsdp2_run("sft")) == (
+            f"{copy}: cannot read it (JSONDecodeError: Unterminated string starting at: line 1 column 12 (char 11)); "
+            f"use another --output_dir")
+
 
 @pytest.fixture(scope="module")
 def zero3(tmp_path_factory):

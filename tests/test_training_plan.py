@@ -1,6 +1,7 @@
 """training_plan.py: bf16 runs keep the fp32 run's updates (and plain bf16 AdamW does not), the precision line, the
 per-GPU memory plan of the real Qwen2-7B and Qwen3-VL-8B (built on the meta device from their config values)."""
 
+import json
 import os
 from types import SimpleNamespace
 
@@ -165,6 +166,7 @@ class TestMemoryPlan:
         plan = memory_plan(qwen2_7b, args, 0, gpu_bytes=GPU_80GB, gpu_name="an 80 GB GPU")
         assert (plan["weights"], plan["gradients"], plan["optimizer"]) == (4 * n / 8, 4 * n / 8, 8 * n / 8)
         assert plan["gathered"] == 2 * 2 * embedding and plan["autocast_copies"] == plan["ddp_buckets"] == 0
+        assert plan["reduce_buffers"] == (2 + 4) * embedding  # its bf16 gradient, then the fp32 one reduce-scattered
         assert len(plan["lines"]) == 1 and plan["lines"][0].startswith(
             "memory plan per GPU (FSDP2, sharded over 8 ranks; an 80 GB GPU, 80.0 GB): weights 3.8 GB + gradients "
             "3.8 GB + AdamW states 7.6 GB = 15.2 GB; on top: the layers gathered whole at a time (bf16) 2.2 GB")
@@ -223,7 +225,8 @@ class TestMemoryPlan:
         save holds one bf16 copy on rank 0; LOCAL_WORLD_SIZE says how many processes share a node."""
         monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
         n = 7_615_616_512
-        for fsdp_config, load, setup in (({}, 2 * n, 4 * n), ({"cpu_ram_efficient_loading": True}, 4 * n, 0)):
+        # at setup: the whole fp32 model, plus the shards made while accelerate still holds it
+        for fsdp_config, load, setup in (({}, 2 * n, 4 * n * 9 / 8), ({"cpu_ram_efficient_loading": True}, 4 * n, 0)):
             args = bf16_args(world_size=8, fsdp=True, fsdp_config=fsdp_config)
             use_precision_policy(qwen2_7b, args)
             assert {p.dtype for p in qwen2_7b.parameters()} == {torch.bfloat16}  # accelerate upcasts as it shards
@@ -308,3 +311,22 @@ class TestLoadDevice:
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         args = SimpleNamespace(**{**vars(bf16_args(world_size=8)), "device": torch.device("cuda", 3), **changes})
         assert load_device(args) == (torch.device(expected) if expected else None)
+
+
+def test_the_final_save_says_the_dtype_of_its_weights(tmp_path):
+    """save_pretrained writes the model's own dtype into config.json, the fp32 of its master weights; the final save
+    holds bf16 weights and must say so, or from_pretrained loads them in fp32 (twice the memory)."""
+    from transformers import AutoTokenizer
+
+    from training_plan import save_final_model
+
+    path = demo.build_tiny_qwen2(tmp_path / "model", dtype="bfloat16")
+    model = AutoModelForCausalLM.from_pretrained(path)
+    for p in model.parameters():
+        p.data = p.data.float()  # fp32 masters, as training holds them
+    trainer = SimpleNamespace(is_deepspeed_enabled=False, args=SimpleNamespace(should_save=True),
+                              processing_class=AutoTokenizer.from_pretrained(path))
+    save_final_model(trainer, model, tmp_path / "out", torch.bfloat16)
+    with open(tmp_path / "out" / "config.json") as f:
+        assert json.load(f)["dtype"] == "bfloat16"
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").dtype == torch.bfloat16
