@@ -6,7 +6,8 @@
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 MASTER_PORT=29500 bash run.sh train_scorer.py ...   # on each node
 #
 # Environment: NPROC_PER_NODE (default: number of visible GPUs, 1 if none), NNODES (1), NODE_RANK (0),
-# MASTER_ADDR (127.0.0.1), MASTER_PORT (29500; a free port is picked on a single node), OMP_NUM_THREADS.
+# MASTER_ADDR (127.0.0.1), MASTER_PORT (29500; a free port is picked on a single node), OMP_NUM_THREADS,
+# STOP_TIMEOUT (600: seconds the processes get to finish their step and save after a SIGTERM or SIGINT).
 # Exits with the training script's own exit code (2 for bad arguments or data).
 set -uo pipefail
 
@@ -45,7 +46,8 @@ export OMP_NUM_THREADS
 # torchrun reports any failed process as exit 1 with a long traceback of its own; this wrapper exits with the
 # first failed process's own code instead (2 for bad input), so callers and CI see what the script meant.
 # A SIGTERM or SIGINT to torchrun is passed on to every process, which stops after its step with a checkpoint
-# (reliability.py); torchrun waits up to 30 s for them, then kills them. This wrapper then exits 143 or 130.
+# (reliability.py); torchrun waits up to STOP_TIMEOUT seconds for them (its own default, 30 s, is less than a 7B
+# sharded checkpoint takes to write on a shared filesystem), then kills them. This wrapper then exits 143 or 130.
 launcher='
 import sys
 from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -59,7 +61,8 @@ except SignalException as e:
     sys.exit(128 + e.sigval)
 '
 args=(--nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC_PER_NODE"
-      --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" "$script" "$@")
+      --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" --shutdown_timeout "${STOP_TIMEOUT:-600}"
+      "$script" "$@")
 printf '+ OMP_NUM_THREADS=%s torchrun' "$OMP_NUM_THREADS" >&2
 printf ' %q' "${args[@]}" >&2
 echo >&2
