@@ -13,9 +13,10 @@ gradients are reduce-scattered in fp32 after every micro-batch; fp32 heads get t
 `keep_fp32_under_fsdp`). Under DeepSpeed the weights are bf16 and its ZeRO optimizer keeps the fp32 master
 weights; the shipped JSON has it reduce and accumulate the gradients in fp32 (`deepspeed_gradient_dtypes`).
 
-Host memory is per node (8 processes each holding an fp32 copy of a 7B model is 244 GB): with --fsdp and
-`cpu_ram_efficient_loading` only rank 0 reads the checkpoint (`loads_on_main_only`); the final save gathers one
-tensor at a time (`final_state_dict`); the plan's host line says what a node needs.
+Host memory is per node (8 processes each holding an fp32 copy of a 7B model is 244 GB): on GPUs each process loads
+straight onto its own GPU (`load_device`); with --fsdp and `cpu_ram_efficient_loading` only rank 0 reads the
+checkpoint (`loads_on_main_only`); the final save gathers one tensor at a time (`final_state_dict`); the plan's host
+line says what a node needs.
 
 Precision (bf16 or fp16 runs). Plain AdamW on bf16 weights loses most small updates (an update below half the
 bf16 spacing of a weight rounds away: for a weight near 0.02 that is 6e-5, for a norm weight near 1.0 it is 4e-3,
