@@ -276,8 +276,8 @@ def resume_mismatch(path, run):
     every = [None] * dist.get_world_size()
     dist.all_gather_object(every, problem)
     rank, problem = next(((r, p) for r, p in enumerate(every) if p is not None), (0, None))
-    return problem if rank == 0 else (f"{problem} (met by process {rank}, not by process 0: do all nodes see the "
-                                      f"same files?)")
+    return problem if rank == 0 else (f"{problem} (met by process {rank}, not by process 0: every node must see the "
+                                      f"same --output_dir, on a shared filesystem, or a copy of the whole checkpoint)")
 
 
 def checkpoint_problem(path, run):

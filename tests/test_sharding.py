@@ -184,7 +184,8 @@ class TestShardedCheckpoints:
         copy = os.path.join(os.path.dirname(os.path.dirname(path)), "rank-1-disk")
         problem = (f"{copy}: pytorch_model_fsdp_0/.metadata is missing, which a FSDP2 SHARDED_STATE_DICT resume "
                    f"reads; copy the whole checkpoint (hidden files too), or use another --output_dir (met by process "
-                   f"1, not by process 0: do all nodes see the same files?)")
+                   f"1, not by process 0: every node must see the same --output_dir, on a shared filesystem, or a copy "
+                   f"of the whole checkpoint)")
         assert fsdp2["sharded_checkpoints"]["agreed"] == [{"chosen": path, "problem": problem}] * 2
 
     @pytest.mark.parametrize("remove, line", [
