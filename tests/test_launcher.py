@@ -6,8 +6,6 @@ import subprocess
 import sys
 import time
 
-import pytest
-
 from conftest import ROOT
 
 
@@ -75,28 +73,3 @@ def test_two_nodes_with_node_local_output_folders_exit_together_on_resume(tmp_pa
         "(met by process 1, not by process 0: every node must see the same --output_dir, on a shared filesystem, or "
         "a copy of the whole checkpoint)"), errors
     assert not os.path.exists(disks[0] / "checkpoint-4") and not os.path.exists(disks[1] / "checkpoint-4")
-
-
-@pytest.mark.parametrize("script", ["sft_qwen2.py", "train_scorer.py"])
-def test_demo_on_two_nodes_with_their_own_temporary_folders(tmp_path, script):
-    """`--demo` on two launchers (NNODES=2, one process each, loopback) whose temporary folders differ, as on nodes
-    with local disks: each node's local main builds the demo in its own folder. Node 1's used to stay empty
-    (save_pretrained writes only on global rank 0 once a process group exists) and node 1 crashed reading it."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    nodes = []
-    for node in range(2):
-        tmp = tmp_path / f"node{node}-tmp"
-        tmp.mkdir()
-        env = dict(os.environ, PYTHON=sys.executable, NNODES="2", NODE_RANK=str(node), NPROC_PER_NODE="1",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", TMPDIR=str(tmp))
-        nodes.append(subprocess.Popen(["bash", "run.sh", script, "--demo"], cwd=ROOT, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    results = [(p.wait(timeout=400), *p.communicate()) for p in nodes]
-    assert [code for code, _, _ in results] == [0, 0], [err[-3000:] for _, _, err in results]
-    assert "summary" in results[0][1]  # rank 0's summary line
-    for node in range(2):  # each node built its own demo model
-        assert any((d / "config.json").exists() for d in (tmp_path / f"node{node}-tmp").glob("*-demo-*/tiny-*"))
