@@ -400,15 +400,15 @@ def plan_bytes(model, args, world_size=1, sharded=None):
     plan["autocast_copies"] = autocast
     plan["ddp_buckets"] = grads if world_size > 1 and not sharded else 0
     plan["gathered"] = 2 * 2 * _largest_layer(model) if "weights" in parts else 0
-    # FSDP2 under no_sync: from the first micro-batch to the last, every unit holds its whole gradient in the fp32
-    # reduce dtype where its shard would be (zero_grad freed the shards): all of it, less the shard counted above
     # FSDP2 without rank-0 loading: each process loads the whole model onto its GPU (`load_device`) and accelerate
-    # upcasts what trains there before it shards: a peak at setup, gone once the model is sharded
-    # (plus the shards, made while accelerate still holds the unsharded state dict it keeps for rank-0 loading)
+    # upcasts what trains there before it shards: a peak at setup, gone once the model is sharded (plus the shards,
+    # made while accelerate still holds the unsharded state dict it keeps for rank-0 loading)
     plan["unsharded_at_setup"] = weights * (1 + 1 / ranks) if args.fsdp and not loads_on_main_only(args) else 0
     # FSDP2's backward: a unit's unsharded gradient in the compute dtype, then its fp32 copy to reduce-scatter
     # (torch _fsdp_collectives.foreach_reduce): 3.3 GB at 7B for the embedding's unit
     plan["reduce_buffers"] = (2 + 4) * _largest_layer(model) if args.fsdp else 0
+    # FSDP2 under no_sync: from the first micro-batch to the last, every unit holds its whole gradient in the fp32
+    # reduce dtype where its shard would be (zero_grad freed the shards): all of it, less the shard counted above
     plan["no_sync_gradients"] = 4 * trained - plan["gradients"] if holds_unsharded_gradients(args) else 0
     # ZeRO-3's optimizer step flattens each sub-group's gradient partition into a new fp32 tensor (stage3.py,
     # _prepare_fp32_grad_for_sub_group): up to `sub_group_size` elements at a time (3.8 GB at 7B over 8 GPUs)
