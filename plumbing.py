@@ -5,6 +5,7 @@ Kept out of the scripts so that each of them reads as its own story (arguments -
 and out of `collate.py`, whose functions stay pure.
 """
 
+import atexit
 import os
 import sys
 from dataclasses import dataclass, field
@@ -31,18 +32,42 @@ def fail(error, every_rank=False):
     if not shared or dist.get_rank() == 0:
         print(f"error: {error}", file=sys.stderr, flush=True)
     if shared:
-        leave_process_group()
+        leave_process_group(exit_code=2)
     sys.exit(2)
 
 
-def leave_process_group():
-    """Every rank waits for the others, then leaves the process group (a no-op in a single process). Left to
-    interpreter exit, gloo can abort a rank whose peer is already gone: a finished run then ends with exit code -6."""
+_exit_code = None  # set by leave_process_group: the process then ends with it, skipping interpreter finalization
+
+
+def leave_process_group(exit_code=0):
+    """Every rank waits for the others, then leaves the process group (a no-op in a single process); the process
+    will end with `exit_code` (the caller then returns or exits) without the interpreter's finalization.
+
+    Why skip it: a collective's background thread (gloo's, NCCL's) releases the tensors of a finished collective a
+    moment after the caller has moved on. On a busy machine that moment can fall after the main thread has begun
+    finalizing; the thread then needs the GIL, Python ends it mid-destructor, and C++ aborts the process: a finished
+    run exits -6 ("terminate called without an active exception"; seen on 2 gloo processes, core dump in
+    ~AsyncAllgatherWork). atexit handlers (loggers' final syncs) still run; only the object teardown is skipped."""
     import torch.distributed as dist
 
+    global _exit_code
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+        _exit_code = exit_code
+
+
+@atexit.register  # registered on import, before any logger's, so it runs after theirs (atexit runs last-in first)
+def _end_without_finalizing():
+    if _exit_code is None:
+        return
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # an uncaught exception after leaving (its traceback already printed) still exits 1
+    os._exit(1 if getattr(sys, "last_value", None) is not None else _exit_code)
 
 
 def final_evaluation(trainer):

@@ -338,7 +338,7 @@ def exit_if_stopped(stop, args):
     launcher = ["python"] if args.world_size == 1 else ["bash", "run.sh"]  # run.sh: on each node, as before
     log(f"stopped by {stop.stopped.name} at step {stop.stopped_step}: checkpoint saved to {path}; the same command "
         f"resumes from it: {shlex.join(launcher + sys.argv)}")
-    leave_process_group()
+    leave_process_group(exit_code=EXIT_CODES[stop.stopped])
     sys.exit(EXIT_CODES[stop.stopped])
 
 

@@ -33,6 +33,7 @@ sys.path.insert(0, ROOT)
 import demo  # noqa: E402
 from collate import IGNORE_INDEX, collate_vl, encode_vl_example  # noqa: E402
 from lean_loss import use_lean_causal_lm_loss  # noqa: E402
+from plumbing import leave_process_group  # noqa: E402
 from training_plan import (LoraArguments, add_lora, keep_fp32_under_fsdp, lora_settings, plan_bytes,  # noqa: E402
                            reduce_every_micro_batch, save_final_model, sharding, use_fsdp_precision)
 
@@ -641,8 +642,7 @@ def main(workdir):
     if dist.get_rank() == 0:
         with open(os.path.join(workdir, "results.json"), "w") as f:
             json.dump(results, f, indent=1)
-    dist.barrier()
-    dist.destroy_process_group()
+    leave_process_group()  # the project's own exit: no gloo thread can abort this process at interpreter exit
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
 """plumbing.py: config files, the exit-2 rule, precision defaults, demo folders, rank-0 logs."""
 
 import json
+import textwrap
 from dataclasses import dataclass, field
 
 import pytest
 from transformers import HfArgumentParser
 
+from conftest import ROOT, run_cli
 from plumbing import TrainingDefaults, fail, log, parse_arguments, prepare_demo, resolve_mixed_precision
 
 
@@ -96,3 +98,43 @@ def test_prepare_demo_rebuilds_a_fresh_folder(tmp_path):
     (demo_dir / "stale.txt").write_text("from the last run")
     prepare_demo(str(demo_dir), lambda d: (tmp_path / "demo").mkdir() or (tmp_path / "demo" / "new.txt").write_text(d))
     assert sorted(p.name for p in demo_dir.iterdir()) == ["new.txt"]
+
+
+LEAVER = textwrap.dedent("""
+    import atexit, os, sys
+    sys.path.insert(0, {root!r})
+    import torch, torch.distributed as dist
+    from plumbing import fail, leave_process_group
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+
+    class TornDown:  # what interpreter finalization would destroy (a model, a process group's Python side)
+        def __del__(self, write=os.write):
+            write(1, f"rank {{rank}}: torn down\\n".encode())
+
+    kept = TornDown()
+    atexit.register(os.write, 1, f"rank {{rank}}: atexit ran\\n".encode())  # a logger's final sync, registered late
+    dist.all_reduce(torch.ones(1))
+    if sys.argv[1] == "end":
+        leave_process_group()
+    elif sys.argv[1] == "fail":
+        fail("sentinel problem", every_rank=True)
+    else:
+        leave_process_group()
+        raise RuntimeError("sentinel after leaving")
+""")
+
+
+@pytest.mark.parametrize("how, code", [("end", 0), ("fail", 2), ("raise", 1)])
+def test_leaving_the_process_group_ends_the_process_without_finalizing(tmp_path, how, code):
+    """After leave_process_group, 2 gloo processes end with their exit code (0, fail's 2, 1 after an uncaught
+    exception) once atexit handlers have run, and without the interpreter's teardown: during it, a collective's thread
+    that releases its tensors a moment late aborts the process (exit -6, seen under load)."""
+    worker = tmp_path / "leaver.py"
+    worker.write_text(LEAVER.format(root=ROOT))
+    res = run_cli(["bash", "run.sh", str(worker), how], env={"NPROC_PER_NODE": "2", "OMP_NUM_THREADS": "1"})
+    assert res.returncode == code, res.stdout + res.stderr[-3000:]
+    assert sorted(line for line in res.stdout.splitlines() if line.startswith("rank")) == [
+        "rank 0: atexit ran", "rank 1: atexit ran"], res.stdout
+    assert res.stderr.count("error: sentinel problem") == (how == "fail"), res.stderr

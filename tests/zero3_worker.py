@@ -31,6 +31,7 @@ from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, Trainin
 import demo  # noqa: E402
 from collate import IGNORE_INDEX  # noqa: E402
 from lean_loss import use_lean_causal_lm_loss  # noqa: E402
+from plumbing import leave_process_group  # noqa: E402
 from reliability import MarkComplete  # noqa: E402
 
 STEPS, BATCH = 4, 4  # global batch: 4 rows, 2 per rank under ZeRO-3
@@ -132,13 +133,7 @@ def main(workdir, mode):
     if args.process_index == 0:
         with open(os.path.join(out, "losses.json"), "w") as f:
             json.dump({"losses": losses.losses, "partitioned": partitioned, "bf16_gradient_dtypes": dtypes}, f)
-    if zero3:
-        import torch.distributed as dist
-
-        dist.barrier()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)  # DeepSpeed's teardown aborted a rank at interpreter exit in about 1 run of 20 (exit -6)
+    leave_process_group()  # the project's own exit: a collective's thread aborted a rank at interpreter exit (-6)
 
 
 if __name__ == "__main__":
