@@ -1,6 +1,7 @@
 """run.sh: how long the processes get to stop after a signal; two launchers whose nodes share no disk; inside a Slurm
-job (fake Slurm variables and a fake `scontrol`, two launchers on loopback)."""
+job (fake Slurm variables and a fake `scontrol`, two launchers on loopback); the sbatch examples."""
 
+import glob
 import os
 import random
 import re
@@ -210,3 +211,24 @@ def test_no_master_without_scontrol_exits_2(tmp_path, scontrol):
     assert "scontrol" in stderr and "set MASTER_ADDR" in stderr, stderr
     assert not reports(stdout)
 
+
+def test_sbatch_examples_run_a_recipe_and_stop_before_slurm_kills_them():
+    """Each configs/slurm/*.sbatch is valid bash, asks for one task per node on 2 nodes x 8 GPUs, runs an existing
+    script on an existing recipe through `srun bash run.sh`, gets its SIGTERM in its job steps (where torchrun is)
+    N seconds before the end, gives the processes STOP_TIMEOUT < N seconds to save, and can be requeued."""
+    files = sorted(glob.glob(os.path.join(ROOT, "configs", "slurm", "*.sbatch")))
+    assert [os.path.basename(f) for f in files] == ["scorer-qwen3vl-8b-2x8gpu.sbatch", "sft-qwen2-7b-2x8gpu.sbatch"]
+    for path in files:
+        check = subprocess.run([BASH, "-n", path], capture_output=True, text=True)
+        assert check.returncode == 0, (path, check.stderr)
+        with open(path) as f:
+            text = f.read()
+        directives = set(re.findall(r"^#SBATCH (\S+)\s*$", text, flags=re.M))
+        assert {"--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=8", "--requeue", "--open-mode=append"} <= (
+            directives), (path, directives)
+        (grace,) = re.findall(r"^#SBATCH --signal=TERM@(\d+)\s*$", text, flags=re.M)
+        (stop,) = re.findall(r"^export STOP_TIMEOUT=(\d+)\s*$", text, flags=re.M)
+        assert 0 < int(stop) < int(grace), (path, stop, grace)
+        ((script, config),) = re.findall(r"^srun .*\bbash run\.sh (\S+\.py) (configs/\S+\.yaml)\s*$", text,
+                                         flags=re.M)
+        assert os.path.isfile(os.path.join(ROOT, script)) and os.path.isfile(os.path.join(ROOT, config)), path
