@@ -38,6 +38,14 @@ if [ -n "${SLURM_JOB_ID:-}" ]; then
          "task per node (srun --ntasks-per-node=1), because torchrun itself starts the processes of every GPU" >&2
     exit 2
   fi
+  # Outside an srun step (the batch script itself, an salloc shell) this is one copy on one node: a job of several
+  # nodes would wait forever for the others' launchers.
+  if [ -z "${SLURM_STEP_ID:-}" ] && [ -z "${NNODES:-}" ] && [ "${SLURM_NNODES:-${SLURM_JOB_NUM_NODES:-1}}" != 1 ]; then
+    echo "error: Slurm job $SLURM_JOB_ID has ${SLURM_NNODES:-${SLURM_JOB_NUM_NODES:-}} nodes but run.sh was started" \
+         "once, outside srun: start it on every node (srun --ntasks-per-node=1 bash run.sh ...), or set NNODES=1" \
+         "to train on this node only" >&2
+    exit 2
+  fi
   user_set=
   for name in NNODES NODE_RANK MASTER_ADDR MASTER_PORT NPROC_PER_NODE; do
     if [ -n "${!name:-}" ]; then user_set+=" $name"; fi

@@ -232,3 +232,21 @@ def test_sbatch_examples_run_a_recipe_and_stop_before_slurm_kills_them():
         ((script, config),) = re.findall(r"^srun .*\bbash run\.sh (\S+\.py) (configs/\S+\.yaml)\s*$", text,
                                          flags=re.M)
         assert os.path.isfile(os.path.join(ROOT, script)) and os.path.isfile(os.path.join(ROOT, config)), path
+
+
+@pytest.mark.parametrize("nnodes, code", [(None, 2), ("1", 0)])
+def test_started_once_in_a_job_of_two_nodes_exits_2_unless_told_one_node(tmp_path, nnodes, code):
+    """run.sh run by the batch script itself (no srun step) in a 2-node job is one launcher: it would wait forever for
+    the second node's. Exit 2 with one line saying to use srun; with NNODES=1 it trains on this node alone."""
+    folder, _ = fake_scontrol(tmp_path, "127.0.0.1", "localhost")
+    extra = {} if nnodes is None else dict(NNODES=nnodes, NPROC_PER_NODE=1)
+    env = slurm_env(f"{folder}{os.pathsep}{os.environ['PATH']}", SLURM_JOB_ID=4245, SLURM_NNODES=2, SLURM_NTASKS=2,
+                    SLURM_NODEID=0, SLURM_JOB_NODELIST="node-[1-2]", **extra)
+    p = launch(env)
+    stdout, stderr = p.communicate(timeout=300)
+    assert p.returncode == code, stdout + stderr
+    if code == 2:
+        assert len(stderr.splitlines()) == 1 and stderr.startswith("error: ") and "srun --ntasks-per-node=1" in stderr
+        assert not reports(stdout)
+    else:
+        assert [(r["RANK"], r["WORLD_SIZE"]) for r in reports(stdout)] == [("0", "1")], stdout
