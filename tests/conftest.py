@@ -12,6 +12,8 @@ import demo
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the suite may reach a model hub
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+for name in [k for k in os.environ if k.startswith("SLURM_")]:  # the suite launches its own processes, also when
+    del os.environ[name]  # run inside a Slurm allocation (run.sh would read that job's nodes)
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # one of the parallel workers pytest.ini starts (pytest-xdist)
     import atexit

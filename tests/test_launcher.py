@@ -1,11 +1,18 @@
-"""run.sh: how long the processes get to stop after a signal; two launchers whose nodes share no disk."""
+"""run.sh: how long the processes get to stop after a signal; two launchers whose nodes share no disk; inside a Slurm
+job (fake Slurm variables and a fake `scontrol`, two launchers on loopback); the sbatch examples."""
 
+import glob
 import os
+import random
+import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 
+import pytest
 from conftest import ROOT
 
 
@@ -73,3 +80,173 @@ def test_two_nodes_with_node_local_output_folders_exit_together_on_resume(tmp_pa
         "(met by process 1, not by process 0: every node must see the same --output_dir, on a shared filesystem, or "
         "a copy of the whole checkpoint)"), errors
     assert not os.path.exists(disks[0] / "checkpoint-4") and not os.path.exists(disks[1] / "checkpoint-4")
+
+
+BASH = shutil.which("bash")
+LAUNCH_VARIABLES = ("NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "NPROC_PER_NODE")
+
+
+def fake_scontrol(tmp_path, *hosts, code=0):
+    """A folder holding an `scontrol` that records its arguments in tmp_path/scontrol-calls, prints `hosts` one a
+    line (as `scontrol show hostnames` does) and exits `code`; (folder, record file)."""
+    folder, calls = tmp_path / "bin", tmp_path / "scontrol-calls"
+    folder.mkdir()
+    lines = "".join(f"echo {host}\n" for host in hosts)
+    if code:
+        lines += "echo 'scontrol: error: Unable to contact slurm controller' >&2\n"
+    (folder / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n{lines}exit {code}\n')
+    (folder / "scontrol").chmod(0o755)
+    return folder, calls
+
+
+def slurm_env(path, **slurm):
+    """This environment without any Slurm or launch variable of the machine running the tests, then `slurm`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in LAUNCH_VARIABLES}
+    env.update(PYTHON=sys.executable, OMP_NUM_THREADS="1", PATH=path)
+    env.update({k: str(v) for k, v in slurm.items()})
+    return env
+
+
+def launch(env, script="tests/rank_worker.py"):
+    return subprocess.Popen([BASH, "run.sh", script], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def reports(stdout):
+    """The rank_worker lines of a launcher's stdout, as dicts."""
+    return [dict(item.split("=", 1) for item in line.split()) for line in stdout.splitlines()
+            if line.startswith("RANK=")]
+
+
+def free_port(low=1024, high=65536):
+    """A port nothing on this machine listens on now, in [low, high)."""
+    for port in random.sample(range(low, high), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in [{low}, {high})")
+
+
+def test_two_launchers_in_a_slurm_job_find_each_other(tmp_path):
+    """`srun bash run.sh ...` on two nodes, one task each: each launcher takes the node count, its node rank, the
+    master (the step's first node, from `scontrol show hostnames`) and the processes per node from Slurm, and the
+    port from the job id, the same on both. Here on loopback, the fake scontrol's first host being 127.0.0.1; the
+    job id is chosen so that the port it gives is free now."""
+    folder, calls = fake_scontrol(tmp_path, "127.0.0.1", "localhost")
+    port = free_port(15000, 30000)
+    job = 90000 + port  # run.sh: 15000 + SLURM_JOB_ID % 15000
+    slurm = dict(SLURM_JOB_ID=job, SLURM_STEP_ID=0, SLURM_NNODES=2, SLURM_JOB_NUM_NODES=4, SLURM_NTASKS=2,
+                 SLURM_NTASKS_PER_NODE=1, SLURM_JOB_NODELIST="node-[1-4]", SLURM_STEP_NODELIST="node-[3-4]",
+                 SLURM_GPUS_ON_NODE=1)
+    path = f"{folder}{os.pathsep}{os.environ['PATH']}"
+    nodes = [launch(slurm_env(path, **slurm, SLURM_NODEID=node, SLURM_PROCID=node)) for node in range(2)]
+    results = [p.communicate(timeout=300) for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], results
+    seen = [report for stdout, _ in results for report in reports(stdout)]
+    assert sorted(r["RANK"] for r in seen) == ["0", "1"], results
+    assert {(r["WORLD_SIZE"], r["LOCAL_RANK"], r["MASTER_ADDR"], r["MASTER_PORT"], r["SUM"]) for r in seen} == {
+        ("2", "0", "127.0.0.1", str(port), "3")}, seen
+    for node, (_, stderr) in enumerate(results):
+        line = f"run.sh: Slurm job {job}: 2 nodes, node rank {node}, master 127.0.0.1:{port}, 1 process per node\n"
+        assert line in stderr, stderr
+    # the step's nodes, not the job's: SLURM_NODEID counts the step's, and a step may run on some of the job's nodes
+    assert calls.read_text().splitlines() == ["show hostnames node-[3-4]"] * 2
+
+
+def test_explicit_launch_variables_win_over_slurm(tmp_path):
+    """Slurm says 2 nodes of 8 GPUs, this one node 1, and scontrol names an address no one answers on; the user's
+    NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT and NPROC_PER_NODE are what torchrun gets, and scontrol is not
+    asked."""
+    folder, calls = fake_scontrol(tmp_path, "10.255.255.1", "10.255.255.2")
+    port = free_port()
+    env = slurm_env(f"{folder}{os.pathsep}{os.environ['PATH']}", SLURM_JOB_ID=4242, SLURM_STEP_ID=0, SLURM_NNODES=2,
+                    SLURM_NTASKS=2, SLURM_NTASKS_PER_NODE=1, SLURM_NODEID=1, SLURM_PROCID=1,
+                    SLURM_JOB_NODELIST="node-[1-2]", SLURM_GPUS_ON_NODE=8, NNODES=1, NODE_RANK=0,
+                    MASTER_ADDR="127.0.0.1", MASTER_PORT=port, NPROC_PER_NODE=1)
+    p = launch(env)
+    stdout, stderr = p.communicate(timeout=300)
+    assert p.returncode == 0, stdout + stderr
+    assert [(r["RANK"], r["WORLD_SIZE"], r["MASTER_ADDR"], r["MASTER_PORT"]) for r in reports(stdout)] == [
+        ("0", "1", "127.0.0.1", str(port))], stdout
+    assert (f"run.sh: Slurm job 4242: 1 node, node rank 0, master 127.0.0.1:{port}, 1 process per node (set by you: "
+            "NNODES NODE_RANK MASTER_ADDR MASTER_PORT NPROC_PER_NODE)\n") in stderr, stderr
+    assert not calls.exists()
+
+
+@pytest.mark.parametrize("tasks", [dict(SLURM_NTASKS_PER_NODE=2, SLURM_NTASKS=4), dict(SLURM_NTASKS=4)])
+def test_several_tasks_per_node_exit_2(tmp_path, tasks):
+    """`srun` with 2 tasks per node would start run.sh twice per node, each starting every GPU's process with the
+    same node rank: exit 2 with one line, before anything starts."""
+    folder, _ = fake_scontrol(tmp_path, "127.0.0.1", "localhost")
+    env = slurm_env(f"{folder}{os.pathsep}{os.environ['PATH']}", SLURM_JOB_ID=4243, SLURM_STEP_ID=0,
+                    SLURM_NNODES=2, SLURM_NODEID=0, SLURM_PROCID=0, SLURM_JOB_NODELIST="node-[1-2]",
+                    SLURM_GPUS_ON_NODE=1, **tasks)
+    p = launch(env)
+    stdout, stderr = p.communicate(timeout=300)
+    assert p.returncode == 2, stdout + stderr
+    assert len(stderr.splitlines()) == 1 and stderr.startswith("error: ") and "Traceback" not in stderr, stderr
+    assert "one task per node" in stderr and "srun --ntasks-per-node=1" in stderr, stderr
+    assert not reports(stdout)
+
+
+@pytest.mark.parametrize("scontrol", ["missing", "failing"])
+def test_no_master_without_scontrol_exits_2(tmp_path, scontrol):
+    """MASTER_ADDR unset in a Slurm job and `scontrol show hostnames` missing or failing: exit 2 with one line that
+    names scontrol and says to set MASTER_ADDR."""
+    if scontrol == "missing":
+        folder = tmp_path / "bin"  # nothing else on PATH: run.sh finds its python in PYTHON
+        folder.mkdir()
+    else:
+        folder, _ = fake_scontrol(tmp_path, code=1)
+    env = slurm_env(str(folder), SLURM_JOB_ID=4244, SLURM_STEP_ID=0, SLURM_NNODES=2, SLURM_NTASKS=2,
+                    SLURM_NTASKS_PER_NODE=1, SLURM_NODEID=0, SLURM_PROCID=0, SLURM_JOB_NODELIST="node-[1-2]",
+                    SLURM_GPUS_ON_NODE=1)
+    p = launch(env)
+    stdout, stderr = p.communicate(timeout=300)
+    assert p.returncode == 2, stdout + stderr
+    assert len(stderr.splitlines()) == 1 and stderr.startswith("error: ") and "Traceback" not in stderr, stderr
+    assert "scontrol" in stderr and "set MASTER_ADDR" in stderr, stderr
+    assert not reports(stdout)
+
+
+def test_sbatch_examples_run_a_recipe_and_stop_before_slurm_kills_them():
+    """Each configs/slurm/*.sbatch is valid bash, asks for one task per node on 2 nodes x 8 GPUs, runs an existing
+    script on an existing recipe through `srun bash run.sh`, gets its SIGTERM in its job steps (where torchrun is)
+    N seconds before the end, gives the processes STOP_TIMEOUT < N seconds to save, and can be requeued."""
+    files = sorted(glob.glob(os.path.join(ROOT, "configs", "slurm", "*.sbatch")))
+    assert [os.path.basename(f) for f in files] == ["scorer-qwen3vl-8b-2x8gpu.sbatch", "sft-qwen2-7b-2x8gpu.sbatch"]
+    for path in files:
+        check = subprocess.run([BASH, "-n", path], capture_output=True, text=True)
+        assert check.returncode == 0, (path, check.stderr)
+        with open(path) as f:
+            text = f.read()
+        directives = set(re.findall(r"^#SBATCH (\S+)\s*$", text, flags=re.M))
+        assert {"--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=8", "--requeue", "--open-mode=append"} <= (
+            directives), (path, directives)
+        (grace,) = re.findall(r"^#SBATCH --signal=TERM@(\d+)\s*$", text, flags=re.M)
+        (stop,) = re.findall(r"^export STOP_TIMEOUT=(\d+)\s*$", text, flags=re.M)
+        assert 0 < int(stop) < int(grace), (path, stop, grace)
+        ((script, config),) = re.findall(r"^srun .*\bbash run\.sh (\S+\.py) (configs/\S+\.yaml)\s*$", text,
+                                         flags=re.M)
+        assert os.path.isfile(os.path.join(ROOT, script)) and os.path.isfile(os.path.join(ROOT, config)), path
+
+
+@pytest.mark.parametrize("nnodes, code", [(None, 2), ("1", 0)])
+def test_started_once_in_a_job_of_two_nodes_exits_2_unless_told_one_node(tmp_path, nnodes, code):
+    """run.sh run by the batch script itself (no srun step) in a 2-node job is one launcher: it would wait forever for
+    the second node's. Exit 2 with one line saying to use srun; with NNODES=1 it trains on this node alone."""
+    folder, _ = fake_scontrol(tmp_path, "127.0.0.1", "localhost")
+    extra = {} if nnodes is None else dict(NNODES=nnodes, NPROC_PER_NODE=1)
+    env = slurm_env(f"{folder}{os.pathsep}{os.environ['PATH']}", SLURM_JOB_ID=4245, SLURM_NNODES=2, SLURM_NTASKS=2,
+                    SLURM_NODEID=0, SLURM_JOB_NODELIST="node-[1-2]", **extra)
+    p = launch(env)
+    stdout, stderr = p.communicate(timeout=300)
+    assert p.returncode == code, stdout + stderr
+    if code == 2:
+        assert len(stderr.splitlines()) == 1 and stderr.startswith("error: ") and "srun --ntasks-per-node=1" in stderr
+        assert not reports(stdout)
+    else:
+        assert [(r["RANK"], r["WORLD_SIZE"]) for r in reports(stdout)] == [("0", "1")], stdout
