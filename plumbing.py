@@ -6,6 +6,7 @@ and out of `collate.py`, whose functions stay pure.
 """
 
 import atexit
+import contextlib
 import os
 import sys
 from dataclasses import dataclass, field
@@ -68,6 +69,50 @@ def _end_without_finalizing():
     sys.stderr.flush()
     # an uncaught exception after leaving (its traceback already printed) still exits 1
     os._exit(1 if getattr(sys, "last_value", None) is not None else _exit_code)
+
+
+_patient = None  # the process group of wait_for_every_rank, made once
+
+
+def patient_group():
+    """A gloo group with no practical timeout, for waits that grow with the data (see `wait_for_every_rank`); made on
+    the first call, which every rank must reach at about the same moment (making a group is itself a collective).
+    None in a single process."""
+    import datetime
+
+    import torch.distributed as dist
+
+    global _patient
+    if _patient is None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        _patient = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=7))
+    return _patient
+
+
+def wait_for_every_rank(group=None):
+    """A barrier for ranks that wait while another one works for as long as its data takes: a local main encoding
+    the SFT data (3.4M short examples take about 30 min), a rank with a larger share of an exact evaluation or of the
+    feature cache. --ddp_timeout (30 min by default) is meant for collectives that should be quick; here it would
+    end a healthy run at real sizes. A rank that dies still ends the run: torchrun stops the others, and a node that
+    goes away closes its connections. A no-op in a single process."""
+    import torch.distributed as dist
+
+    if group := group or patient_group():
+        dist.barrier(group=group)
+
+
+@contextlib.contextmanager
+def local_main_first(args):
+    """TrainingArguments.main_process_first(local=True) whose wait is `wait_for_every_rank`'s: the local main runs
+    the block first (encoding, building the demo), the node's other ranks then run it (reading what it wrote)."""
+    local_main = args.local_process_index == 0  # its first use sets up the process group
+    group = patient_group()  # every rank arrives here together
+    try:
+        if not local_main:
+            wait_for_every_rank(group)
+        yield
+    finally:
+        if local_main:
+            wait_for_every_rank(group)
 
 
 def final_evaluation(trainer):
@@ -178,11 +223,9 @@ def resolve_mixed_precision(args):
 def prepare_demo(demo_dir, build, args=None):
     """Rebuild the demo's model and data in `demo_dir` with `build(demo_dir)`: a fresh folder each time (a demo run is
     a new run, not a resume of the last one). With TrainingArguments, once per node while the other ranks wait."""
-    import contextlib
     import shutil
 
-    first = args.main_process_first(local=True, desc="building the demo") if args else contextlib.nullcontext()
-    with first:
+    with local_main_first(args) if args else contextlib.nullcontext():
         if args is None or args.local_process_index == 0:
             shutil.rmtree(demo_dir, ignore_errors=True)
             build(demo_dir)

@@ -49,8 +49,8 @@ from collate import (IGNORE_INDEX, ChatFormat, DataError, encode_sft_batch, miss
 from curves import write_training_curves
 from data import load_sft_file, record_location
 from lean_loss import use_lean_causal_lm_loss
-from plumbing import (TrainingDefaults, check_output_dir, fail, final_evaluation, leave_process_group, log,
-                      parse_arguments, prepare_demo, weights_source)
+from plumbing import (TrainingDefaults, check_output_dir, fail, final_evaluation, leave_process_group,
+                      local_main_first, log, parse_arguments, prepare_demo, weights_source)
 from reliability import (GracefulStop, MarkComplete, SkipNonFinite, checkpoint_to_resume, exit_if_failed,
                          exit_if_stopped, resume_mismatch, run_record)
 from training_plan import (LoraArguments, add_lora, build_without_weights, check_flags, checkpoint_dtype, load_dtype,
@@ -224,7 +224,7 @@ def main(argv=None):
     if problem := missing_chat_template(tokenizer, model_args.model_name_or_path):
         fail(problem)
     error = None
-    with args.main_process_first(local=True, desc="encoding the data"):
+    with local_main_first(args):  # the others wait as long as the encoding takes, whatever --ddp_timeout says
         try:
             train_ds, counts = encode_files(data_args.train_file, tokenizer, data_args,
                                             data_args.preprocessing_num_workers)

@@ -70,7 +70,7 @@ from data import BadSample, ShardStream, count_samples, expand_shards, make_load
 from feature_cache import FeatureCache
 from feature_cache import settings as feature_settings
 from plumbing import (TrainingDefaults, check_output_dir, fail, final_evaluation, leave_process_group, log,
-                      parse_arguments, prepare_demo, weights_source)
+                      parse_arguments, patient_group, prepare_demo, wait_for_every_rank, weights_source)
 from reliability import (GracefulStop, MarkComplete, SkipNonFinite, all_ranks_max, checkpoint_to_resume,
                          exit_if_failed, exit_if_stopped, resume_mismatch, run_record)
 from training_plan import (LoraArguments, add_lora, check_flags, checkpoint_dtype, keep_fp32_under_fsdp, load_dtype,
@@ -443,6 +443,7 @@ def exact_pass(stream, args, on_bad_sample, rows_of, unique=True, lockstep=None)
     many forwards as the others, so a rank without a batch to run calls `lockstep()` (a stand-in forward) until all
     are done, agreed by one all-reduce per batch."""
     rows, found = [], []
+    patient_group()  # made here, where every rank arrives together, for the wait below
     loader = make_loader(stream, args)
     for batch in _until_every_rank_is_done(loader, args.device) if lockstep else loader:
         if batch is not None:
@@ -453,6 +454,7 @@ def exact_pass(stream, args, on_bad_sample, rows_of, unique=True, lockstep=None)
             continue
         for i, row in enumerate(rows_of(batch)):
             rows.append({"order": batch["order"][i], "key": batch["keys"][i], **row})
+    wait_for_every_rank()  # ranks done early wait for the others as long as their shares take (not --ddp_timeout)
     rows, found = gather_object(rows), gather_object(found)
     rows.sort(key=lambda r: tuple(r["order"]))
     if unique:

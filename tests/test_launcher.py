@@ -13,7 +13,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, run_cli
 
 
 def test_a_process_that_takes_45_s_to_stop_is_not_killed(tmp_path):
@@ -250,3 +250,18 @@ def test_started_once_in_a_job_of_two_nodes_exits_2_unless_told_one_node(tmp_pat
         assert not reports(stdout)
     else:
         assert [(r["RANK"], r["WORLD_SIZE"]) for r in reports(stdout)] == [("0", "1")], stdout
+
+
+@pytest.mark.parametrize("script, flags", [
+    ("sft_qwen2.py", ["--use_peft", "--max_steps", "2"]),
+    ("train_scorer.py", ["--max_steps", "2", "--eval_steps", "2", "--eval_on_start", "false", "--save_strategy", "no",
+                         "--do_predict", "false"]),
+])
+def test_a_wait_longer_than_the_collective_timeout_completes(tmp_path, script, flags):
+    """2 processes whose collective timeout is 5 s, and a phase that keeps a rank waiting 10 s (at real sizes: the
+    SFT local main encoding millions of examples, a rank with a larger share of the exact evaluation): the run
+    completes. The old waits (main_process_first's barrier, the evaluation's gather) timed out after 5 s."""
+    res = run_cli(["bash", "run.sh", "tests/short_timeout_worker.py", script, "--demo", *flags,
+                   "--output_dir", str(tmp_path / "out")], env={"NPROC_PER_NODE": "2"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "Timed out" not in res.stderr and res.stdout.count("summary") == 1, res.stdout[-2000:]
