@@ -368,7 +368,7 @@ class TestLoaderShm:
         monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
         # the demo's train shards: at most 3 images a sample, 4 visual tokens each at max_pixels 4096
         line = exit_2_line(capsys, train_scorer.main, scorer_args(
-            scorer_demo, tmp_path / "o", "--max_steps", "1", "--dataloader_num_workers", "2"))
+            scorer_demo, tmp_path / "o", "--max_steps", "1", "--warmup_steps", "0", "--dataloader_num_workers", "2"))
         need = 1 * 2 * 2 * 4 * (3 * 8 * 8192 + 4 * 3 * 4 * 4 * 1536)
         assert line == (f"error: /dev/shm has 1.0 MB free; 2 DataLoader workers x 2 prefetched batches x 1 process "
                         f"need about {need / 1e6:.1f} MB: start the container with --shm-size=1g (or give the node a "
@@ -386,6 +386,7 @@ class TestLoaderShm:
         monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
         line = exit_2_line(capsys, sft_qwen2.main, [
             "--model_name_or_path", sft_demo[0], "--train_file", sft_demo[1], "--output_dir", str(tmp_path / "o"),
-            "--use_cpu", "--max_len", "256", "--per_device_train_batch_size", "2", "--dataloader_num_workers", "3"])
+            "--use_cpu", "--max_len", "256", "--per_device_train_batch_size", "2", "--dataloader_num_workers", "3",
+            "--max_steps", "1", "--warmup_steps", "0", "--save_strategy", "no"])
         assert line.startswith(f"error: /dev/shm has 0.0 MB free; 3 DataLoader workers x 2 prefetched batches x 1 "
                                f"process need about {3 * 2 * 2 * 24 * 256 / 1e6:.1f} MB")
