@@ -213,7 +213,7 @@ def main(argv=None):
     if problem := check_flags(args, lora_args):
         fail(problem, every_rank=True)  # every rank meets it at the same point
     check_output_dir(args.output_dir)
-    # DataLoader workers hand batches over in /dev/shm: too small for them, exit 2 now, not at the first batch
+    # DataLoader workers hand batches over in /dev/shm: too small for them, say so now, not at a bus error
     loader_shm = check_loader_shm(args, args.per_device_train_batch_size * loader_sample_bytes(data_args.max_len))
     if data_args.demo:
         import demo

@@ -725,7 +725,7 @@ def main(argv=None):
         processor = AutoProcessor.from_pretrained(model_args.model_name_or_path)
         if problem := missing_chat_template(processor, model_args.model_name_or_path):
             raise DataError(problem)
-        # The DataLoader workers hand their pixel batches over in /dev/shm: too small, exit 2 now, not hours in
+        # The DataLoader workers hand their pixel batches over in /dev/shm: too small, say so now, not hours in
         batch = args.per_device_train_batch_size if "train" in shards else args.per_device_eval_batch_size
         loader_shm = check_loader_shm(args, batch * loader_sample_bytes(
             data_args.max_len, processor.image_processor, most_images if "train" in shards else None,

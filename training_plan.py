@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from plumbing import fail, log
+from plumbing import log
 
 GB = 1e9
 
@@ -497,29 +497,24 @@ def shm_free():
 
 
 def check_loader_shm(args, batch_bytes):
-    """Exit 2 on every rank now when a node's /dev/shm has less room than its DataLoader workers need
-    (`loader_shm_bytes`), instead of a worker's bus error ("unable to write to file </torch_...>") hours in (Docker
-    gives a container 64 MB). No sharing strategy avoids /dev/shm: torch's file_descriptor (Linux default) and
-    file_system both put each batch in a file there. The local main process of each node checks its own; every rank
-    takes the first problem in rank order. Returns the need."""
-    import torch.distributed as dist
+    """Say in one line, on each node whose /dev/shm has less room than its DataLoader workers may fill at once
+    (`loader_shm_bytes`), what to change: the failure would otherwise be a worker's bus error ("unable to write to
+    file </torch_...>") hours in (Docker gives a container 64 MB). A warning, not a refusal: the need is an upper
+    bound (every batch at its largest samples). No sharing strategy avoids /dev/shm: torch's file_descriptor (Linux
+    default) and file_system both put each batch in a file there. Returns the need."""
+    import socket
+    import sys
 
     need = loader_shm_bytes(args, batch_bytes)
-    free = shm_free() if need and args.local_process_index == 0 else None
-    problem = None
+    free = shm_free() if need and args.local_process_index == 0 else None  # each node's local main, its own
     if free is not None and need > free:
         per_node, workers = processes_per_node(args), args.dataloader_num_workers
-        problem = (f"{SHM} has {_size(free)} free; {workers} DataLoader worker{'s' if workers > 1 else ''} x "
-                   f"{args.dataloader_prefetch_factor or 2} prefetched batches x {per_node} process"
-                   f"{'es' if per_node > 1 else ''} need about {_size(need)}: start the container with "
-                   f"--shm-size={math.ceil(need / 2 ** 30)}g (or give the node a larger {SHM}), or lower "
-                   f"--dataloader_num_workers (0 loads in the training process) or the batch size")
-    if dist.is_available() and dist.is_initialized():
-        every = [None] * dist.get_world_size()
-        dist.all_gather_object(every, problem)
-        problem = next((p for p in every if p), None)
-    if problem:
-        fail(problem, every_rank=True)
+        print(f"warning: {SHM} on {socket.gethostname()} has {_size(free)} free; {workers} DataLoader worker"
+              f"{'s' if workers > 1 else ''} x {args.dataloader_prefetch_factor or 2} prefetched batches x {per_node} "
+              f"process{'es' if per_node > 1 else ''} may need up to {_size(need)} (a bus error when it runs out): "
+              f"start the container with --shm-size={math.ceil(need / 2 ** 30)}g (or give the node a larger {SHM}), "
+              f"or lower --dataloader_num_workers (0 loads in the training process) or the batch size",
+              file=sys.stderr, flush=True)
     return need
 
 
