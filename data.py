@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from collate import DataError, collate_vl
+from collate import IMAGE_MEMBER, DataError, collate_vl
 
 # ----------------------------------------------------------------------------------------------------------------
 # SFT files
@@ -166,24 +166,28 @@ def shard_samples(shard):
         raise DataError(f"{shard}: cannot read as a tar shard ({type(e).__name__}: {e})") from None
 
 
-def count_samples(shards):
-    """Samples in local shards, from their tar headers alone (no member is read: a 1 GB shard costs a few seeks)."""
+def count_samples(shards, most_images=False):
+    """Samples in local shards, from their tar headers alone (no member is read: a 1 GB shard costs a few seeks).
+    `most_images`: (samples, the most images one sample has), from the same headers (its `KEY.<index>.<ext>`)."""
     import tarfile
+    from collections import Counter
 
     from webdataset.tariterators import base_plus_ext
 
-    total = 0
+    total = most = 0
     for shard in shards:
         if not os.path.isfile(shard):
             raise DataError(f"{shard}: not a local file, so its samples cannot be counted (pass --epoch_samples)")
         try:
             with tarfile.open(shard) as tar:
-                keys = [base_plus_ext(m.name)[0] for m in tar if m.isreg()]
+                names = [base_plus_ext(m.name) for m in tar if m.isreg()]
         except tarfile.TarError as e:
             raise DataError(f"{shard}: cannot read as a tar shard ({e})") from None
-        keys = [k for k in keys if k is not None]
+        keys = [k for k, _ in names if k is not None]
         total += sum(1 for i, k in enumerate(keys) if i == 0 or k != keys[i - 1])
-    return total
+        images = Counter(k for k, ext in names if k is not None and IMAGE_MEMBER.match(ext.lower()))
+        most = max(most, *images.values(), 0)
+    return (total, most) if most_images else total
 
 
 @dataclass

@@ -53,10 +53,10 @@ from plumbing import (TrainingDefaults, check_output_dir, fail, final_evaluation
                       local_main_first, log, parse_arguments, prepare_demo, weights_source)
 from reliability import (GracefulStop, MarkComplete, SkipNonFinite, checkpoint_to_resume, exit_if_failed,
                          exit_if_stopped, resume_mismatch, run_record)
-from training_plan import (LoraArguments, add_lora, build_without_weights, check_flags, checkpoint_dtype, load_dtype,
-                           load_device, lora_parameter_count, lora_settings, memory_plan, optimizer_steps,
-                           reads_weights, reduce_every_micro_batch, save_final_model, steps_line, to_base_dtype,
-                           use_fsdp_precision, use_precision_policy)
+from training_plan import (LoraArguments, add_lora, build_without_weights, check_flags, check_loader_shm,
+                           checkpoint_dtype, load_dtype, load_device, loader_sample_bytes, lora_parameter_count,
+                           lora_settings, memory_plan, optimizer_steps, reads_weights, reduce_every_micro_batch,
+                           save_final_model, steps_line, to_base_dtype, use_fsdp_precision, use_precision_policy)
 
 
 @dataclass
@@ -213,6 +213,8 @@ def main(argv=None):
     if problem := check_flags(args, lora_args):
         fail(problem, every_rank=True)  # every rank meets it at the same point
     check_output_dir(args.output_dir)
+    # DataLoader workers hand batches over in /dev/shm: too small for them, say so now, not at a bus error
+    loader_shm = check_loader_shm(args, args.per_device_train_batch_size * loader_sample_bytes(data_args.max_len))
     if data_args.demo:
         import demo
         prepare_demo(DEMO_DIR, demo.build_sft_demo, args)
@@ -277,7 +279,7 @@ def main(argv=None):
             fail("--lora_target_modules: the lean loss reads lm_head.weight directly and would skip an adapter "
                  "there; leave lm_head out")
     optimizer = use_precision_policy(model, args)
-    memory_plan(model, args, adapters, lean_loss=None if args.use_liger_kernel else head)
+    memory_plan(model, args, adapters, lean_loss=None if args.use_liger_kernel else head, loader_shm=loader_shm)
     if args.dry_run:
         return dry_run_plan(train_ds, eval_ds, args)
 

@@ -73,10 +73,10 @@ from plumbing import (TrainingDefaults, check_output_dir, fail, final_evaluation
                       parse_arguments, patient_group, prepare_demo, wait_for_every_rank, weights_source)
 from reliability import (GracefulStop, MarkComplete, SkipNonFinite, all_ranks_max, checkpoint_to_resume,
                          exit_if_failed, exit_if_stopped, resume_mismatch, run_record)
-from training_plan import (LoraArguments, add_lora, check_flags, checkpoint_dtype, keep_fp32_under_fsdp, load_dtype,
-                           load_device, loads_on_main_only, lora_parameter_count, lora_settings, memory_plan,
-                           optimizer_steps, reduce_every_micro_batch, save_final_model, steps_line, to_base_dtype,
-                           use_fsdp_precision, use_precision_policy)
+from training_plan import (LoraArguments, add_lora, check_flags, check_loader_shm, checkpoint_dtype,
+                           keep_fp32_under_fsdp, load_dtype, load_device, loader_sample_bytes, loads_on_main_only,
+                           lora_parameter_count, lora_settings, memory_plan, optimizer_steps, reduce_every_micro_batch,
+                           save_final_model, steps_line, to_base_dtype, use_fsdp_precision, use_precision_policy)
 
 CLASS_LABELS = [name for name, kind in LABELS.items() if kind == "class"]  # each has a `num_<name>s` setting
 
@@ -717,13 +717,21 @@ def main(argv=None):
                     shards[name] = expand_shards(spec, data_args.allow_pipe_shards)
                 except DataError as e:
                     raise DataError(f"--{name}_shards: {e}") from None
-        epoch_samples = data_args.epoch_samples or (count_samples(shards["train"]) if "train" in shards else 0)
+        epoch_samples, most_images = data_args.epoch_samples or 0, None  # most images in a training sample
+        if "train" in shards and (not epoch_samples or all(os.path.isfile(s) for s in shards["train"])):
+            counted, most_images = count_samples(shards["train"], most_images=True)
+            epoch_samples = epoch_samples or counted
         local_eval = "eval" in shards and all(os.path.isfile(s) for s in shards["eval"])
         if local_eval and count_samples(shards["eval"]) == 0:  # found now, not at the first evaluation
             raise DataError(f"--eval_shards: {', '.join(shards['eval'])}: no sample in these shards")
         processor = AutoProcessor.from_pretrained(model_args.model_name_or_path)
         if problem := missing_chat_template(processor, model_args.model_name_or_path):
             raise DataError(problem)
+        # The DataLoader workers hand their pixel batches over in /dev/shm: too small, say so now, not hours in
+        batch = args.per_device_train_batch_size if "train" in shards else args.per_device_eval_batch_size
+        loader_shm = check_loader_shm(args, batch * loader_sample_bytes(
+            data_args.max_len, processor.image_processor, most_images if "train" in shards else None,
+            data_args.max_pixels))
         set_seed(args.seed)  # new heads start the same way in every run with this seed
         model = load_scorer(model_args, load_dtype(args), lora_args, meta=args.dry_run, device=load_device(args))
         save_dtype = checkpoint_dtype(model_args.model_name_or_path)
@@ -764,7 +772,7 @@ def main(argv=None):
     keep_fp32_under_fsdp([model.head(name) for name in LABELS], args)  # with --fsdp: heads compute in fp32
     lora = getattr(model.config, "scorer_lora", None)
     memory_plan(model, args, 0 if lora else lora_parameter_count(
-        model.model, lora_settings(model.model, lora_args, "language_model")))
+        model.model, lora_settings(model.model, lora_args, "language_model")), loader_shm=loader_shm)
     if args.dry_run:
         try:
             return dry_run_plan({name: stream(name, args.per_device_eval_batch_size) for name in shards},

@@ -35,6 +35,7 @@ import json
 import math
 import os
 import re
+import shutil
 from dataclasses import dataclass, field
 
 import torch
@@ -449,8 +450,7 @@ def host_bytes(model, args, sharded, per_process_total):
     GPUs); with --use_cpu every process holds its own copy, upcast. Training: the weights live on the GPUs (with
     --use_cpu in every process: `per_process_total`). The final save: one copy in the checkpoint's dtype on rank 0
     (`final_state_dict`; ZeRO-3's gathered 16-bit weights)."""
-    per_node = int(os.environ.get("LOCAL_WORLD_SIZE") or 0) or min(args.world_size,
-                                                                    torch.cuda.device_count() or args.world_size)
+    per_node = processes_per_node(args)
     itemsize = load_dtype(args).itemsize
     trained = saved = 0
     for p in model.parameters():
@@ -461,6 +461,65 @@ def host_bytes(model, args, sharded, per_process_total):
     load = (per_node * trained if args.use_cpu else trained if name == "FSDP2" and loads_on_main_only(args)
             else saved)
     return per_node, {"load": load, "training": per_node * per_process_total if args.use_cpu else 0, "save": saved}
+
+
+def processes_per_node(args):
+    """Processes on this node: torchrun's LOCAL_WORLD_SIZE, else one per GPU (every process on CPU)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE") or 0) or min(args.world_size,
+                                                               torch.cuda.device_count() or args.world_size)
+
+
+def loader_sample_bytes(max_len, image_processor=None, most_images=None, max_pixels=None):
+    """A sample's tensors in a batch at their largest: three int64 values per token (input ids, attention mask, and
+    labels, position ids or mm_token_type_ids), plus for a VL sample its fp32 pixel values, merge_size**2 patches of
+    3 x temporal_patch_size x patch_size**2 values per visual token. Visual tokens: `most_images` (None: not counted)
+    times max_pixels / (patch_size x merge_size)**2 each (qwen_vl_utils resizes within max_pixels to multiples of
+    that side), and never more than `max_len`, since a longer sample is refused."""
+    tokens = 3 * 8 * max_len
+    if image_processor is None:
+        return tokens
+    ip = image_processor
+    per_image = max_pixels // (ip.patch_size * ip.merge_size) ** 2
+    visual = max_len if most_images is None else min(max_len, most_images * per_image)
+    return tokens + 4 * visual * ip.merge_size ** 2 * 3 * ip.temporal_patch_size * ip.patch_size ** 2
+
+
+def loader_shm_bytes(args, batch_bytes):
+    """Shared memory a node's DataLoader workers fill at once: every worker of every process keeps
+    `dataloader_prefetch_factor` batches (torch's default 2) of `batch_bytes` in flight, each handed to the training
+    process as a /dev/shm file."""
+    return (processes_per_node(args) * args.dataloader_num_workers * (args.dataloader_prefetch_factor or 2)
+            * batch_bytes)
+
+
+SHM = "/dev/shm"
+
+
+def shm_free():
+    """Free bytes in /dev/shm, or None where there is none."""
+    return shutil.disk_usage(SHM).free if os.path.isdir(SHM) else None
+
+
+def check_loader_shm(args, batch_bytes):
+    """Say in one line, on each node whose /dev/shm has less room than its DataLoader workers may fill at once
+    (`loader_shm_bytes`), what to change: the failure would otherwise be a worker's bus error ("unable to write to
+    file </torch_...>") hours in (Docker gives a container 64 MB). A warning, not a refusal: the need is an upper
+    bound (every batch at its largest samples). No sharing strategy avoids /dev/shm: torch's file_descriptor (Linux
+    default) and file_system both put each batch in a file there. Returns the need."""
+    import socket
+    import sys
+
+    need = loader_shm_bytes(args, batch_bytes)
+    free = shm_free() if need and args.local_process_index == 0 else None  # each node's local main, its own
+    if free is not None and need > free:
+        per_node, workers = processes_per_node(args), args.dataloader_num_workers
+        print(f"warning: {SHM} on {socket.gethostname()} has {_size(free)} free; {workers} DataLoader worker"
+              f"{'s' if workers > 1 else ''} x {args.dataloader_prefetch_factor or 2} prefetched batches x {per_node} "
+              f"process{'es' if per_node > 1 else ''} may need up to {_size(need)} (a bus error when it runs out): "
+              f"start the container with --shm-size={math.ceil(need / 2 ** 30)}g (or give the node a larger {SHM}), "
+              f"or lower --dataloader_num_workers (0 loads in the training process) or the batch size",
+              file=sys.stderr, flush=True)
+    return need
 
 
 def _largest_layer(model):
@@ -516,12 +575,12 @@ def lean_loss_bytes(head, args):
     return buffer_bytes(vocab, hidden, seen, compute, weight.requires_grad)
 
 
-def memory_plan(model, args, lora_adapters, gpu_bytes=None, gpu_name=None, lean_loss=None):
+def memory_plan(model, args, lora_adapters, gpu_bytes=None, gpu_name=None, lean_loss=None, loader_shm=0):
     """Print (rank 0) and return the per-GPU plan, then the host memory per node (`host_bytes`, in "host_line");
     a loud warning, naming what would fit, when weights, gradients and optimizer states alone exceed the GPU.
     `lora_adapters`: parameters LoRA would train (the LoRA option). `gpu_bytes`/`gpu_name` default to this process's
     GPU (none on CPU: the plan is printed for reference). `lean_loss`: the output layer whose loss lean_loss.py
-    computes (its buffers are counted), or None."""
+    computes (its buffers are counted), or None. `loader_shm`: the DataLoader workers' /dev/shm (`check_loader_shm`)."""
     if gpu_bytes is None and torch.cuda.is_available() and not args.use_cpu:
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         gpu_bytes, gpu_name = props.total_memory, props.name
@@ -550,7 +609,8 @@ def memory_plan(model, args, lora_adapters, gpu_bytes=None, gpu_name=None, lean_
     training = _size(plan["host"]["training"]) if plan["host"]["training"] else "little (weights on the GPUs)"
     plan["host_line"] = (f"host memory per node ({per_node} process{'es' if per_node > 1 else ''}): at load "
                          f"{_size(plan['host']['load'])}, in training {training}, at the final save "
-                         f"{_size(plan['host']['save'])} (rank 0's)")
+                         f"{_size(plan['host']['save'])} (rank 0's)"
+                         + (f"; DataLoader batches in {SHM} {_size(loader_shm)}" if loader_shm else ""))
     if gpu_bytes and plan["total"] > gpu_bytes:
         fits = what_would_fit(model, lora_adapters, gpu_bytes)
         lines.append(f"WARNING: weights, gradients and optimizer states alone need {_size(plan['total'])} per "

@@ -91,6 +91,7 @@ class TestTarReader:
         read = [{k: v for k, v in s.items() if not k.startswith("__") or k == "__key__"} for s in shard_samples(path)]
         assert read == samples
         assert count_samples([path, path]) == 6
+        assert count_samples([path, path], most_images=True) == (6, 2)  # s2 has two images
 
     def test_unreadable_shard(self, tmp_path):
         broken = tmp_path / "broken.tar"

@@ -330,3 +330,68 @@ def test_the_final_save_says_the_dtype_of_its_weights(tmp_path):
     with open(tmp_path / "out" / "config.json") as f:
         assert json.load(f)["dtype"] == "bfloat16"
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").dtype == torch.bfloat16
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# /dev/shm for DataLoader workers: the estimate, and the check both scripts make at start
+# ---------------------------------------------------------------------------------------------------------------
+
+QWEN3_VL_PATCHES = SimpleNamespace(patch_size=16, merge_size=2, temporal_patch_size=2)  # Qwen3-VL's image processor
+
+
+class TestLoaderShm:
+    def test_estimate(self, monkeypatch):
+        """4 images of 1024 visual tokens (the default max_pixels): 4096 tokens x 4 patches x 1536 fp32 values =
+        100.7 MB of pixel values a sample, plus three int64 values per token of max_len; capped at max_len visual
+        tokens (a longer sample is refused), which is also the bound when the images were not counted."""
+        from training_plan import loader_sample_bytes, loader_shm_bytes
+
+        tokens = 3 * 8 * 8192
+        assert loader_sample_bytes(8192, QWEN3_VL_PATCHES, 4, 1024 * 32 * 32) == 100_663_296 + tokens
+        assert loader_sample_bytes(8192, QWEN3_VL_PATCHES, 10, 1024 * 32 * 32) == 201_326_592 + tokens
+        assert loader_sample_bytes(8192, QWEN3_VL_PATCHES, None, 1024 * 32 * 32) == 201_326_592 + tokens
+        assert loader_sample_bytes(2048) == 49_152  # SFT: tokens only
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+        args = SimpleNamespace(world_size=16, dataloader_num_workers=4, dataloader_prefetch_factor=None)
+        batch = 4 * loader_sample_bytes(8192, QWEN3_VL_PATCHES, 4, 1024 * 32 * 32)  # 403.4 MB
+        assert loader_shm_bytes(args, batch) == 8 * 4 * 2 * 403_439_616  # 3.2 GB a process, 25.8 GB a node
+        args.dataloader_num_workers = 0
+        assert loader_shm_bytes(args, batch) == 0
+
+    def test_scorer_warns_when_shm_is_too_small_and_not_without_workers(self, scorer_demo, tmp_path, monkeypatch,
+                                                                        capsys):
+        import socket
+
+        import train_scorer
+        import training_plan
+        from conftest import scorer_args
+
+        monkeypatch.setattr(training_plan, "shm_free", lambda: 1_000_000)
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+        # the demo's train shards: at most 3 images a sample, 4 visual tokens each at max_pixels 4096
+        trainer = train_scorer.main(scorer_args(scorer_demo, tmp_path / "o", "--max_steps", "1", "--warmup_steps",
+                                                "0", "--dataloader_num_workers", "2"))
+        need = 1 * 2 * 2 * 4 * (3 * 8 * 8192 + 4 * 3 * 4 * 4 * 1536)
+        warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: /dev/shm")]
+        assert warnings == [
+            f"warning: /dev/shm on {socket.gethostname()} has 1.0 MB free; 2 DataLoader workers x 2 prefetched batches "
+            f"x 1 process may need up to {need / 1e6:.1f} MB (a bus error when it runs out): start the container "
+            f"with --shm-size=1g (or give the node a larger /dev/shm), or lower --dataloader_num_workers (0 loads in "
+            f"the training process) or the batch size"]
+        assert trainer.state.global_step == 1  # a warning: the run goes on
+        trainer = train_scorer.main(scorer_args(scorer_demo, tmp_path / "o2", "--max_steps", "1", "--warmup_steps",
+                                                "0"))  # scorer_args: --dataloader_num_workers 0
+        assert trainer.state.global_step == 1 and "warning: /dev/shm" not in capsys.readouterr().err
+
+    def test_sft_warns_when_shm_is_too_small(self, sft_demo, tmp_path, monkeypatch, capsys):
+        import training_plan
+
+        monkeypatch.setattr(training_plan, "shm_free", lambda: 1_000)
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+        sft_qwen2.main([
+            "--model_name_or_path", sft_demo[0], "--train_file", sft_demo[1], "--output_dir", str(tmp_path / "o"),
+            "--use_cpu", "--max_len", "256", "--per_device_train_batch_size", "2", "--dataloader_num_workers", "3",
+            "--max_steps", "1", "--warmup_steps", "0", "--save_strategy", "no"])
+        err = capsys.readouterr().err
+        assert (f"has 0.0 MB free; 3 DataLoader workers x 2 prefetched batches x 1 process may need up to "
+                f"{3 * 2 * 2 * 24 * 256 / 1e6:.1f} MB") in err, err
