@@ -221,11 +221,18 @@ def resolve_mixed_precision(args):
 
 
 def prepare_demo(demo_dir, build, args=None):
-    """Rebuild the demo's model and data in `demo_dir` with `build(demo_dir)`: a fresh folder each time (a demo run is
-    a new run, not a resume of the last one). With TrainingArguments, once per node while the other ranks wait."""
+    """Rebuild the demo's model and data in `demo_dir` with `build(demo_dir)` (a function of demo.py): a fresh folder
+    each time (a demo run is a new run, not a resume of the last one). With TrainingArguments, once per node while the
+    other ranks wait. Another node's local main builds it in a fresh process: once a process group exists,
+    transformers' save_pretrained writes only on global rank 0, and that node's demo folder would stay empty."""
     import shutil
+    import subprocess
 
     with local_main_first(args) if args else contextlib.nullcontext():
         if args is None or args.local_process_index == 0:
             shutil.rmtree(demo_dir, ignore_errors=True)
-            build(demo_dir)
+            if args is not None and args.process_index != 0:
+                subprocess.run([sys.executable, "-c", f"import demo; demo.{build.__name__}({str(demo_dir)!r})"],
+                               cwd=os.path.dirname(os.path.abspath(__file__)), check=True, stdout=subprocess.DEVNULL)
+            else:
+                build(demo_dir)

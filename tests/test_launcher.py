@@ -16,6 +16,16 @@ import pytest
 from conftest import ROOT, run_cli
 
 
+
+def finish_together(processes, timeout=400):
+    """(exit code, stdout, stderr) of each process, their pipes read at the same time: a launcher left writing to a
+    full pipe that nobody reads stalls, and with it every node it trains with."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(processes)) as pool:
+        outputs = list(pool.map(lambda p: p.communicate(timeout=timeout), processes))
+    return [(p.returncode, *output) for p, output in zip(processes, outputs)]
+
 def test_a_process_that_takes_45_s_to_stop_is_not_killed(tmp_path):
     """torchrun kills its processes 30 s after passing on a SIGTERM unless told otherwise; a rank saving a 7B sharded
     checkpoint to a shared filesystem needs longer. Under run.sh (STOP_TIMEOUT, 600 s by default) a process that
@@ -65,7 +75,7 @@ def test_two_nodes_with_node_local_output_folders_exit_together_on_resume(tmp_pa
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         nodes = [launch(node, port, steps) for node in range(2)]
-        return [(p.wait(timeout=400), *p.communicate()) for p in nodes]
+        return finish_together(nodes)
 
     first = run_both(2)
     assert [code for code, _, _ in first] == [0, 0], first[0][2][-2000:] + first[1][2][-2000:]
@@ -143,7 +153,7 @@ def test_two_launchers_in_a_slurm_job_find_each_other(tmp_path):
                  SLURM_GPUS_ON_NODE=1)
     path = f"{folder}{os.pathsep}{os.environ['PATH']}"
     nodes = [launch(slurm_env(path, **slurm, SLURM_NODEID=node, SLURM_PROCID=node)) for node in range(2)]
-    results = [p.communicate(timeout=300) for p in nodes]
+    results = [(out, err) for _, out, err in finish_together(nodes, timeout=300)]
     assert [p.returncode for p in nodes] == [0, 0], results
     seen = [report for stdout, _ in results for report in reports(stdout)]
     assert sorted(r["RANK"] for r in seen) == ["0", "1"], results
@@ -265,3 +275,23 @@ def test_a_wait_longer_than_the_collective_timeout_completes(tmp_path, script, f
                    "--output_dir", str(tmp_path / "out")], env={"NPROC_PER_NODE": "2"})
     assert res.returncode == 0, res.stderr[-3000:]
     assert "Timed out" not in res.stderr and res.stdout.count("summary") == 1, res.stdout[-2000:]
+
+
+@pytest.mark.parametrize("script", ["sft_qwen2.py", "train_scorer.py"])
+def test_demo_on_two_nodes_with_their_own_temporary_folders(tmp_path, script):
+    """`--demo` on two launchers (NNODES=2, one process each, loopback) whose temporary folders differ, as on nodes
+    with local disks: each node's local main builds the demo in its own folder. Node 1's used to stay empty
+    (save_pretrained writes only on global rank 0 once a process group exists) and node 1 crashed reading it."""
+    port, nodes = free_port(), []
+    for node in range(2):
+        tmp = tmp_path / f"node{node}-tmp"
+        tmp.mkdir()
+        env = dict(os.environ, PYTHON=sys.executable, NNODES="2", NODE_RANK=str(node), NPROC_PER_NODE="1",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", TMPDIR=str(tmp))
+        nodes.append(subprocess.Popen(["bash", "run.sh", script, "--demo"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    results = finish_together(nodes)
+    assert [code for code, _, _ in results] == [0, 0], [err[-3000:] for _, _, err in results]
+    assert "summary" in results[0][1]  # rank 0's summary line
+    for node in range(2):  # each node built its own demo model
+        assert any((d / "config.json").exists() for d in (tmp_path / f"node{node}-tmp").glob("*-demo-*/tiny-*"))
