@@ -20,7 +20,8 @@ import os
 import torch
 
 from collate import LABELS, DataError, collate_features
-from plumbing import log
+from plumbing import fail, log
+from reliability import first_problem, rank_0s
 
 
 def _sha(value):
@@ -99,6 +100,18 @@ class FeatureCache:
             except Exception as e:  # noqa: BLE001 - a damaged file fails in many ways; it is rebuilt, never trusted
                 log(f"feature cache: {path}: unreadable ({type(e).__name__}: {e}); not used")
                 missing.append(shard)
+        return missing
+
+    def load_agreed(self, shards):
+        """`load` on every rank, and the shards rank 0 could not use, the same on every rank: ranks that computed
+        different shards would wait for each other forever. A rank that cannot read a file rank 0 read (the cache
+        folder on a node-local disk) exits 2 on every rank with one line."""
+        mine = self.load(shards)
+        missing = rank_0s(mine)
+        rank, unread = first_problem(next((self.path(s) for s in mine if s not in missing), None))
+        if unread:
+            fail(f"feature cache: process {rank} cannot read {unread}, which process 0 read: every node must see the "
+                 f"same --feature_cache folder (a shared filesystem)", every_rank=True)
         return missing
 
     def store(self, shards, rows, bad, write):

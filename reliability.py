@@ -271,13 +271,21 @@ def resume_mismatch(path, run):
         problem = checkpoint_problem(path, run)
     except (OSError, ValueError) as e:  # unreadable files, a cut-short checkpoint-run.json
         problem = f"{path}: cannot read it ({type(e).__name__}: {e}); use another --output_dir"
-    if not (dist.is_available() and dist.is_initialized()):
-        return problem
-    every = [None] * dist.get_world_size()
-    dist.all_gather_object(every, problem)
-    rank, problem = next(((r, p) for r, p in enumerate(every) if p is not None), (0, None))
+    rank, problem = first_problem(problem)
     return problem if rank == 0 else (f"{problem} (met by process {rank}, not by process 0: every node must see the "
                                       f"same --output_dir, on a shared filesystem, or a copy of the whole checkpoint)")
+
+
+def first_problem(problem):
+    """The first of every rank's `problem` (None: none) in rank order, with its rank: (rank, problem), (0, None) when
+    no rank has one; one all-gather, so that every rank takes the same verdict (this rank's own without a group)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, problem
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, problem)
+    return next(((r, p) for r, p in enumerate(every) if p is not None), (0, None))
 
 
 def checkpoint_problem(path, run):

@@ -52,7 +52,6 @@ parts stay bf16, the heads are fp32; rank 0 prints the policy and a per-GPU memo
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -69,8 +68,8 @@ from curves import write_training_curves
 from data import BadSample, ShardStream, count_samples, expand_shards, make_loader
 from feature_cache import FeatureCache
 from feature_cache import settings as feature_settings
-from plumbing import (TrainingDefaults, check_output_dir, fail, final_evaluation, leave_process_group, log,
-                      parse_arguments, patient_group, prepare_demo, wait_for_every_rank, weights_source)
+from plumbing import (TrainingDefaults, check_output_dir, demo_dir, fail, final_evaluation, leave_process_group,
+                      log, parse_arguments, patient_group, prepare_demo, wait_for_every_rank, weights_source)
 from reliability import (GracefulStop, MarkComplete, SkipNonFinite, all_ranks_max, checkpoint_to_resume,
                          exit_if_failed, exit_if_stopped, resume_mismatch, run_record)
 from training_plan import (LoraArguments, add_lora, check_flags, check_loader_shm, checkpoint_dtype,
@@ -154,7 +153,7 @@ class ScorerArguments(TrainingDefaults):
 
 ARGUMENTS = (ModelArguments, DataArguments, LoraArguments, ScorerArguments)  # flags and config-file keys
 
-DEMO_DIR = os.path.join(tempfile.gettempdir(), f"scorer-qwen3-vl-demo-{os.getuid()}")
+DEMO_DIR = demo_dir("scorer-qwen3-vl")
 # Flags the demo puts before the user's own (so a user flag still wins): tiny model and images, a few CPU steps.
 # Heads at a high rate (the score head's bias has to reach ~3 at once) and a linear decay (the default cubic one
 # spends most steps at a tiny rate): the demo then learns both labels in 80 steps (score Pearson ~0.98).
@@ -443,7 +442,6 @@ def exact_pass(stream, args, on_bad_sample, rows_of, unique=True, lockstep=None)
     many forwards as the others, so a rank without a batch to run calls `lockstep()` (a stand-in forward) until all
     are done, agreed by one all-reduce per batch."""
     rows, found = [], []
-    patient_group()  # made here, where every rank arrives together, for the wait below
     loader = make_loader(stream, args)
     for batch in _until_every_rank_is_done(loader, args.device) if lockstep else loader:
         if batch is not None:
@@ -691,6 +689,7 @@ def main(argv=None):
     if problem := check_flags(args, lora_args):
         fail(problem, every_rank=True)  # every rank meets it at the same point
     check_output_dir(args.output_dir)
+    patient_group()  # for exact_pass's wait: made while every rank is here together, before any loader forks
     if args.deepspeed:
         fail("--deepspeed: DeepSpeed casts the whole model to bf16, the scorer's fp32 heads too; shard the scorer "
              "with --fsdp (configs/scorer-qwen3vl-8b-full-fsdp2-8gpu.yaml)", every_rank=True)
@@ -796,7 +795,7 @@ def main(argv=None):
             model, processor, model_args, data_args, f"{load_dtype(args)}, bf16 {args.bf16}, fp16 {args.fp16}",
             classes))
         try:
-            missing = cache.load(list(dict.fromkeys(shards.get("train", []) + shards.get("eval", []))))
+            missing = cache.load_agreed(list(dict.fromkeys(shards.get("train", []) + shards.get("eval", []))))
             if missing:
                 log(f"feature cache: computing the backbone's features of {len(missing)} shard(s) once, into "
                     f"{cache_folder}")
@@ -851,7 +850,7 @@ def main(argv=None):
             summary.append(f"training curves in {curves}")
         if "predict" in shards:
             path = data_args.predict_output or os.path.join(args.output_dir, "predictions.jsonl")
-            todo = cache.load(shards["predict"]) if cache else shards["predict"]  # new shards: not cached
+            todo = cache.load_agreed(shards["predict"]) if cache else shards["predict"]  # new shards: not cached
             covered = [s for s in shards["predict"] if s not in todo]
             streams = ([cache.attach(stream("predict", args.per_device_eval_batch_size, only=covered))]
                        if covered else []) + ([stream("predict", args.per_device_eval_batch_size, only=todo)]

@@ -43,14 +43,25 @@ def test_a_process_that_takes_45_s_to_stop_is_not_killed(tmp_path):
     assert launcher.returncode == 143, (launcher.returncode, out)
 
 
+def on_two_nodes_with_local_disks(script, flags, folder, disks):
+    """Run `script` with `flags` on two launchers (NNODES=2, one process each, loopback), each in its own mount
+    namespace where `folder` is its own disk (`disks[node]`), as on nodes that share none; finish_together's list."""
+    port = free_port()
+    nodes = []
+    for node in range(2):
+        command = f"mount --bind {disks[node]} {folder} && exec bash run.sh {script} " + " ".join(flags)
+        env = dict(os.environ, PYTHON=sys.executable, NNODES="2", NODE_RANK=str(node), NPROC_PER_NODE="1",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        nodes.append(subprocess.Popen(["unshare", "-m", "--propagation", "private", "bash", "-c", command], cwd=ROOT,
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return finish_together(nodes)
+
 def test_two_nodes_with_node_local_output_folders_exit_together_on_resume(tmp_path):
     """Two launchers (NNODES=2, one process each, loopback), each in its own mount namespace where --output_dir is a
     different disk, as on nodes that share none. The first run trains and saves; on node 1 its checkpoint holds only
     that node's own file. The same command for more steps then finds a complete checkpoint on node 0 and not on node
     1: before, node 0 resumed and node 1 started afresh, both trained at different steps and then hung. Now both
     ranks resume from rank 0's choice or neither does: each exits 2 with one line, and no traceback."""
-    import socket
-
     import demo
 
     model, train, _ = demo.build_sft_demo(tmp_path / "shared")  # data and model on a disk both nodes see
@@ -60,22 +71,11 @@ def test_two_nodes_with_node_local_output_folders_exit_together_on_resume(tmp_pa
     for d in disks:
         d.mkdir()
 
-    def launch(node, port, steps):
-        flags = ["--model_name_or_path", str(model), "--train_file", str(train), "--output_dir", str(out),
-                 "--max_len", "256", "--max_steps", str(steps), "--save_steps", "2", "--per_device_train_batch_size",
-                 "4", "--logging_steps", "1", "--use_cpu", "--disable_tqdm", "true"]
-        command = f"mount --bind {disks[node]} {out} && exec bash run.sh sft_qwen2.py " + " ".join(flags)
-        env = dict(os.environ, PYTHON=sys.executable, NNODES="2", NODE_RANK=str(node), NPROC_PER_NODE="1",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-        return subprocess.Popen(["unshare", "-m", "--propagation", "private", "bash", "-c", command], cwd=ROOT,
-                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
     def run_both(steps):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        nodes = [launch(node, port, steps) for node in range(2)]
-        return finish_together(nodes)
+        return on_two_nodes_with_local_disks("sft_qwen2.py", [
+            "--model_name_or_path", str(model), "--train_file", str(train), "--output_dir", str(out), "--max_len",
+            "256", "--max_steps", str(steps), "--save_steps", "2", "--per_device_train_batch_size", "4",
+            "--logging_steps", "1", "--use_cpu", "--disable_tqdm", "true"], out, disks)
 
     first = run_both(2)
     assert [code for code, _, _ in first] == [0, 0], first[0][2][-2000:] + first[1][2][-2000:]
@@ -295,3 +295,32 @@ def test_demo_on_two_nodes_with_their_own_temporary_folders(tmp_path, script):
     assert "summary" in results[0][1]  # rank 0's summary line
     for node in range(2):  # each node built its own demo model
         assert any((d / "config.json").exists() for d in (tmp_path / f"node{node}-tmp").glob("*-demo-*/tiny-*"))
+
+
+def test_a_feature_cache_on_node_local_disks_exits_together(tmp_path):
+    """The scorer's feature cache (a frozen backbone) in an output folder on node-local disks: process 0 writes the
+    cache files on its node only. The next run finds them on node 0 and none on node 1: before, node 1 computed
+    every shard's features alone in collectives node 0 never joined (a hang); now both exit 2 with one line."""
+    import demo
+
+    model, train, evals = demo.build_scorer_demo(tmp_path / "shared")
+    out = tmp_path / "outputs"
+    out.mkdir()
+    disks = [tmp_path / f"node{i}-disk" for i in range(2)]
+    for d in disks:
+        d.mkdir()
+    flags = ["--model_name_or_path", str(model), "--train_shards", f"'{train}'", "--eval_shards", f"'{evals}'",
+             "--output_dir", str(out), "--num_types", "3", "--min_pixels", "1024", "--max_pixels", "4096",
+             "--freeze_backbone", "--max_steps", "2", "--save_strategy", "no", "--eval_strategy", "no",
+             "--dataloader_num_workers", "0", "--use_cpu", "--disable_tqdm", "true"]
+    first = on_two_nodes_with_local_disks("train_scorer.py", flags, out, disks)
+    assert [code for code, _, _ in first] == [0, 0], first[0][2][-2000:] + first[1][2][-2000:]
+    assert os.listdir(disks[0] / "feature_cache") and os.listdir(disks[1] / "feature_cache") == []  # rank 0 writes
+
+    second = on_two_nodes_with_local_disks("train_scorer.py", flags, out, disks)
+    assert [code for code, _, _ in second] == [2, 2], second
+    assert not any("Traceback" in stderr for _, _, stderr in second), second
+    errors = [line for _, _, stderr in second for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: feature cache: process 1 cannot read {out}/feature_cache/"
+                                                     ) and errors[0].endswith(
+        "which process 0 read: every node must see the same --feature_cache folder (a shared filesystem)"), errors
