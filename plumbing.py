@@ -84,7 +84,8 @@ def patient_group():
 
     global _patient
     if _patient is None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        _patient = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=7))
+        _patient = dist.new_group(backend="gloo")  # made within gloo's default timeout: a rank that never comes fails
+        dist.set_timeout(datetime.timedelta(days=7), _patient)
     return _patient
 
 
@@ -104,7 +105,7 @@ def wait_for_every_rank(group=None):
 def local_main_first(args):
     """TrainingArguments.main_process_first(local=True) whose wait is `wait_for_every_rank`'s: the local main runs
     the block first (encoding, building the demo), the node's other ranks then run it (reading what it wrote)."""
-    local_main = args.local_process_index == 0  # its first use sets up the process group
+    local_main = args.local_process_index == 0
     group = patient_group()  # every rank arrives here together
     try:
         if not local_main:
@@ -218,6 +219,15 @@ def resolve_mixed_precision(args):
         gpu = torch.cuda.is_available() and not args.use_cpu
         args.bf16, args.fp16 = gpu and torch.cuda.is_bf16_supported(), gpu and not torch.cuda.is_bf16_supported()
     args.bf16, args.fp16 = bool(args.bf16), bool(args.fp16)
+
+
+def demo_dir(name):
+    """The demo's folder: in this machine's temporary folder, named for the user and the host (two nodes whose
+    TMPDIR is one shared folder must not rebuild the same demo at once)."""
+    import socket
+    import tempfile
+
+    return os.path.join(tempfile.gettempdir(), f"{name}-demo-{os.getuid()}-{socket.gethostname()}")
 
 
 def prepare_demo(demo_dir, build, args=None):

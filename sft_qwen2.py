@@ -37,7 +37,6 @@ training_curves.png there (loss, learning rate, evaluation loss).
 
 import functools
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -49,7 +48,7 @@ from collate import (IGNORE_INDEX, ChatFormat, DataError, encode_sft_batch, miss
 from curves import write_training_curves
 from data import load_sft_file, record_location
 from lean_loss import use_lean_causal_lm_loss
-from plumbing import (TrainingDefaults, check_output_dir, fail, final_evaluation, leave_process_group,
+from plumbing import (TrainingDefaults, check_output_dir, demo_dir, fail, final_evaluation, leave_process_group,
                       local_main_first, log, parse_arguments, prepare_demo, weights_source)
 from reliability import (GracefulStop, MarkComplete, SkipNonFinite, checkpoint_to_resume, exit_if_failed,
                          exit_if_stopped, resume_mismatch, run_record)
@@ -114,7 +113,7 @@ class SFTArguments(TrainingDefaults):
 
 ARGUMENTS = (ModelArguments, DataArguments, LoraArguments, SFTArguments)  # flags and config-file keys
 
-DEMO_DIR = os.path.join(tempfile.gettempdir(), f"sft-qwen2-demo-{os.getuid()}")
+DEMO_DIR = demo_dir("sft-qwen2")
 # Flags the demo puts before the user's own (so a user flag still wins): tiny model, a few fast steps on CPU.
 DEMO_ARGS = [
     "--model_name_or_path", f"{DEMO_DIR}/tiny-qwen2", "--train_file", f"{DEMO_DIR}/train.jsonl",

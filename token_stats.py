@@ -34,7 +34,6 @@ import math
 import multiprocessing
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -44,7 +43,7 @@ from transformers import HfArgumentParser
 from collate import (IGNORE_INDEX, ChatFormat, DataError, apply_overflow, encode_sft_batch, image_tokens,
                      missing_chat_template, parse_vl_sample, to_messages, vl_text)
 from data import BadSample, expand_shards, load_sft_file, record_location, shard_samples
-from plumbing import fail, parse_arguments, prepare_demo
+from plumbing import demo_dir, fail, parse_arguments, prepare_demo
 
 SAMPLE_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "sample_sft.jsonl")
 PERCENTILES = (50, 90, 95, 99, 99.9)
@@ -88,7 +87,7 @@ class StatsArguments(ChatFormat):  # --system_prompt, --query_key, --answer_key,
                 "--data given."})
 
 
-DEMO_DIR = os.path.join(tempfile.gettempdir(), f"token-stats-demo-{os.getuid()}")
+DEMO_DIR = demo_dir("token-stats")
 # Flags the demo puts before the user's own (so `--demo --data FILE` measures FILE with the demo tokenizer).
 DEMO_ARGS = ["--tokenizer", os.path.join(DEMO_DIR, "tiny-qwen2"), "--data", os.path.join(DEMO_DIR, "train.jsonl")]
 

@@ -181,9 +181,9 @@ def check_flags(args, lora_args):
         return (f"{sharded}: sharded training (FSDP / DeepSpeed ZeRO) needs GPUs, and this run has none; on CPU "
                 f"leave {sharded} out (the processes then train with DDP)")
     if args.save_on_each_node:  # save_pretrained's should_save_on_this_rank: global rank 0 only, once a group exists
-        return ("--save_on_each_node: transformers writes model weights only on global rank 0, so the other nodes' "
-                "checkpoints would lack them and could not resume; drop it and put --output_dir on a filesystem every "
-                "node sees")
+        return ("--save_on_each_node: transformers writes a full model's weights only on global rank 0, so the other "
+                "nodes' checkpoints would lack them and could not resume (a copy per node is not supported here); drop "
+                "it and put --output_dir on a filesystem every node sees")
     if args.pure_bf16 and not args.bf16:
         return "--pure_bf16 needs bf16 (--bf16 true; on CPU add --use_cpu, autocast runs there too)"
     if args.pure_bf16 and args.weight_decay > 0:  # measured in bench/bf16_optimizers.py: a decay share of 0.000

@@ -49,13 +49,13 @@ def test_no_readme_command_names_a_missing_file():
     assert missing == [], missing
 
 
-DEMO_OUTPUT = {"sft_qwen2.py": "sft-qwen2-demo", "train_scorer.py": "scorer-qwen3-vl-demo"}
+DEMO_OUTPUT = {"sft_qwen2.py": "sft-qwen2", "train_scorer.py": "scorer-qwen3-vl"}
 
 
 def demo_output(script):
-    import tempfile
+    from plumbing import demo_dir
 
-    return os.path.join(tempfile.gettempdir(), f"{DEMO_OUTPUT[script]}-{os.getuid()}", "output")
+    return os.path.join(demo_dir(DEMO_OUTPUT[script]), "output")
 
 
 @pytest.mark.parametrize("command", CPU_SAFE)

@@ -160,7 +160,7 @@ class TestLora:
     (["--pure_bf16"], "--pure_bf16 needs bf16"),
     (["--bf16", "true", "--pure_bf16", "--use_peft"], "--pure_bf16 is for full fine-tunes"),
     (["--merge_lora"], "--merge_lora needs --use_peft"),
-    (["--save_on_each_node", "true"], "--save_on_each_node: transformers writes model weights only on global rank 0"),
+    (["--save_on_each_node", "true"], "--save_on_each_node: transformers writes a full model's weights only on global rank 0"),
     (["--bf16", "true", "--pure_bf16", "--weight_decay", "0.01"], "--pure_bf16 with --weight_decay 0.01: torch-optimi"),
 ])
 def test_precision_and_lora_flags_that_cannot_train_together_exit_2(sft_demo, tmp_path, capsys, flags, message):
