@@ -356,7 +356,20 @@ def make_loader(stream, args):
         stream, batch_size=None, collate_fn=_as_is, num_workers=workers, worker_init_fn=_leave_stop_signals,
         pin_memory=args.dataloader_pin_memory and torch.cuda.is_available(),
         prefetch_factor=args.dataloader_prefetch_factor if workers else None,
-        multiprocessing_context=args.dataloader_multiprocessing_context if workers else None)
+        multiprocessing_context=(args.dataloader_multiprocessing_context or worker_context()) if workers else None)
+
+
+def worker_context():
+    """Where DataLoader workers start: a fork server, not a fork of the training process. That process runs threads
+    (gloo's or NCCL's, tokenizers', the DataLoader's own): a fork while one of them holds a lock of the interpreter
+    leaves the worker stuck for good (seen: a worker hung inside os.fork's child handlers, and one whose result never
+    reached the training process, right after a collective), and the run with it. The fork server is a fresh
+    single-threaded process that has imported what the workers use once, so a worker still starts in a moment."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "data", "collate", "feature_cache"])
+    return context
 
 
 def _leave_stop_signals(worker_id):

@@ -23,33 +23,38 @@ def with_short_timeout(*args, **kwargs):
     return init_process_group(*args, **{**kwargs, "timeout": datetime.timedelta(seconds=5)})
 
 
-dist.init_process_group = with_short_timeout
-script, sys.argv = sys.argv[1], sys.argv[1:]
-if script == "sft_qwen2.py":
-    import sft_qwen2 as module
+def run():
+    dist.init_process_group = with_short_timeout
+    script, sys.argv = sys.argv[1], sys.argv[1:]
+    if script == "sft_qwen2.py":
+        import sft_qwen2 as module
 
-    encode_files = module.encode_files
+        encode_files = module.encode_files
 
-    def slow_encoding(*args, **kwargs):
-        if int(os.environ["LOCAL_RANK"]) == 0:
-            time.sleep(SLOW)
-        return encode_files(*args, **kwargs)
+        def slow_encoding(*args, **kwargs):
+            if int(os.environ["LOCAL_RANK"]) == 0:
+                time.sleep(SLOW)
+            return encode_files(*args, **kwargs)
 
-    module.encode_files = slow_encoding
-else:
-    import train_scorer as module
+        module.encode_files = slow_encoding
+    else:
+        import train_scorer as module
 
-    exact_pass = module.exact_pass
+        exact_pass = module.exact_pass
 
-    def slow_share(stream, args, on_bad_sample, rows_of, *rest, **kwargs):
-        slept = []
+        def slow_share(stream, args, on_bad_sample, rows_of, *rest, **kwargs):
+            slept = []
 
-        def slow_rows(batch):
-            if args.process_index == 1 and not slept:
-                slept.append(time.sleep(SLOW))
-            return rows_of(batch)
+            def slow_rows(batch):
+                if args.process_index == 1 and not slept:
+                    slept.append(time.sleep(SLOW))
+                return rows_of(batch)
 
-        return exact_pass(stream, args, on_bad_sample, slow_rows, *rest, **kwargs)
+            return exact_pass(stream, args, on_bad_sample, slow_rows, *rest, **kwargs)
 
-    module.exact_pass = slow_share
-module.main()
+        module.exact_pass = slow_share
+    module.main()
+
+
+if __name__ == "__main__":  # DataLoader workers' fork server imports this file too
+    run()
