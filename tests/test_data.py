@@ -249,3 +249,19 @@ class TestBuckets:
         plain, bucketed = self.batches(self.stream(tmp_path, False, buffer=4)), \
             self.batches(self.stream(tmp_path, True, buffer=4))
         assert [sorted(b[0]) for b in plain] == [sorted(b[0]) for b in bucketed]
+
+
+@pytest.mark.parametrize("given, start", [(None, "forkserver"), ("fork", "fork"), ("spawn", "spawn")])
+def test_workers_start_from_a_fork_server_unless_told(tmp_path, given, start):
+    """DataLoader workers are not forks of the training process (its collective and tokenizer threads can leave a
+    forked worker stuck), unless --dataloader_multiprocessing_context says so; a stream still reads every key once
+    through them."""
+    from data import ShardStream, make_loader
+
+    paths, keys = key_shards(tmp_path, [3, 2])
+    args = LoaderArgs(1)
+    args.dataloader_multiprocessing_context = given
+    loader = make_loader(ShardStream(paths, KeyOnly(), 2, 0), args)
+    context = loader.multiprocessing_context
+    assert (context if isinstance(context, str) else context.get_start_method()) == start
+    assert sorted(k for batch in loader for k in batch.get("keys", [])) == sorted(keys)
