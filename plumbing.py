@@ -89,7 +89,7 @@ def patient_group():
     return _patient
 
 
-def wait_for_every_rank(group=None):
+def wait_for_every_rank():
     """A barrier for ranks that wait while another one works for as long as its data takes: a local main encoding
     the SFT data (3.4M short examples take about 30 min), a rank with a larger share of an exact evaluation or of the
     feature cache. --ddp_timeout (30 min by default) is meant for collectives that should be quick; here it would
@@ -97,7 +97,7 @@ def wait_for_every_rank(group=None):
     goes away closes its connections. A no-op in a single process."""
     import torch.distributed as dist
 
-    if group := group or patient_group():
+    if group := patient_group():
         dist.barrier(group=group)
 
 
@@ -106,14 +106,14 @@ def local_main_first(args):
     """TrainingArguments.main_process_first(local=True) whose wait is `wait_for_every_rank`'s: the local main runs
     the block first (encoding, building the demo), the node's other ranks then run it (reading what it wrote)."""
     local_main = args.local_process_index == 0
-    group = patient_group()  # every rank arrives here together
+    patient_group()  # made here, where every rank arrives together
     try:
         if not local_main:
-            wait_for_every_rank(group)
+            wait_for_every_rank()
         yield
     finally:
         if local_main:
-            wait_for_every_rank(group)
+            wait_for_every_rank()
 
 
 def final_evaluation(trainer):

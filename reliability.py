@@ -265,8 +265,6 @@ def resume_mismatch(path, run):
     training, not as a load error after the model, data and Trainer are set up. Every rank checks what it sees
     (`checkpoint_problem`), and all take the first problem in rank order, so that all exit together or none does;
     one that rank 0 does not meet says which process met it (its node does not see the files rank 0 sees)."""
-    import torch.distributed as dist
-
     try:  # a rank that cannot read its view must still reach the all-gather below, or the others wait forever
         problem = checkpoint_problem(path, run)
     except (OSError, ValueError) as e:  # unreadable files, a cut-short checkpoint-run.json
