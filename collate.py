@@ -346,14 +346,21 @@ def parse_vl_sample(sample, classes=None, with_labels=True):
 
 
 def open_image(member, data, decode=True):
-    """A PIL image of one image member: decoded to RGB (`decode`), or only its header read (for its size)."""
+    """A PIL image of one image member: decoded to RGB (`decode`), or only its header read (for its size).
+
+    Decoded exactly as Qwen's own inference path decodes a file (`qwen_vl_utils.process_vision_info`, then the
+    processor), so the scorer is trained on the pixels it will be served: its `to_rgb` composites RGBA over white
+    (a plain convert("RGB") keeps whatever colour transparent pixels hold) and converts every other mode with PIL.
+    The EXIF orientation tag is not applied, there or here: an image is used as stored, and its header size (what
+    token_stats.py counts) is the size that is encoded. Rotate such files when making shards if that is wrong."""
     import io
 
     from PIL import Image
+    from qwen_vl_utils.vision_process import to_rgb
 
     try:
         image = Image.open(io.BytesIO(data))
-        return image.convert("RGB") if decode else image  # convert() decodes the whole file: corrupt data fails here
+        return to_rgb(image) if decode else image  # to_rgb decodes the whole file: corrupt data fails here
     except Exception as e:  # noqa: BLE001 - PIL raises many types for bad bytes
         raise DataError(f"image .{member}: cannot decode ({type(e).__name__}: {e})") from None
 

@@ -362,3 +362,67 @@ class TestCollateVL:
                                     formats=("png", "jpg"))
             assert encoder.length(sample) == encoder(sample)["input_ids"].shape[-1] > 0, i
         assert encoder.length({"__key__": "k", "json": b"{not json"}) == 0
+
+
+def _image_file(case):
+    """(extension, bytes) of a 96x40 noise image in one of the formats and modes users' shards hold; alpha, where
+    there is one, runs from transparent to opaque, so compositing shows in the pixels."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 256, (40, 96, 3), dtype=np.uint8))
+    rgba = Image.fromarray(np.dstack([np.asarray(rgb), np.tile(np.linspace(0, 255, 96).astype(np.uint8), (40, 1))]))
+    palette = rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display"
+    ext, image, options = {
+        "jpeg rgb": ("jpg", rgb, {}), "jpeg grey": ("jpg", rgb.convert("L"), {}),
+        "jpeg cmyk": ("jpg", rgb.convert("CMYK"), {}), "jpeg exif rotated": ("jpg", rgb, {"exif": exif}),
+        "png rgba": ("png", rgba, {}), "png grey+alpha": ("png", rgba.convert("LA"), {}),
+        "png palette transparency": ("png", palette, {"transparency": 3}),
+        "png 16 bits": ("png", Image.fromarray(np.asarray(rgb)[..., 0].astype(np.uint16) * 257), {}),
+        "webp rgba": ("webp", rgba, {"lossless": True}), "webp lossy": ("webp", rgb, {}),
+        "gif transparency": ("gif", palette, {"transparency": 3}), "bmp": ("bmp", rgb, {}),
+        "tiff rgba": ("tiff", rgba, {}),
+    }[case]
+    out = io.BytesIO()
+    image.save(out, {"jpg": "JPEG"}.get(ext, ext.upper()), **options)
+    return ext, out.getvalue()
+
+
+class TestImageParity:
+    """The pixels and tokens the scorer trains on are those Qwen's own inference path gives the same file: the user
+    serves with `process_vision_info` on the file and the processor. Every format and mode PIL opens; the EXIF
+    orientation is ignored by both (the grid of a 96x40 image stays 40 high)."""
+
+    BOUNDS = dict(min_pixels=32 * 32, max_pixels=128 * 128)
+
+    @pytest.mark.parametrize("case", ["jpeg rgb", "jpeg grey", "jpeg cmyk", "jpeg exif rotated", "png rgba",
+                                      "png grey+alpha", "png palette transparency", "png 16 bits", "webp rgba",
+                                      "webp lossy", "gif transparency", "bmp", "tiff rgba"])
+    def test_encoder_equals_qwen_inference_on_the_file(self, vl_processor, tmp_path, case):
+        from qwen_vl_utils import process_vision_info
+
+        from collate import image_tokens
+
+        ext, data = _image_file(case)
+        path = tmp_path / f"image.{ext}"
+        path.write_bytes(data)
+        messages = [{"role": "user", "content": [{"type": "image", "image": f"file://{path}", **self.BOUNDS},
+                                                 {"type": "text", "text": "Rate it."}]}]
+        images, _ = process_vision_info(messages, image_patch_size=VL_IMAGE_PATCH_SIZE)
+        served = vl_processor(text=[vl_processor.apply_chat_template(messages, tokenize=False,
+                                                                     add_generation_prompt=True)],
+                              images=images, return_tensors="pt")
+        encoder = VLEncoder(vl_processor, None, False, **self.BOUNDS, max_len=4096)
+        sample = {"__key__": "k", "json": b'{"prompt": "Rate it."}', f"0.{ext}": data}
+        trained = encoder(sample)
+        assert served["image_grid_thw"].tolist() == trained["image_grid_thw"].tolist() == [[1, 2, 6]]  # 32 x 96 px in 16 px patches
+        assert torch.equal(trained["input_ids"], served["input_ids"])
+        assert torch.equal(trained["pixel_values"], served["pixel_values"])  # bit for bit
+        # token_stats.py and bucketing count from the header by the same rule
+        assert image_tokens(f"0.{ext}", data, vl_processor.image_processor, **self.BOUNDS) == 2 * 6 // 4  # 2x2 patches a token
+        assert encoder.length(sample) == trained["input_ids"].shape[-1]
