@@ -41,6 +41,7 @@ def settings(model, processor, model_args, data_args, compute, classes):
             "attn_implementation": model_args.attn_implementation,
             "processor": _sha({"image": processor.image_processor.to_dict(), "template": processor.chat_template,
                                "tokenizer": [type(tokenizer).__name__, len(tokenizer), tokenizer.pad_token_id]}),
+            "decoding": "qwen_vl_utils.to_rgb",  # collate.open_image's rule: caches of an older rule are rebuilt
             "min_pixels": data_args.min_pixels, "max_pixels": data_args.max_pixels, "max_len": data_args.max_len,
             "classes": classes}
 

@@ -721,16 +721,21 @@ def main(argv=None):
             counted, most_images = count_samples(shards["train"], most_images=True)
             epoch_samples = epoch_samples or counted
         local_eval = "eval" in shards and all(os.path.isfile(s) for s in shards["eval"])
-        if local_eval and count_samples(shards["eval"]) == 0:  # found now, not at the first evaluation
+        eval_samples, eval_images = count_samples(shards["eval"], most_images=True) if local_eval else (None, None)
+        if eval_samples == 0:  # found now, not at the first evaluation
             raise DataError(f"--eval_shards: {', '.join(shards['eval'])}: no sample in these shards")
         processor = AutoProcessor.from_pretrained(model_args.model_name_or_path)
         if problem := missing_chat_template(processor, model_args.model_name_or_path):
             raise DataError(problem)
-        # The DataLoader workers hand their pixel batches over in /dev/shm: too small, say so now, not hours in
-        batch = args.per_device_train_batch_size if "train" in shards else args.per_device_eval_batch_size
-        loader_shm = check_loader_shm(args, batch * loader_sample_bytes(
-            data_args.max_len, processor.image_processor, most_images if "train" in shards else None,
-            data_args.max_pixels))
+        # The DataLoader workers hand their pixel batches over in /dev/shm: too small, say so now, not hours in. An
+        # evaluation's workers fill theirs while the training loader's still hold their prefetched batches.
+        def batch_bytes(batch_size, images=None):
+            return batch_size * loader_sample_bytes(data_args.max_len, processor.image_processor, images,
+                                                    data_args.max_pixels)
+        loader_shm = check_loader_shm(args, (batch_bytes(args.per_device_train_batch_size, most_images)
+                                             if "train" in shards else 0)
+                                      + (batch_bytes(args.per_device_eval_batch_size, eval_images)
+                                         if "eval" in shards or "predict" in shards else 0))
         set_seed(args.seed)  # new heads start the same way in every run with this seed
         model = load_scorer(model_args, load_dtype(args), lora_args, meta=args.dry_run, device=load_device(args))
         save_dtype = checkpoint_dtype(model_args.model_name_or_path)

@@ -379,6 +379,12 @@ class TestLoaderShm:
             f"with --shm-size=1g (or give the node a larger /dev/shm), or lower --dataloader_num_workers (0 loads in "
             f"the training process) or the batch size"]
         assert trainer.state.global_step == 1  # a warning: the run goes on
+        # an evaluation's workers fill /dev/shm while the training loader's hold theirs: both batches count
+        train_scorer.main(scorer_args(scorer_demo, tmp_path / "o1", "--max_steps", "1", "--warmup_steps", "0",
+                                      "--dataloader_num_workers", "2", "--eval_shards", scorer_demo[2],
+                                      "--per_device_eval_batch_size", "3"))
+        need += 1 * 2 * 2 * 3 * (3 * 8 * 8192 + 4 * 3 * 4 * 4 * 1536)  # the demo's eval shards: 3 images too
+        assert f"may need up to {need / 1e6:.1f} MB" in capsys.readouterr().err
         trainer = train_scorer.main(scorer_args(scorer_demo, tmp_path / "o2", "--max_steps", "1", "--warmup_steps",
                                                 "0"))  # scorer_args: --dataloader_num_workers 0
         assert trainer.state.global_step == 1 and "warning: /dev/shm" not in capsys.readouterr().err
