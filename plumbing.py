@@ -8,6 +8,7 @@ and out of `collate.py`, whose functions stay pure.
 import atexit
 import contextlib
 import os
+import shutil
 import sys
 from dataclasses import dataclass, field
 
@@ -67,9 +68,33 @@ def _end_without_finalizing():
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
+    shutil.rmtree(_socket_folder, ignore_errors=True)  # multiprocessing's own clean-up is part of what is skipped
     # an uncaught exception after leaving (its traceback already printed) still exits 1
     os._exit(1 if getattr(sys, "last_value", None) is not None else _exit_code)
 
+
+def _short_socket_folder():
+    """Give this process's multiprocessing its temporary folder now, short enough for Unix sockets (multiprocessing
+    removes it at exit; `_end_without_finalizing` does when it skips that). DataLoader workers hand each batch's tensors over through a socket in that folder (and the fork server
+    listens on one there); a socket path holds at most 107 bytes, and a deep TMPDIR (a scheduler's per-job folder,
+    pytest's) exceeds it: the worker then fails to send and, when it was forked, the run waits for its batch forever
+    (seen with a 90-character TMPDIR). Workers of every start method inherit the folder from this process. Only the
+    sockets move to /tmp when TMPDIR is too deep; other temporary files stay where TMPDIR says."""
+    import tempfile
+    from multiprocessing import util
+
+    deepest = len("/pymp-12345678/listener-12345678")  # what multiprocessing appends to the temporary folder
+    old = tempfile.tempdir
+    if len(tempfile.gettempdir()) + deepest > 107 and os.access("/tmp", os.W_OK):
+        tempfile.tempdir = "/tmp"
+    try:
+        folder = util.get_temp_dir()
+    finally:
+        tempfile.tempdir = old
+    return folder
+
+
+_socket_folder = _short_socket_folder()
 
 _patient = None  # the process group of wait_for_every_rank, made once
 

@@ -1,6 +1,8 @@
 """plumbing.py: config files, the exit-2 rule, precision defaults, demo folders, rank-0 logs."""
 
 import json
+import os
+import sys
 import textwrap
 from dataclasses import dataclass, field
 
@@ -114,6 +116,8 @@ LEAVER = textwrap.dedent("""
             write(1, f"rank {{rank}}: torn down\\n".encode())
 
     kept = TornDown()
+    from multiprocessing import util
+    os.write(1, f"rank {{rank}}: sockets in {{util.get_temp_dir()}}\\n".encode())  # one write: ranks share stdout
     atexit.register(os.write, 1, f"rank {{rank}}: atexit ran\\n".encode())  # a logger's final sync, registered late
     dist.all_reduce(torch.ones(1))
     if sys.argv[1] == "end":
@@ -135,6 +139,46 @@ def test_leaving_the_process_group_ends_the_process_without_finalizing(tmp_path,
     worker.write_text(LEAVER.format(root=ROOT))
     res = run_cli(["bash", "run.sh", str(worker), how], env={"NPROC_PER_NODE": "2", "OMP_NUM_THREADS": "1"})
     assert res.returncode == code, res.stdout + res.stderr[-3000:]
-    assert sorted(line for line in res.stdout.splitlines() if line.startswith("rank")) == [
+    lines = [line for line in res.stdout.splitlines() if line.startswith("rank")]
+    folders = [line.split(" sockets in ")[1] for line in lines if " sockets in " in line]
+    assert sorted(line for line in lines if " sockets in " not in line) == [
         "rank 0: atexit ran", "rank 1: atexit ran"], res.stdout
     assert res.stderr.count("error: sentinel problem") == (how == "fail"), res.stderr
+    assert len(folders) == 2 and not any(os.path.exists(f) for f in folders)  # multiprocessing's clean-up, done here
+
+
+LOADER = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {root!r})
+    import torch
+    import plumbing  # noqa: F401 - the scripts' first import: it sets the sockets' folder
+
+    class Tensors(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return torch.full((3,), float(i))
+
+    if __name__ == "__main__":
+        from multiprocessing import util
+        for method in ("fork", "forkserver", "spawn"):
+            loader = torch.utils.data.DataLoader(Tensors(), batch_size=2, num_workers=1, multiprocessing_context=method)
+            print(method, [batch[:, 0].tolist() for batch in loader], flush=True)
+        print(util.get_temp_dir())
+""")
+
+
+def test_loader_workers_hand_batches_over_under_a_deep_tmpdir(tmp_path):
+    """DataLoader workers send each batch's tensors through a Unix socket in multiprocessing's temporary folder, whose
+    path may not exceed 107 bytes. Under a 120-character TMPDIR (a scheduler's per-job folder) a forked worker used to
+    fail to send and the loop to wait for its batch forever; with plumbing imported, every start method delivers."""
+    deep = tmp_path / ("d" * (120 - len(str(tmp_path)) - 1))
+    deep.mkdir()
+    script = tmp_path / "loader.py"
+    script.write_text(LOADER.format(root=ROOT))
+    res = run_cli([sys.executable, str(script)], env={"TMPDIR": str(deep)}, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    *batches, folder = res.stdout.splitlines()
+    assert batches == [f"{method} [[0.0, 1.0], [2.0, 3.0]]" for method in ("fork", "forkserver", "spawn")]
+    assert len(folder) <= 107 - len("/listener-12345678") and not os.path.exists(folder)
