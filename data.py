@@ -169,25 +169,32 @@ def shard_samples(shard):
 def count_samples(shards, most_images=False):
     """Samples in local shards, from their tar headers alone (no member is read: a 1 GB shard costs a few seeks).
     `most_images`: (samples, the most images one sample has), from the same headers (its `KEY.<index>.<ext>`)."""
+    counts = [_count_one(shard) for shard in shards]
+    total = sum(n for n, _ in counts)
+    return (total, max((most for _, most in counts), default=0)) if most_images else total
+
+
+def samples_per_shard(shards):
+    """`count_samples` of each shard, in order."""
+    return [_count_one(shard)[0] for shard in shards]
+
+
+def _count_one(shard):
     import tarfile
     from collections import Counter
 
     from webdataset.tariterators import base_plus_ext
 
-    total = most = 0
-    for shard in shards:
-        if not os.path.isfile(shard):
-            raise DataError(f"{shard}: not a local file, so its samples cannot be counted (pass --epoch_samples)")
-        try:
-            with tarfile.open(shard) as tar:
-                names = [base_plus_ext(m.name) for m in tar if m.isreg()]
-        except tarfile.TarError as e:
-            raise DataError(f"{shard}: cannot read as a tar shard ({e})") from None
-        keys = [k for k, _ in names if k is not None]
-        total += sum(1 for i, k in enumerate(keys) if i == 0 or k != keys[i - 1])
-        images = Counter(k for k, ext in names if k is not None and IMAGE_MEMBER.match(ext.lower()))
-        most = max(most, *images.values(), 0)
-    return (total, most) if most_images else total
+    if not os.path.isfile(shard):
+        raise DataError(f"{shard}: not a local file, so its samples cannot be counted (pass --epoch_samples)")
+    try:
+        with tarfile.open(shard) as tar:
+            names = [base_plus_ext(m.name) for m in tar if m.isreg()]
+    except tarfile.TarError as e:
+        raise DataError(f"{shard}: cannot read as a tar shard ({e})") from None
+    keys = [k for k, _ in names if k is not None]
+    images = Counter(k for k, ext in names if k is not None and IMAGE_MEMBER.match(ext.lower()))
+    return sum(1 for i, k in enumerate(keys) if i == 0 or k != keys[i - 1]), max(images.values(), default=0)
 
 
 @dataclass
@@ -237,6 +244,14 @@ class ShardStream(torch.utils.data.IterableDataset):
         if self.batches_per_epoch is None:
             raise TypeError("an exact stream has no length")
         return self.batches_per_epoch
+
+    def share(self, counts, workers):
+        """How many samples an exact pass gives this rank, from each shard's sample count (`samples_per_shard`)
+        and the loader's worker count: the dealing of `__iter__`, counted instead of read."""
+        slots, first = self.world_size * workers, self.rank * workers
+        if len(counts) < slots:  # dealt by sample: the n-th sample of the shards in order goes to slot n % slots
+            return sum(len(range(slot, sum(counts), slots)) for slot in range(first, first + workers))
+        return sum(sum(counts[slot::slots]) for slot in range(first, first + workers))
 
     def _raw(self, shard_ids, slot, slots, sample_level):
         """(shard id, index in shard, raw sample, its length or None) of this slot, shards in the given order."""

@@ -20,7 +20,8 @@ import os
 import torch
 
 from collate import LABELS, DataError, collate_features
-from plumbing import fail, log
+from data import samples_per_shard
+from plumbing import fail, log, wait_for_every_rank
 from reliability import first_problem, rank_0s
 
 
@@ -63,16 +64,16 @@ class FeatureCache:
         return {"settings": _sha(self.settings), "shard": os.path.abspath(shard), "size": stat.st_size,
                 "mtime_ns": stat.st_mtime_ns}
 
-    def load(self, shards):
+    def load(self, shards, read=True):
         """Read the valid files of `shards`: into memory when they fit (see `memory_budget`), else memory-mapped,
         a row read when its sample is; returns the others (not cached yet, or a file that cannot be used: one line
-        each)."""
+        each). `read` off: only check which files are valid (their headers)."""
         from safetensors import safe_open
 
         files = [self.path(s) for s in shards if s not in self.entries and os.path.exists(self.path(s))]
         size = sum(os.path.getsize(f) for f in files)
         mapped = size > memory_budget()
-        if mapped:
+        if mapped and read:
             log(f"feature cache: {size / 2**30:.1f} GiB in {len(files)} files, more than this process should hold: "
                 f"features are read from the files as needed (memory-mapped, shared by the processes of a node)")
         missing = []
@@ -88,6 +89,8 @@ class FeatureCache:
                     meta = f.metadata()
                     if json.loads(meta["fingerprint"]) != self.fingerprint(shard):
                         raise _Stale("its shard or the settings changed since it was written")
+                    if not read:
+                        continue
                     tensors = {name: f.get_tensor(name) for name in LABELS}
                     if mapped:  # each good sample's row number in this file, read by `encode`
                         rows = f.get_slice("features").get_shape()[0]
@@ -103,11 +106,11 @@ class FeatureCache:
                 missing.append(shard)
         return missing
 
-    def load_agreed(self, shards):
+    def load_agreed(self, shards, read=True):
         """`load` on every rank, and the shards rank 0 could not use, the same on every rank: ranks that computed
         different shards would wait for each other forever. A rank that cannot read a file rank 0 read (the cache
         folder on a node-local disk) exits 2 on every rank with one line."""
-        mine = self.load(shards)
+        mine = self.load(shards, read)
         missing = rank_0s(mine)
         rank, unread = first_problem(next((self.path(s) for s in mine if s not in missing), None))
         if unread:
@@ -115,25 +118,41 @@ class FeatureCache:
                  f"same --feature_cache folder (a shared filesystem)", every_rank=True)
         return missing
 
-    def store(self, shards, rows, bad, write):
-        """Keep the features of `shards` that one exact pass computed (`rows`: each good sample's `order`, `key`,
-        `length`, `features`, `labels`; `bad`: data.BadSample list, with index and length), on every rank, and with
-        `write` (rank 0) save one file per shard."""
+    def fill(self, shards, features_pass, writer, chunk_samples=None):
+        """Make the cache cover `shards` (local files): the files it lacks are computed a chunk of shards at a time (about `chunk_samples` samples, `CHUNK_SAMPLES` by default), each chunk's files written when
+        it is done, so a run stopped during this pass (one backbone epoch at full size) keeps what it finished.
+        `features_pass(chunk, desc)` is one exact pass over the chunk's samples on every rank, returning (rows,
+        data.BadSample list): each good sample's `order`, `key`, `length`, `features` and `labels`, gathered on the
+        `writer` only (the other ranks get none), and the bad samples on every rank. Only the writer holds a chunk's
+        features, and only until its files are written; every rank then reads the files like any others
+        (`load_agreed`: in memory when they fit, else memory-mapped). Before, every rank kept every feature it had
+        computed in the first run: 8 KB a sample x 8 ranks, 350 GB a node for 5M samples."""
+        missing = self.load_agreed(shards, read=False)
+        chunks = list(_chunks(missing, samples_per_shard(missing), chunk_samples or CHUNK_SAMPLES))
+        if missing:
+            log(f"feature cache: computing the backbone's features of {len(missing)} shard(s) once, into "
+                f"{self.folder}, in {len(chunks)} part(s)")
+        for i, chunk in enumerate(chunks):
+            rows, bad = features_pass(chunk, f"feature cache, part {i + 1} of {len(chunks)}")
+            if fatal := next((b for b in bad if b.fatal), None):  # every rank has the bad samples: all raise
+                raise DataError(str(fatal))
+            if writer:
+                self._write_chunk(chunk, rows, bad)
+            del rows  # before the next chunk's pass, not after it
+            wait_for_every_rank()  # every file written before anyone reads it, however long the writer takes
+
+    def _write_chunk(self, shards, rows, bad):
+        """One file per shard of a chunk, from its rows and bad samples (with their index and length)."""
         per_shard = {shard: [] for shard in shards}
         for r in rows:
             per_shard[shards[r["order"][0]]].append((r["order"][1], {"__key__": r["key"], "length": r["length"],
                                                                       "features": r["features"],
                                                                       "labels": r["labels"]}))
         for b in bad:
-            if b.fatal:
-                raise DataError(str(b))
             per_shard[b.shard].append((b.index, {"__key__": b.key, "length": b.length, "problem": b.problem}))
         os.makedirs(self.folder, exist_ok=True)
         for shard, indexed in per_shard.items():
-            entries = [entry for _, entry in sorted(indexed, key=lambda x: x[0])]
-            self.entries[shard] = entries
-            if write:
-                self._write(shard, entries)
+            self._write(shard, [entry for _, entry in sorted(indexed, key=lambda x: x[0])])
 
     def _write(self, shard, entries):
         import safetensors.torch
@@ -189,10 +208,43 @@ class FeatureCache:
         return entry["length"]
 
 
+CHUNK_SAMPLES = 32_768  # samples whose features the writer holds at once: 256 MB of 8 KB (4096 bf16 values) each
+
+
+def _chunks(shards, counts, limit):
+    """Consecutive shards in groups of at most `limit` samples (a larger shard alone)."""
+    chunk, size = [], 0
+    for shard, n in zip(shards, counts):
+        if chunk and size + n > limit:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(shard)
+        size += n
+    if chunk:
+        yield chunk
+
+
 def memory_budget():
     """Bytes of features a process holds in memory: an eighth of the memory available now (a node may run 8 ranks,
     each holding its own copy; beyond that the files are mapped, so the page cache holds one copy for all)."""
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 8
+
+
+def open_feature_cache(folder, settings, shards, features_pass, writer):
+    """The cache in `folder` for these `settings`, covering `shards` (computed where it does not yet:
+    `FeatureCache.fill`); None, said in one line, when some shard is not a local file (nothing to check a cached
+    feature against). A fatal bad sample during the computation exits 2 on every rank with one line."""
+    if not all(os.path.isfile(s) for s in shards):
+        log("feature cache: off, some shards are not local files (nothing to check a cached feature against)")
+        return None
+    cache = FeatureCache(folder, settings)
+    try:
+        cache.fill(shards, features_pass, writer)
+    except DataError as e:
+        fail(e, every_rank=True)
+    if unusable := cache.load_agreed(shards):
+        fail(f"feature cache: {cache.path(unusable[0])}: written in this run, yet not usable", every_rank=True)
+    return cache
 
 
 class _Stale(Exception):

@@ -52,11 +52,13 @@ parts stay bf16, the heads are fp32; rank 0 prints the policy and a per-GPU memo
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from accelerate.utils import gather_object
 from torch import nn
 from transformers import AutoConfig, AutoProcessor, HfArgumentParser, Trainer, TrainerCallback, set_seed
@@ -65,8 +67,8 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLModel, Qwen3VL
 
 from collate import LABELS, DataError, VLEncoder, missing_chat_template
 from curves import write_training_curves
-from data import BadSample, ShardStream, count_samples, expand_shards, make_loader
-from feature_cache import FeatureCache
+from data import BadSample, ShardStream, count_samples, expand_shards, make_loader, samples_per_shard
+from feature_cache import open_feature_cache
 from feature_cache import settings as feature_settings
 from plumbing import (TrainingDefaults, check_output_dir, demo_dir, fail, final_evaluation, leave_process_group,
                       log, parse_arguments, patient_group, prepare_demo, wait_for_every_rank, weights_source)
@@ -431,29 +433,34 @@ def prediction(row):
 # Trainer: the scorer's loaders, head learning rate, per-head loss logs, bad samples, exact evaluation/prediction
 # ---------------------------------------------------------------------------------------------------------------
 
-def exact_pass(stream, args, on_bad_sample, rows_of, unique=True, lockstep=None):
+def exact_pass(stream, args, on_bad_sample, rows_of, unique=True, lockstep=None, rows_to=None, desc="exact pass"):
     """Every sample of `stream` once over all ranks, as `rows_of(batch)` describes each (a dict per sample, in batch
     order); returns (rows, each with its `order` and `key`, sorted by shard and position; data.BadSample list, one
     per shard and key), the same on every rank. Each rank runs its own samples with no collective in between (ranks
     may hold very different numbers), then everything is gathered with its key; bad-sample errors are raised after
     the gather, by every rank alike, so no rank is left waiting for one that stopped. A key met twice is a bad
     sample the second time, unless `unique` is off (the feature cache keeps every sample, as training reads them).
+    `rows_to`: the rows are gathered on that rank only (the others get none; bad samples still reach every rank),
+    for rows only one process needs and that may be large (the feature cache's writer).
     `lockstep` (a sharded model, --fsdp, whose forward gathers each layer from every rank): every rank must run as
     many forwards as the others, so a rank without a batch to run calls `lockstep()` (a stand-in forward) until all
-    are done, agreed by one all-reduce per batch."""
+    are done, agreed by one all-reduce per batch. Process 0 shows a progress bar of its samples (`desc`)."""
     rows, found = [], []
     loader = make_loader(stream, args)
+    progress = _progress_bar(stream, args, desc)
     for batch in _until_every_rank_is_done(loader, args.device) if lockstep else loader:
         if batch is not None:
             found += batch["bad_samples"]
+            progress.update(len(batch["order"]) + sum(not bad.fatal for bad in batch["bad_samples"]))
         if batch is None or not batch["order"]:  # this rank is done, or only bad samples were left for this batch
             if lockstep:
                 lockstep()
             continue
         for i, row in enumerate(rows_of(batch)):
             rows.append({"order": batch["order"][i], "key": batch["keys"][i], **row})
+    progress.close()
     wait_for_every_rank()  # ranks done early wait for the others as long as their shares take (not --ddp_timeout)
-    rows, found = gather_object(rows), gather_object(found)
+    rows, found = _gathered(rows, rows_to), gather_object(found)
     rows.sort(key=lambda r: tuple(r["order"]))
     if unique:
         first, kept = {}, []
@@ -474,6 +481,31 @@ def exact_pass(stream, args, on_bad_sample, rows_of, unique=True, lockstep=None)
             once.setdefault((bad.shard, bad.key), bad)
         found = list(once.values())
     return rows, found
+
+
+def _progress_bar(stream, args, desc):
+    """tqdm on stderr for process 0's share of an exact pass (its size known from the tar headers of local shards,
+    else open-ended), so an evaluation, a prediction or the feature cache's backbone epoch (hours at full size) shows
+    samples, rate and time left. Other processes, and --disable_tqdm, get a silent one."""
+    from tqdm.auto import tqdm
+
+    show = args.process_index == 0 and not args.disable_tqdm
+    total = None
+    if show and all(os.path.isfile(s) for s in stream.shards):
+        total = stream.share(samples_per_shard(stream.shards), max(1, args.dataloader_num_workers))
+    return tqdm(total=total, desc=f"{desc} (process 0)", unit=" samples", disable=not show, file=sys.stderr,
+                dynamic_ncols=True)
+
+
+def _gathered(rows, to):
+    """Every rank's `rows` in one list, on every rank (`to` None) or on rank `to` only (the others get [])."""
+    if to is None:
+        return gather_object(rows)
+    if not dist.is_initialized():
+        return rows
+    parts = [None] * dist.get_world_size() if dist.get_rank() == to else None
+    dist.gather_object(rows, parts, dst=to)
+    return [row for part in parts for row in part] if parts else []
 
 
 def _until_every_rank_is_done(batches, device):
@@ -569,9 +601,10 @@ class ScorerTrainer(Trainer):
             self._head_steps = 0
         super().log(logs, start_time)
 
-    def exact_pass(self, stream, features=False):
+    def exact_pass(self, stream, features=False, desc="evaluation"):
         """`exact_pass` with the model: each sample's head outputs and labels; with `features`, what the feature
-        cache keeps instead: its pooled backbone state (on the CPU, as computed), labels and length."""
+        cache keeps instead: its pooled backbone state (on the CPU, as computed), labels and length, gathered on
+        process 0 only (the cache's writer)."""
         model, was_training = self.model, self.model.training
         model.eval()
 
@@ -596,7 +629,8 @@ class ScorerTrainer(Trainer):
                 model(input_ids=pad, attention_mask=torch.ones_like(pad))
         try:
             return exact_pass(stream, self.args, self.on_bad_sample, rows_of, unique=not features,
-                              lockstep=one_token if self.args.fsdp else None)
+                              lockstep=one_token if self.args.fsdp else None, rows_to=0 if features else None,
+                              desc=desc)
         finally:
             model.train(was_training)
 
@@ -616,7 +650,7 @@ class ScorerTrainer(Trainer):
         position = {shard: i for i, shard in enumerate(shards)}
         rows, bad = [], []
         for stream in streams:
-            r, b = self.exact_pass(stream)
+            r, b = self.exact_pass(stream, desc="prediction")
             rows += [((position[stream.shards[x["order"][0]]], x["order"][1]), x) for x in r]
             bad += b
         rows = [x for _, x in sorted(rows, key=lambda t: t[0])]
@@ -647,7 +681,7 @@ def dry_run_plan(streams, epoch_samples, image_token_id, on_bad_sample, args):
 
     plan, parts = {}, []
     for name, stream in streams.items():
-        rows, bad = exact_pass(stream, args, on_bad_sample, tokens)
+        rows, bad = exact_pass(stream, args, on_bad_sample, tokens, desc=f"dry run, {name}")
         text, image = sum(r["text"] for r in rows), sum(r["image"] for r in rows)
         plan[name] = {"samples": len(rows), "bad_samples": len(bad), "text_tokens": text, "image_tokens": image}
         parts.append(f"{name}: {len(rows):,} samples ({len(bad):,} bad), {text + image:,} tokens ({text:,} text + "
@@ -664,14 +698,9 @@ def dry_run_plan(streams, epoch_samples, image_token_id, on_bad_sample, args):
 # Main
 # ---------------------------------------------------------------------------------------------------------------
 
-def main(argv=None):
-    start = time.time()
-    parser = HfArgumentParser(ARGUMENTS)
-    model_args, data_args, lora_args, args = parse_arguments(parser, argv, demo_args=DEMO_ARGS)
-    reduce_every_micro_batch(args)  # with --fsdp: no unsharded gradients held across micro-batches
-    if data_args.demo:
-        import demo
-        prepare_demo(DEMO_DIR, demo.build_scorer_demo, args)
+def settle_flags(model_args, data_args, lora_args, args):
+    """Refuse what cannot run (one line, exit 2, before any model loads) and settle what follows from the flags;
+    returns (the predict shards' spec, the feature cache folder or None)."""
     predict_shards = data_args.predict_shards if data_args.predict_shards is not None else data_args.eval_shards
     if args.do_predict and predict_shards is None:
         fail("--do_predict needs --predict_shards (or --eval_shards)")
@@ -688,8 +717,6 @@ def main(argv=None):
              every_rank=True)
     if problem := check_flags(args, lora_args):
         fail(problem, every_rank=True)  # every rank meets it at the same point
-    check_output_dir(args.output_dir)
-    patient_group()  # for exact_pass's wait: made while every rank is here together, before any loader forks
     if args.deepspeed:
         fail("--deepspeed: DeepSpeed casts the whole model to bf16, the scorer's fp32 heads too; shard the scorer "
              "with --fsdp (configs/scorer-qwen3vl-8b-full-fsdp2-8gpu.yaml)", every_rank=True)
@@ -705,25 +732,86 @@ def main(argv=None):
         args.activation_checkpointing = False  # nothing to recompute: the backbone runs without autograd
     elif args.activation_checkpointing_auto:  # under FSDP its own checkpointing (fsdp_config) replaces the Trainer's
         args.activation_checkpointing = not (args.fsdp and args.fsdp_config.get("activation_checkpointing"))
+    return predict_shards, cache_folder
 
-    # Data: shard lists now (a typo exits before any model loads); samples are read and encoded by the loaders.
+
+def shard_lists(data_args, predict_shards, do_predict):
+    """({split: shard list}, samples an epoch, most images in a training sample, most in an evaluation sample),
+    from the flags and the tar headers of local shards: a typo or an empty set exits before any model loads."""
+    shards = {}
+    for name, spec in (("train", data_args.train_shards), ("eval", data_args.eval_shards),
+                       ("predict", predict_shards if do_predict else None)):
+        if spec is not None:
+            try:
+                shards[name] = expand_shards(spec, data_args.allow_pipe_shards)
+            except DataError as e:
+                raise DataError(f"--{name}_shards: {e}") from None
+    epoch_samples, most_images = data_args.epoch_samples or 0, None
+    if "train" in shards and (not epoch_samples or all(os.path.isfile(s) for s in shards["train"])):
+        counted, most_images = count_samples(shards["train"], most_images=True)
+        epoch_samples = epoch_samples or counted
+    local_eval = "eval" in shards and all(os.path.isfile(s) for s in shards["eval"])
+    eval_samples, eval_images = count_samples(shards["eval"], most_images=True) if local_eval else (None, None)
+    if eval_samples == 0:  # found now, not at the first evaluation
+        raise DataError(f"--eval_shards: {', '.join(shards['eval'])}: no sample in these shards")
+    return shards, epoch_samples, most_images, eval_images
+
+
+def train_and_save(trainer, model, args, stop, skip, save_dtype):
+    """Train (resuming the last complete checkpoint), stop or fail as the callbacks decided, save the model;
+    returns (metrics, summary line)."""
+    resume = checkpoint_to_resume(args)
+    if resume and (problem := resume_mismatch(resume, run_record(model, args.world_size))):
+        fail(problem, every_rank=True)
+    result = trainer.train(resume_from_checkpoint=resume)
+    exit_if_stopped(stop, args)
+    exit_if_failed(skip, args, batch=trainer.last_batches)
+    trainer.raise_train_error()  # a bad sample met after the last logging step
+    # The fp32 masters back in the checkpoint's dtype (heads and adapters stay fp32: small); a save holds the heads
+    # (+ adapters) when the backbone is frozen (has adapters), else everything.
+    save_final_model(trainer, model, args.output_dir, save_dtype, keep=SAVED_WITH_BASE)
+    trainer.save_state()
+    per_rank, total = trainer.gathered_train_bad()
+    last = next((h for h in reversed(trainer.state.log_history) if "loss" in h), {})
+    heads = ", ".join(f"{name} {last.get(f'loss_{name}', 0):.4f}" for name in LABELS)
+    return {**result.metrics, "train_bad_samples": total}, (
+        f"trained {trainer.state.global_step} steps, last logged loss {last.get('loss', 0):.4f} ({heads}); bad "
+        f"samples skipped {total} (per rank {per_rank}); model saved to {args.output_dir}")
+
+
+def predict(trainer, cache, shards, path, stream):
+    """Predictions for `shards` written to `path`: those the feature cache covers read from it, new ones through
+    the backbone (`stream(only)` makes a prediction stream); returns (samples, bad samples)."""
+    todo = cache.load_agreed(shards) if cache else shards
+    covered = [s for s in shards if s not in todo]
+    streams = ([cache.attach(stream(covered))] if covered else []) + ([stream(todo)] if todo else [])
+    return trainer.write_predictions(streams, shards, path)
+
+
+def save_merged(model, processor, save_dtype, args):
+    """The adapters merged: one full scorer that from_pretrained loads without the base or peft; its summary line."""
+    model.merge_lora()
+    to_base_dtype(model, save_dtype, keep=HEADS)
+    if args.should_save:
+        model.save_pretrained(os.path.join(args.output_dir, "merged"))
+        processor.save_pretrained(os.path.join(args.output_dir, "merged"))
+    return f"merged model saved to {os.path.join(args.output_dir, 'merged')}"
+
+
+def main(argv=None):
+    start = time.time()
+    model_args, data_args, lora_args, args = parse_arguments(HfArgumentParser(ARGUMENTS), argv, demo_args=DEMO_ARGS)
+    reduce_every_micro_batch(args)  # with --fsdp: no unsharded gradients held across micro-batches
+    if data_args.demo:
+        import demo
+        prepare_demo(DEMO_DIR, demo.build_scorer_demo, args)
+    predict_shards, cache_folder = settle_flags(model_args, data_args, lora_args, args)
+    check_output_dir(args.output_dir)
+    patient_group()  # for exact_pass's wait: made while every rank is here together, before any loader forks
+
+    # Data: shard lists now; samples are read and encoded by the loaders. Then the processor and the model.
     try:
-        shards = {}
-        for name, spec in (("train", data_args.train_shards), ("eval", data_args.eval_shards),
-                           ("predict", predict_shards if args.do_predict else None)):
-            if spec is not None:
-                try:
-                    shards[name] = expand_shards(spec, data_args.allow_pipe_shards)
-                except DataError as e:
-                    raise DataError(f"--{name}_shards: {e}") from None
-        epoch_samples, most_images = data_args.epoch_samples or 0, None  # most images in a training sample
-        if "train" in shards and (not epoch_samples or all(os.path.isfile(s) for s in shards["train"])):
-            counted, most_images = count_samples(shards["train"], most_images=True)
-            epoch_samples = epoch_samples or counted
-        local_eval = "eval" in shards and all(os.path.isfile(s) for s in shards["eval"])
-        eval_samples, eval_images = count_samples(shards["eval"], most_images=True) if local_eval else (None, None)
-        if eval_samples == 0:  # found now, not at the first evaluation
-            raise DataError(f"--eval_shards: {', '.join(shards['eval'])}: no sample in these shards")
+        shards, epoch_samples, most_images, eval_images = shard_lists(data_args, predict_shards, args.do_predict)
         processor = AutoProcessor.from_pretrained(model_args.model_name_or_path)
         if problem := missing_chat_template(processor, model_args.model_name_or_path):
             raise DataError(problem)
@@ -789,61 +877,27 @@ def main(argv=None):
                             on_bad_sample=data_args.on_bad_sample, optimizer_cls_and_kwargs=optimizer)
     use_fsdp_precision(trainer, args)  # with --fsdp: bf16 compute, fp32 gradient reduction, outputs as computed
 
-    # Feature cache (frozen backbone): each training and evaluation sample's pooled state computed once, by one
-    # exact pass over every rank; the streams then read it and only the heads run. Local shards only (a cache
-    # entry is checked against its shard's size and modification time).
-    cache = None
-    if cache_folder and not all(os.path.isfile(s) for name in ("train", "eval") for s in shards.get(name, [])):
-        log("feature cache: off, some shards are not local files (nothing to check a cached feature against)")
-    elif cache_folder:
-        cache = FeatureCache(cache_folder, feature_settings(
-            model, processor, model_args, data_args, f"{load_dtype(args)}, bf16 {args.bf16}, fp16 {args.fp16}",
-            classes))
-        try:
-            missing = cache.load_agreed(list(dict.fromkeys(shards.get("train", []) + shards.get("eval", []))))
-            if missing:
-                log(f"feature cache: computing the backbone's features of {len(missing)} shard(s) once, into "
-                    f"{cache_folder}")
-            # A shard per rank and worker at a time, each chunk's files written when it is done: a run stopped or
-            # killed during this pass (one backbone epoch at full size) keeps what it finished.
-            slots = args.world_size * max(1, args.dataloader_num_workers)
-            for i in range(0, len(missing), slots):
-                chunk = missing[i:i + slots]
-                rows, bad = trainer.exact_pass(stream("eval", args.per_device_eval_batch_size, bucketed=True,
-                                                      only=chunk), features=True)
-                cache.store(chunk, rows, bad, write=args.process_index == 0)
-                trainer.accelerator.wait_for_everyone()  # every file written before anyone goes on
-        except DataError as e:
-            fail(e, every_rank=True)
-        for s in (train_stream, eval_stream):
-            if s is not None:
-                cache.attach(s)
-                log(f"feature cache: {cache_folder}: {'training' if s is train_stream else 'evaluation'} reads the "
-                    f"backbone's features from it")
+    # Feature cache (frozen backbone): each training and evaluation sample's pooled state computed once, by exact
+    # passes over every rank; the streams then read it and only the heads run.
+    cache = cache_folder and open_feature_cache(
+        cache_folder, feature_settings(model, processor, model_args, data_args,
+                                       f"{load_dtype(args)}, bf16 {args.bf16}, fp16 {args.fp16}", classes),
+        list(dict.fromkeys(shards.get("train", []) + shards.get("eval", []))),
+        lambda chunk, desc: trainer.exact_pass(stream("eval", args.per_device_eval_batch_size, bucketed=True,
+                                                      only=chunk), features=True, desc=desc),
+        writer=args.process_index == 0)
+    for s, split in ((train_stream, "training"), (eval_stream, "evaluation")):
+        if cache and s is not None:
+            cache.attach(s)
+            log(f"feature cache: {cache_folder}: {split} reads the backbone's features from it")
 
     # Run: train, evaluate, predict. A bad sample in `error` mode stops every rank together (AllRanksError).
     metrics, summary = {}, []
     try:
         if train_stream is not None:
-            resume = checkpoint_to_resume(args)
-            if resume and (problem := resume_mismatch(resume, run_record(model, args.world_size))):
-                fail(problem, every_rank=True)
-            result = trainer.train(resume_from_checkpoint=resume)
-            exit_if_stopped(stop, args)
-            exit_if_failed(skip, args, batch=trainer.last_batches)
-            trainer.raise_train_error()  # a bad sample met after the last logging step
-            # The fp32 masters back in the checkpoint's dtype (heads and adapters stay fp32: small); a save holds the
-            # heads (+ adapters) when the backbone is frozen (has adapters), else everything.
-            save_final_model(trainer, model, args.output_dir, save_dtype, keep=SAVED_WITH_BASE)
-            trainer.save_state()
-            metrics.update(result.metrics)
-            per_rank, total = trainer.gathered_train_bad()
-            metrics["train_bad_samples"] = total
-            last = next((h for h in reversed(trainer.state.log_history) if "loss" in h), {})
-            heads = ", ".join(f"{name} {last.get(f'loss_{name}', 0):.4f}" for name in LABELS)
-            summary.append(f"trained {trainer.state.global_step} steps, last logged loss {last.get('loss', 0):.4f} "
-                           f"({heads}); bad samples skipped {total} (per rank {per_rank}); model saved to "
-                           f"{args.output_dir}")
+            trained, line = train_and_save(trainer, model, args, stop, skip, save_dtype)
+            metrics.update(trained)
+            summary.append(line)
         if eval_stream is not None:
             metrics.update(final_evaluation(trainer))
             trainer.save_metrics("eval", {**{k: v for k, v in metrics.items() if k.startswith("eval_")},
@@ -855,23 +909,14 @@ def main(argv=None):
             summary.append(f"training curves in {curves}")
         if "predict" in shards:
             path = data_args.predict_output or os.path.join(args.output_dir, "predictions.jsonl")
-            todo = cache.load_agreed(shards["predict"]) if cache else shards["predict"]  # new shards: not cached
-            covered = [s for s in shards["predict"] if s not in todo]
-            streams = ([cache.attach(stream("predict", args.per_device_eval_batch_size, only=covered))]
-                       if covered else []) + ([stream("predict", args.per_device_eval_batch_size, only=todo)]
-                                              if todo else [])
-            n, bad = trainer.write_predictions(streams, shards["predict"], path)
+            n, bad = predict(trainer, cache, shards["predict"], path,
+                             lambda only: stream("predict", args.per_device_eval_batch_size, only=only))
             metrics.update(predict_samples=n, predict_bad_samples=bad)
             summary.append(f"predictions for {n} samples written to {path} ({bad} bad samples skipped)")
     except DataError as e:
         fail(e, every_rank=isinstance(e, AllRanksError))
-    if lora_args.merge_lora:  # one full scorer that from_pretrained loads without the base or peft
-        model.merge_lora()
-        to_base_dtype(model, save_dtype, keep=HEADS)
-        if args.should_save:
-            model.save_pretrained(os.path.join(args.output_dir, "merged"))
-            processor.save_pretrained(os.path.join(args.output_dir, "merged"))
-        summary.append(f"merged model saved to {os.path.join(args.output_dir, 'merged')}")
+    if lora_args.merge_lora:
+        summary.append(save_merged(model, processor, save_dtype, args))
     trainer.log_metrics("all", metrics)
     trainer.save_metrics("all", metrics)  # all_results.json
     trainer.metrics = metrics  # for callers of main()

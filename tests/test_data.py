@@ -7,7 +7,8 @@ import torch
 
 import demo
 from collate import DataError
-from data import BadSample, ShardStream, count_samples, expand_shards, load_sft_file, record_location, shard_samples
+from data import (BadSample, ShardStream, count_samples, expand_shards, load_sft_file, record_location,
+                  samples_per_shard, shard_samples)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -170,9 +171,12 @@ class TestShardStream:
         paths, keys = key_shards(tmp_path, sizes, bad={(0, 1)})
         seen, bad = [], []
         for rank in range(world):
-            k, b, _ = run_rank(ShardStream(paths, KeyOnly(), 2, 0, rank=rank, world_size=world), workers)
+            stream = ShardStream(paths, KeyOnly(), 2, 0, rank=rank, world_size=world)
+            k, b, _ = run_rank(stream, workers)
             seen += k
             bad += b
+            # what a progress bar counts on: the rank's share, known from the headers before reading
+            assert stream.share(samples_per_shard(paths), max(1, workers)) == len(k) + len(b)
         good = [k for k in keys if not k.endswith("bad")]
         assert sorted(seen) == sorted(good) and len(seen) == len(good)
         assert bad == [BadSample(paths[0], "s0i1bad", "bad on purpose")]

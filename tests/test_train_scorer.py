@@ -497,7 +497,9 @@ def test_tensorboard_and_the_curves_get_the_per_head_losses_and_the_eval_metrics
 
 def test_two_processes_uneven_shards_text_only_batches_exact_eval_and_predict(scorer_demo, tmp_path):
     """Rank 0 and rank 1 train on different shards, one of them text-only (so one rank's vision tower gets no real
-    gradient); eval shards of very different sizes; a predict shard with fewer shards than ranks x workers."""
+    gradient); eval shards of very different sizes; a predict shard with fewer shards than ranks x workers. Process 0
+    alone shows progress bars of its share of the evaluation (shards 0, 1 and 4: 8 samples) and of the prediction
+    (samples 0, 1 and 4 of 5)."""
     texts = [demo.vl_sample(f"txt{i}", {"prompt": f"Please rate text {i}.", "score": float(i), "type": i % 3}, [])
              for i in range(3)]
     images = demo.make_vl_samples(7, seed=5, prefix="img")
@@ -516,9 +518,12 @@ def test_two_processes_uneven_shards_text_only_batches_exact_eval_and_predict(sc
         "--predict_shards", f"{tmp_path}/predict.tar", "--do_predict", "--output_dir", str(out),
         "--per_device_train_batch_size", "1", "--per_device_eval_batch_size", "2", "--max_steps", "8",
         "--logging_steps", "2", "--learning_rate", "1e-3", "--min_pixels", "1024", "--max_pixels", "4096",
-        "--dataloader_num_workers", "2", "--use_cpu", "--save_strategy", "no", "--disable_tqdm", "true"],
+        "--dataloader_num_workers", "2", "--use_cpu", "--save_strategy", "no", "--disable_tqdm", "false"],
         env=TWO, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
+    bars = [line for line in result.stderr.replace("\r", "\n").splitlines() if "(process 0)" in line]
+    assert [b.split(":")[0] for b in bars if " 0/" in b] == ["evaluation (process 0)", "prediction (process 0)"]
+    assert any("| 8/8 [" in b for b in bars) and any("| 3/3 [" in b for b in bars), bars
     assert "an epoch is 12 samples = 6 steps of 2 x 1 x 1" in result.stdout
     assert "bad samples skipped 2 (per rank [" in result.stdout
     with open(out / "all_results.json") as f:
