@@ -260,8 +260,9 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     `length_of(sample)`: the token length of a raw sample; given, training batches are bucketed by it (within
     each shuffle buffer, see `_bucketed`) and every batch also carries `lengths` (per sample, like `order`).
-    `read(shard)` yields a shard's samples and `collate(features, pad_token_id)` makes a batch: the tar reader and
-    collate_vl, or another source of the same samples (feature_cache.py: cached features, same order).
+    `read(shard, wanted)` yields a shard's samples (None where `wanted(index)` is false, or any stand-in: those are
+    not used) and `collate(features, pad_token_id)` makes a batch: the tar reader and collate_vl, or another source
+    of the same samples (feature_cache.py: cached features, same order).
     """
 
     def __init__(self, shards, encoder, batch_size, pad_token_id, rank=0, world_size=1, batches_per_epoch=None,
