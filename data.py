@@ -163,15 +163,10 @@ def shard_samples(shard, wanted=None):
     a stream slot that keeps every n-th sample reads about 1/n of the shard. A URL or a compressed shard cannot seek:
     it is read whole.
     """
-    import tarfile
-
     from webdataset.tariterators import tarfile_samples
 
     try:
-        try:
-            tar = tarfile.open(shard, "r:") if wanted is not None and os.path.isfile(shard) else None
-        except tarfile.ReadError:  # compressed (or no tar at all: the streaming reader says so below)
-            tar = None
+        tar = _random_access(shard) if wanted is not None else None
         if tar is None:
             for i, sample in enumerate(tarfile_samples([{"url": shard}])):
                 yield sample if wanted is None or wanted(i) else None
@@ -180,6 +175,19 @@ def shard_samples(shard, wanted=None):
             yield from _seeking_samples(tar, shard, wanted)
     except Exception as e:  # noqa: BLE001 - a truncated or foreign file: tarfile and gopen raise many types
         raise DataError(f"{shard}: cannot read as a tar shard ({type(e).__name__}: {e})") from None
+
+
+def _random_access(shard):
+    """`shard` opened as an uncompressed local tar (its first header read), or None: a URL or a compressed file is
+    read as a stream (and a file that is no tar at all is left to the stream reader to name)."""
+    import tarfile
+
+    if not os.path.isfile(shard):
+        return None
+    try:
+        return tarfile.open(shard, "r:")
+    except tarfile.ReadError:
+        return None
 
 
 def _seeking_samples(tar, shard, wanted):
@@ -193,7 +201,8 @@ def _seeking_samples(tar, shard, wanted):
     def files():
         index, key = -1, None
         for member in tar:  # random access: each header is read, the data between them seeked over
-            if not member.isreg() or re.match(r"__[^/]*__($|/)", member.name):  # what webdataset skips
+            # what webdataset's tar_file_iterator skips (its default skip_meta)
+            if not member.isreg() or re.match(r"__[^/]*__($|/)", member.name):
                 continue
             prefix = base_plus_ext(member.name)[0]
             if prefix is None:
