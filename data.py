@@ -376,6 +376,8 @@ class ShardStream(torch.utils.data.IterableDataset):
                         return
         except DataError as e:  # unreadable shard or no samples at all: fatal whatever the policy
             bad.append(BadSample(None, None, str(e), fatal=True))
+        if made < skip:  # stopped while counting out a trained batch: its samples are not encoded, only the error
+            features, order, lengths = [], [], []
         if features or bad:
             yield self._batch(features, order, lengths, bad)
 

@@ -304,6 +304,17 @@ class TestResume:
                 assert batches(resumed) == batches(again)
 
 
+    def test_an_unreadable_shard_met_while_counting_out_is_still_the_one_error(self, tmp_path):
+        paths, _ = key_shards(tmp_path, [6])
+        with open(paths[0], "r+b") as f:
+            f.truncate(2 * 1024 + 600)  # samples 0 and 1 (a 512-byte header and a 512-byte block each), then a cut
+        stream = ShardStream(paths, KeyOnly(), 3, 0, batches_per_epoch=3)
+        stream.resume_at(1, ())
+        keys, bad, _ = run_rank(stream, 0)
+        assert keys == [] and stream.encoder.encoded == [] and [b.fatal for b in bad] == [True]
+        assert "cannot read as a tar shard" in str(bad[0])
+
+
 class TestBuckets:
     LENGTHS = [37, 3, 21, 50, 8, 44, 15, 29, 2, 33, 11, 47, 26, 6, 40, 18, 31, 9, 24, 45, 13, 36, 5, 28]
 
