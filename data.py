@@ -153,17 +153,67 @@ def expand_shards(spec, allow_pipe=False):
     return list(dict.fromkeys(shards))
 
 
-def shard_samples(shard):
-    """The samples of one shard (local path or URL) in order: `{"__key__": key, "json": bytes, "0.jpg": bytes, ...}`.
+def shard_samples(shard, wanted=None):
+    """The samples of one shard (local path or URL) in order: `{"__key__": key, "__url__": shard, "json": bytes,
+    "0.jpg": bytes, ...}`.
 
     The one tar reader of the project (webdataset's own), for training, evaluation and token_stats.py alike.
+    `wanted(index)`: which samples the caller uses (index in the shard); the others come as None, and in an
+    uncompressed local shard their members are not read at all: the reader seeks past them by their tar headers, so
+    a stream slot that keeps every n-th sample reads about 1/n of the shard. A URL or a compressed shard cannot seek:
+    it is read whole.
     """
     from webdataset.tariterators import tarfile_samples
 
     try:
-        yield from tarfile_samples([{"url": shard}])
+        tar = _random_access(shard) if wanted is not None else None
+        if tar is None:
+            for i, sample in enumerate(tarfile_samples([{"url": shard}])):
+                yield sample if wanted is None or wanted(i) else None
+            return
+        with tar:
+            yield from _seeking_samples(tar, shard, wanted)
     except Exception as e:  # noqa: BLE001 - a truncated or foreign file: tarfile and gopen raise many types
         raise DataError(f"{shard}: cannot read as a tar shard ({type(e).__name__}: {e})") from None
+
+
+def _random_access(shard):
+    """`shard` opened as an uncompressed local tar (its first header read), or None: a URL or a compressed file is
+    read as a stream (and a file that is no tar at all is left to the stream reader to name)."""
+    import tarfile
+
+    if not os.path.isfile(shard):
+        return None
+    try:
+        return tarfile.open(shard, "r:")
+    except tarfile.ReadError:
+        return None
+
+
+def _seeking_samples(tar, shard, wanted):
+    """`shard_samples` of an open uncompressed tar: the members webdataset keeps, grouped into samples by
+    webdataset's own `group_by_keys`, but only those of wanted samples read (a sample is a run of members with one
+    key, as there)."""
+    import re
+
+    from webdataset.tariterators import base_plus_ext, group_by_keys
+
+    def files():
+        index, key = -1, None
+        for member in tar:  # random access: each header is read, the data between them seeked over
+            # what webdataset's tar_file_iterator skips (its default skip_meta)
+            if not member.isreg() or re.match(r"__[^/]*__($|/)", member.name):
+                continue
+            prefix = base_plus_ext(member.name)[0]
+            if prefix is None:
+                continue
+            if prefix != key:
+                index, key = index + 1, prefix
+            yield {"fname": member.name, "__url__": shard,
+                   "data": tar.extractfile(member).read() if wanted(index) else None}
+
+    for i, sample in enumerate(group_by_keys(files())):
+        yield sample if wanted(i) else None
 
 
 def count_samples(shards, most_images=False):
@@ -215,18 +265,20 @@ class BadSample:
 class ShardStream(torch.utils.data.IterableDataset):
     """Batches from webdataset shards, split over `world_size` ranks x DataLoader workers ("slots").
 
-    With at least as many shards as slots, each slot reads its own shards; with fewer, every slot reads all of them
-    and keeps every n-th sample, so even one shard splits exactly over two ranks. Exact mode (`batches_per_epoch`
-    None): each slot yields its samples once, in order. Training mode: each slot cycles through its share,
-    reshuffled every pass, and the workers of a rank yield `batches_per_epoch` full batches between them, so every
-    rank runs the same number of steps. A batch is `collate_vl`'s dict plus `order` ((shard, index) per sample)
-    and `bad_samples` (BadSample list) that the main process counts or turns into an error; `stop_at_bad` ends an
-    exact stream at its first bad sample (no point reading on when the run will stop).
+    With at least as many shards as slots, each slot reads its own shards; with fewer, every slot goes through all of
+    them and keeps every n-th sample, so even one shard splits exactly over two ranks (a slot reads only its own
+    samples' members of a local shard: `shard_samples`). Exact mode (`batches_per_epoch` None): each slot yields its
+    samples once, in order. Training mode: each slot cycles through its share, reshuffled every pass, and the workers
+    of a rank yield `batches_per_epoch` full batches between them, so every rank runs the same number of steps; a
+    resumed run starts the epoch at its step (`resume_at`). A batch is `collate_vl`'s dict plus `order` ((shard,
+    index) per sample) and `bad_samples` (BadSample list) that the main process counts or turns into an error;
+    `stop_at_bad` ends an exact stream at its first bad sample (no point reading on when the run will stop).
 
     `length_of(sample)`: the token length of a raw sample; given, training batches are bucketed by it (within
     each shuffle buffer, see `_bucketed`) and every batch also carries `lengths` (per sample, like `order`).
-    `read(shard)` yields a shard's samples and `collate(features, pad_token_id)` makes a batch: the tar reader and
-    collate_vl, or another source of the same samples (feature_cache.py: cached features, same order).
+    `read(shard, wanted)` yields a shard's samples (None where `wanted(index)` is false, or any stand-in: those are
+    not used) and `collate(features, pad_token_id)` makes a batch: the tar reader and collate_vl, or another source
+    of the same samples (feature_cache.py: cached features, same order).
     """
 
     def __init__(self, shards, encoder, batch_size, pad_token_id, rank=0, world_size=1, batches_per_epoch=None,
@@ -236,9 +288,20 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.rank, self.world_size, self.batches_per_epoch = rank, world_size, batches_per_epoch
         self.seed, self.shuffle_buffer, self.stop_at_bad, self.epoch = seed, shuffle_buffer, stop_at_bad, 0
         self.length_of, self.read, self.collate = length_of, read, collate
+        self.start, self.bad_before = 0, set()  # see resume_at
 
     def set_epoch(self, epoch):
-        self.epoch = epoch
+        self.epoch, self.start = epoch, 0
+
+    def resume_at(self, batches, bad):
+        """Start this epoch's training stream at its batch `batches` (this rank's), as a resumed run needs, without
+        encoding the batches before it: their samples are still read and dealt (bucketing needs their lengths,
+        which come from headers) but no image of theirs is decoded. Where those batches ended depends on which of
+        their samples encoding refused; `bad` says which ((shard, index in shard) of each, as the run that trained
+        them met them, e.g. recorded in its checkpoints): they are left out, so every batch ends where it ended and
+        the batches from `batches` on are those of an uninterrupted epoch. A position missing from `bad` would
+        shift them. `set_epoch` starts the next epoch at its first batch."""
+        self.start, self.bad_before = batches, set(bad)
 
     def __len__(self):  # batches per rank per epoch; exact streams have no length known in advance
         if self.batches_per_epoch is None:
@@ -256,8 +319,9 @@ class ShardStream(torch.utils.data.IterableDataset):
     def _raw(self, shard_ids, slot, slots, sample_level):
         """(shard id, index in shard, raw sample, its length or None) of this slot, shards in the given order."""
         n = 0
-        for sid in shard_ids:
-            for i, sample in enumerate(self.read(self.shards[sid])):
+        for sid in shard_ids:  # dealt by sample: the reader skips the other slots' samples unread
+            wanted = (lambda i, first=n: (first + i) % slots == slot) if sample_level else None
+            for i, sample in enumerate(self.read(self.shards[sid], wanted)):
                 if not sample_level or n % slots == slot:
                     yield sid, i, sample, self.length_of(sample) if self.length_of else None
                 n += 1
@@ -265,6 +329,9 @@ class ShardStream(torch.utils.data.IterableDataset):
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        # batch j of the epoch comes from worker j % n; the loader asks worker 0 first, so after a resume at batch
+        # `start` each worker takes over the share of the one `start` places later
+        worker = (worker + self.start) % workers
         slots, slot = self.world_size * workers, self.rank * workers + worker
         ids = list(range(len(self.shards)))
         if self.batches_per_epoch is not None:
@@ -273,8 +340,9 @@ class ShardStream(torch.utils.data.IterableDataset):
         mine = ids if sample_level else ids[slot::slots]
         if self.batches_per_epoch is None:
             return self._batches(self._raw(mine, slot, slots, sample_level), None)
-        quota = len(range(worker, self.batches_per_epoch, workers))  # batch j of the epoch comes from worker j % n
-        return self._batches(self._cycle(mine, slot, slots, sample_level), quota) if quota else iter(())
+        quota = len(range(worker, self.batches_per_epoch, workers))
+        skip = len(range(worker, self.start, workers))  # this share's batches before the resumed one
+        return self._batches(self._cycle(mine, slot, slots, sample_level), quota, skip) if quota > skip else iter(())
 
     def _cycle(self, mine, slot, slots, sample_level):
         """Endless training samples of one slot: pass after pass over its share, each pass in a new order.
@@ -292,7 +360,9 @@ class ShardStream(torch.utils.data.IterableDataset):
             yield None, mine, None, None  # end of a pass: no shard, the pass's shard ids, no sample
             n_pass += 1
 
-    def _batches(self, items, quota):
+    def _batches(self, items, quota, skip=0):
+        """Encoded batches of `items` until `quota` batches are made, the first `skip` of them only counted out
+        (`resume_at`)."""
         features, order, lengths, bad, made, good_in_pass = [], [], [], [], 0, 0
         try:
             for sid, index, sample, length in items:
@@ -302,8 +372,10 @@ class ShardStream(torch.utils.data.IterableDataset):
                                         f"sample for rank {self.rank} (all bad, or fewer than ranks x workers)")
                     good_in_pass = 0
                     continue
+                if made < skip and (self.shards[sid], index) in self.bad_before:
+                    continue  # refused when its batch was trained, and counted then
                 try:
-                    features.append(self.encoder(sample))
+                    features.append(self.encoder(sample) if made >= skip else None)
                     order.append((sid, index))
                     lengths.append(length)
                     good_in_pass += 1
@@ -312,12 +384,15 @@ class ShardStream(torch.utils.data.IterableDataset):
                     if self.stop_at_bad:
                         break
                 if len(features) == self.batch_size:
-                    yield self._batch(features, order, lengths, bad)
+                    if made >= skip:
+                        yield self._batch(features, order, lengths, bad)
                     features, order, lengths, bad, made = [], [], [], [], made + 1
                     if made == quota:
                         return
         except DataError as e:  # unreadable shard or no samples at all: fatal whatever the policy
             bad.append(BadSample(None, None, str(e), fatal=True))
+        if made < skip:  # stopped while counting out a trained batch: its samples are not encoded, only the error
+            features, order, lengths = [], [], []
         if features or bad:
             yield self._batch(features, order, lengths, bad)
 

@@ -179,7 +179,7 @@ class FeatureCache:
             stream.length_of = self.length
         return stream
 
-    def read(self, shard):
+    def read(self, shard, wanted=None):  # entries are in memory or mapped: nothing to skip reading
         return iter(self.entries[shard])
 
     def encode(self, entry):

@@ -44,7 +44,8 @@ epoch. Training batches group samples of similar token length within each shuffl
 Evaluation and prediction read every sample exactly once, whatever the number of ranks and shards.
 Bad samples (undecodable image, missing image, bad json field, type out of range, NaN score) are skipped and
 counted (`--on_bad_sample skip`) or stop the run with exit code 2 (`error`).
-A run that finds `checkpoint-*` folders in --output_dir resumes from the newest one.
+A run that finds `checkpoint-*` folders in --output_dir resumes from the newest one, its stream positioned at that step
+without decoding the images of the steps before.
 Precision and memory as in sft_qwen2.py (training_plan.py): under bf16 what trains is fp32 master weights, frozen
 parts stay bf16, the heads are fp32; rank 0 prints the policy and a per-GPU memory plan at start.
 """
@@ -528,14 +529,34 @@ class _SetStreamEpoch(TrainerCallback):
         self.stream.set_epoch(state.global_step // self.steps_per_epoch)
 
 
+BAD_POSITIONS = "bad_samples_{}.json"  # in each checkpoint, per rank: see _KeepBadPositions
+
+
+class _KeepBadPositions(TrainerCallback):
+    """Each rank writes into each checkpoint where the bad training samples of the run so far were, as (shard, index
+    in shard) pairs: what a resume needs to position the stream without encoding the trained steps
+    (ScorerTrainer.get_resumed_dataloader). Written before MarkComplete's marker (this callback comes first)."""
+
+    def __init__(self, positions):
+        self.positions = positions
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        with open(os.path.join(folder, BAD_POSITIONS.format(args.process_index)), "w") as f:
+            json.dump(sorted(self.positions), f)
+
+
 class ScorerTrainer(Trainer):
-    """Trainer with the scorer's loaders, head learning rate, per-head loss logging, bad-sample accounting and an
-    exact evaluation/prediction pass (each rank runs its own samples, then everything is gathered with its key)."""
+    """Trainer with the scorer's loaders, head learning rate, per-head loss logging, bad-sample accounting, a resume
+    that positions the stream instead of replaying it, and an exact evaluation/prediction pass (each rank runs its
+    own samples, then everything is gathered with its key)."""
 
     META = ("keys", "order", "lengths", "bad_samples")
 
-    def __init__(self, *args, head_lr=None, on_bad_sample="skip", **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args, head_lr=None, on_bad_sample="skip", callbacks=None, **kwargs):
+        self.bad_positions = set()  # (shard, index) of every bad training sample this rank met, resumed runs' too
+        self.resumed_bad = None  # bad_positions as the checkpoint resumed from recorded them
+        super().__init__(*args, callbacks=[_KeepBadPositions(self.bad_positions), *(callbacks or [])], **kwargs)
         self.head_lr, self.on_bad_sample = head_lr, on_bad_sample
         self.train_bad = set()  # (shard, key) skipped on this rank while training
         self.last_keys = []  # the sample keys of this rank's latest training batch
@@ -545,6 +566,25 @@ class ScorerTrainer(Trainer):
 
     def get_train_dataloader(self):
         return make_loader(self.train_dataset, self.args)
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        record = (os.path.join(resume_from_checkpoint, BAD_POSITIONS.format(self.args.process_index))
+                  if isinstance(resume_from_checkpoint, str) else None)  # True: the Trainer's own pick
+        if record and os.path.isfile(record):
+            with open(record) as f:
+                self.resumed_bad = {tuple(position) for position in json.load(f)}
+            self.bad_positions |= self.resumed_bad  # the next checkpoints' records cover the steps before this run
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def get_resumed_dataloader(self, dataloader, num_batches):
+        """The Trainer replays the trained batches of the resumed epoch, decoding every image of them (hours at
+        step 50,000); the stream is positioned at the resumed batch instead, the bad samples of the trained steps
+        left out as the checkpoint records them (ShardStream.resume_at), so the batches are those of an
+        uninterrupted run. A checkpoint without that record (an earlier version's) is replayed."""
+        if self.resumed_bad is None:
+            return super().get_resumed_dataloader(dataloader, num_batches)
+        self.train_dataset.resume_at(num_batches, self.resumed_bad)
+        return dataloader
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
@@ -568,6 +608,7 @@ class ScorerTrainer(Trainer):
         for bad in found:
             if bad.fatal:  # this rank's stream cannot go on
                 raise DataError(str(bad))
+            self.bad_positions.add((bad.shard, bad.index))
             if self.on_bad_sample == "error":
                 self._train_error = self._train_error or bad
             else:

@@ -102,6 +102,54 @@ class TestTarReader:
         with pytest.raises(DataError, match="broken.tar: cannot read as a tar shard"):
             count_samples([str(broken)])
 
+    def test_wanted_samples_are_webdatasets_own_and_the_others_none(self, tmp_path):
+        """With `wanted`, a local shard is read by seeking over its members, yet gives exactly what webdataset's
+        streaming reader gives (members it skips, keys in folders, upper-case extensions); a gzipped shard, which
+        cannot seek, is streamed as before."""
+        import gzip
+        import io
+        import tarfile
+
+        from webdataset.tariterators import tarfile_samples
+
+        path = tmp_path / "mixed.tar"
+        with tarfile.open(path, "w") as tar:
+            for name, data in [("folder/", None), ("__meta__", b"m"), ("a.json", b"{}"), ("a.0.JPG", b"j" * 3000),
+                               ("in/b.json", b"b"), ("in/b.1.png", b"p" * 700), ("noext", b"n"), ("c.json", b"c"),
+                               ("__x__/y.json", b"q"), ("d.json", b"d" * 10000), ("d.0.webp", b"w"), ("e.json", b"e")]:
+                info = tarfile.TarInfo(name)
+                if data is None:
+                    info.type = tarfile.DIRTYPE
+                else:
+                    info.size = len(data)
+                tar.addfile(info, io.BytesIO(data) if data else None)
+        zipped = tmp_path / "mixed.tar.gz"
+        zipped.write_bytes(gzip.compress(path.read_bytes()))
+        for shard in (str(path), str(zipped)):
+            reference = list(tarfile_samples([{"url": shard}]))
+            assert [s["__key__"] for s in reference] == ["a", "in/b", "c", "d", "e"]
+            assert list(shard_samples(shard)) == reference
+            assert list(shard_samples(shard, lambda i: True)) == reference
+            assert list(shard_samples(shard, lambda i: i % 2 == 1)) == [None, reference[1], None, reference[3], None]
+
+    def test_a_slot_reads_only_its_share_of_a_shard(self, tmp_path):
+        """One shard over 4 ranks (dealt by sample): each rank reads its own 4 samples' bytes and the tar headers,
+        not the 16 samples' 2 MiB."""
+        samples = [{"__key__": f"s{i:02d}", "json": b"{}", "bin": bytes([i]) * 2**17} for i in range(16)]
+        path = demo.write_shard(tmp_path / "big.tar", samples)
+
+        def bytes_read():  # every read(2) of this process
+            with open("/proc/self/io") as f:
+                return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
+
+        run_rank(ShardStream([path], KeyOnly(), 2, 0, rank=0, world_size=4), 0)  # imports read files too
+        for rank in range(4):
+            before = bytes_read()
+            keys, _, _ = run_rank(ShardStream([path], KeyOnly(), 2, 0, rank=rank, world_size=4), 0)
+            read = bytes_read() - before
+            assert keys == [f"s{i:02d}" for i in range(rank, 16, 4)]
+            assert 4 * 2**17 < read < 5 * 2**17, read  # its 4 samples' 512 KiB, and the headers
+
     def test_count_needs_local_files(self):
         with pytest.raises(DataError, match="pass --epoch_samples"):
             count_samples(["pipe:cat x.tar"])
@@ -112,11 +160,19 @@ class TestTarReader:
 class KeyOnly:
     """An encoder without images or a processor: the split logic is what is under test here."""
 
+    def __init__(self):
+        self.encoded = []  # keys, in the process that encodes
+
     def __call__(self, sample):
+        self.encoded.append(sample["__key__"])
         if sample["__key__"].endswith("bad"):
             raise DataError("bad on purpose")
         return {"input_ids": torch.tensor([[1, 2]]), "attention_mask": torch.tensor([[1, 1]]),
                 "key": sample["__key__"]}
+
+    @staticmethod
+    def length(sample):  # something to bucket by
+        return sum(map(ord, sample["__key__"])) % 7
 
 
 class OfLength:
@@ -213,6 +269,54 @@ class TestShardStream:
         broken.write_bytes(b"this is not a tar file at all" * 40)
         _, bad, _ = run_rank(ShardStream([str(broken)], KeyOnly(), 2, 0), 0)
         assert bad[-1].fatal and "broken.tar: cannot read as a tar shard" in str(bad[-1])
+
+
+class TestResume:
+    @pytest.mark.parametrize("sizes, workers", [
+        ([13, 11], 0),  # 2 shards over 2 ranks: by shard, in process (encoder calls visible)
+        ([30], 2),  # 1 shard over 2 ranks x 2 workers: dealt by sample
+        ([9, 8, 7, 6, 5], 2),  # 5 shards over 4 slots: by shard, one slot gets two
+    ])
+    def test_a_resumed_epoch_continues_with_its_own_batches_without_encoding_the_earlier_ones(self, tmp_path, sizes,
+                                                                                              workers):
+        """resume_at(K, bad positions of batches < K): batches K.. of an uninterrupted epoch (bucketed, with bad
+        samples, wrapping around the rank's share, batch j from worker j % 2), and no sample of a batch before K
+        encoded; the next epoch starts at its first batch."""
+        paths, _ = key_shards(tmp_path, sizes, bad={(0, 2), (0, 5), (0, 6), (1, 3)})
+
+        def stream():
+            return ShardStream(paths, KeyOnly(), 3, 0, rank=1, world_size=2, batches_per_epoch=9, shuffle_buffer=6,
+                               seed=5, length_of=KeyOnly.length)
+
+        def batches(s):
+            from data import make_loader
+
+            return [(b["keys"], b["bad_samples"]) for b in make_loader(s, LoaderArgs(workers))]
+
+        whole = batches(stream())
+        assert len(whole) == 9 and sum(len(bad) for _, bad in whole) >= 2
+        for start in (1, 4, 7) if workers == 0 else (5,):  # an odd start: worker 0 takes over worker 1's share
+            resumed = stream()
+            resumed.resume_at(start, {(b.shard, b.index) for _, bad in whole[:start] for b in bad})
+            assert batches(resumed) == whole[start:], start
+            if workers == 0:
+                assert sorted(resumed.encoder.encoded) == sorted(
+                    [k for keys, _ in whole[start:] for k in keys] + [b.key for _, bad in whole[start:] for b in bad])
+                resumed.set_epoch(1)
+                again = stream()
+                again.set_epoch(1)
+                assert batches(resumed) == batches(again)
+
+
+    def test_an_unreadable_shard_met_while_counting_out_is_still_the_one_error(self, tmp_path):
+        paths, _ = key_shards(tmp_path, [6])
+        with open(paths[0], "r+b") as f:
+            f.truncate(2 * 1024 + 600)  # samples 0 and 1 (a 512-byte header and a 512-byte block each), then a cut
+        stream = ShardStream(paths, KeyOnly(), 3, 0, batches_per_epoch=3)
+        stream.resume_at(1, ())
+        keys, bad, _ = run_rank(stream, 0)
+        assert keys == [] and stream.encoder.encoded == [] and [b.fatal for b in bad] == [True]
+        assert "cannot read as a tar shard" in str(bad[0])
 
 
 class TestBuckets:

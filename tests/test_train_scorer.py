@@ -368,6 +368,41 @@ def test_bad_samples_are_skipped_and_counted(scorer_demo, tmp_path, capsys):
     assert len(read_jsonl(tmp_path / "o" / "predictions.jsonl")) == 13
 
 
+def test_resume_decodes_no_image_of_a_trained_step(scorer_demo, tmp_path, monkeypatch):
+    """A run resumed at step 3 of 6 (2 batches per step, bucketed, bad samples among the trained steps) positions its
+    stream there: it decodes only the images of steps 4-6, yet they see the batches of the uninterrupted run (the
+    same losses), the trained steps' bad samples left out where that run left them out (its checkpoint says where)."""
+    import collate
+
+    decoded = []
+
+    def counted(member, data, decode=True):
+        decoded.append(decode)
+        return open_image(member, data, decode)
+
+    open_image = collate.open_image
+    monkeypatch.setattr(collate, "open_image", counted)
+    samples = demo.make_vl_samples(40, seed=4, prefix="ok")
+    shard = demo.write_shard(tmp_path / "mixed.tar", samples[:5] + list(bad_samples().values()) + samples[5:])
+    args = ["--max_steps", "6", "--save_strategy", "steps", "--save_steps", "3", "--gradient_accumulation_steps", "2",
+            "--learning_rate", "2e-3"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train_scorer.main(scorer_args(scorer_demo, straight, *args, train=shard))
+    assert decoded.count(True) == 104  # the images of 6 steps (48 samples), and the one corrupt image
+    shutil.copytree(straight / "checkpoint-3", resumed / "checkpoint-3")
+    decoded.clear()
+    trainer = train_scorer.main(scorer_args(scorer_demo, resumed, *args, train=shard))
+    assert trainer.state.global_step == 6
+    assert decoded.count(True) == 47  # replaying the trained steps decoded 104
+    with open(straight / "checkpoint-3" / "bad_samples_0.json") as f:
+        assert json.load(f) == [[shard, i] for i in range(5, 11)]  # all 6 bad samples fell in the first 3 steps
+    a = {h["step"]: h["loss"] for h in log_history(straight) if "loss" in h}
+    b = {h["step"]: h["loss"] for h in log_history(resumed) if "loss" in h}
+    assert sorted(b) == list(range(1, 7))
+    for step in range(4, 7):
+        assert b[step] == pytest.approx(a[step], rel=1e-5), (step, a, b)
+
+
 @pytest.mark.parametrize("problem", list(bad_samples()))
 def test_bad_sample_with_on_bad_sample_error_exits_2(scorer_demo, tmp_path, capsys, problem):
     sample = bad_samples()[problem]
