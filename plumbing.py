@@ -49,7 +49,10 @@ def leave_process_group(exit_code=0):
     moment after the caller has moved on. On a busy machine that moment can fall after the main thread has begun
     finalizing; the thread then needs the GIL, Python ends it mid-destructor, and C++ aborts the process: a finished
     run exits -6 ("terminate called without an active exception"; seen on 2 gloo processes, core dump in
-    ~AsyncAllgatherWork). atexit handlers (loggers' final syncs) still run; only the object teardown is skipped."""
+    ~AsyncAllgatherWork). atexit handlers (loggers' final syncs) still run; only the object teardown is skipped.
+    So a program that calls a script's main() and then exits with a code of its own still ends with `exit_code`
+    (atexit cannot see a pending exit status): return that code from your code before main() leaves, or run main()
+    in a process of its own."""
     import torch.distributed as dist
 
     global _exit_code
