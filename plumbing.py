@@ -51,8 +51,7 @@ def leave_process_group(exit_code=0):
     run exits -6 ("terminate called without an active exception"; seen on 2 gloo processes, core dump in
     ~AsyncAllgatherWork). atexit handlers (loggers' final syncs) still run; only the object teardown is skipped.
     So a program that calls a script's main() and then exits with a code of its own still ends with `exit_code`
-    (atexit cannot see a pending exit status): return that code from your code before main() leaves, or run main()
-    in a process of its own."""
+    (atexit cannot see a pending exit status): run main() in a process of its own if the code matters."""
     import torch.distributed as dist
 
     global _exit_code
