@@ -17,37 +17,55 @@ Padding: a third set, "varied" (0-3 images per sample, each side 256-1024 px), r
 scorer's default shuffle buffer, batches drawn at random (`--bucket_by_length false`) and bucketed by length (the
 default): the share of padding tokens in the batches, `scorer_padding_share_random: A` and
 `scorer_padding_share_bucketed: B` (target B <= A / 3), and the median tiny-model training step on those batches.
+
+Steps across ranks: a step waits for its largest padded batch (longest sample x batch size, in tokens) on any rank.
+A fourth set drawn like "varied" (about 65,536 samples in 512 shards of uneven sizes, so passes end at different steps
+on different ranks) is read as one training epoch by the real ShardStream of every rank of 8 and of 64, with the
+scorer's default shuffle buffer and 4 loader workers per rank, random and bucketed: the steps' largest batches
+summed, random over bucketed, are `scorer_bucket_step_tokens_ratio_8_ranks: X` and `..._64_ranks: Y` (goals
+1.4 and 1.3). Only lengths matter there, so its images are black PNGs of the drawn sizes (`blank_png`, quick to
+write), each sample's length is VLEncoder.length's (the encoded length, as test_collate checks), and stand-ins
+for the encoder and collate_vl carry it (`KnownLength`, `padded_tokens`) instead of pixels; each rank's workers run
+in turn in this process, their batches in the DataLoader's order (the same figures as forked loader workers give).
 """
 
 import argparse
 import itertools
+import math
 import os
 import random
 import statistics
+import struct
 import sys
 import tempfile
 import time
+import zlib
 from types import SimpleNamespace
+from unittest import mock
 
 import common  # noqa: F401 - puts the repository root on sys.path
 
 import demo
 from collate import VLEncoder, collate_vl, encode_vl_example, open_image, parse_vl_sample
-from data import ShardStream, make_loader
-from train_scorer import DataArguments, ModelArguments, load_scorer
+from data import ShardStream, make_loader, shard_samples
+from train_scorer import DataArguments, ModelArguments, ScorerArguments, load_scorer
 
 NUM_TYPES = 3
 SHARDS = 4
 _WORDS = "rate this photo for its light colour framing subject detail and mood please".split()
 
 
-def make_sample(key, rng, sides, count):
+def make_sample(key, rng, sides, count, blank=False):
     """One scorer sample: `count` smooth random JPEG images (a random 8 x 8 colour field upscaled), each with
-    (width, height) from `sides()`, and a prompt of 5-40 words."""
+    (width, height) from `sides()`, and a prompt of 5-40 words. `blank`: black PNG images of those sizes instead
+    (`blank_png`), for sets whose lengths matter but whose pixels are never decoded."""
     from PIL import Image
 
     images = []
     for _ in range(count):
+        if blank:
+            images.append(("png", blank_png(*sides())))
+            continue
         field = Image.frombytes("RGB", (8, 8), bytes(rng.randrange(256) for _ in range(8 * 8 * 3)))
         images.append(field.resize(sides(), Image.BICUBIC))
     prompt = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(5, 40)))
@@ -55,11 +73,22 @@ def make_sample(key, rng, sides, count):
     return demo.vl_sample(key, record, images, formats=("jpg",))
 
 
-def write_set(root, name, n, sides, counts, seed):
+def blank_png(width, height):
+    """A valid 1-bit PNG of black pixels: written in a fraction of a millisecond even at 1024 x 1024 px, where a
+    JPEG encode takes tens, so the rank simulation affords tens of thousands of samples of the varied sizes."""
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    rows = bytes(1 + (width + 7) // 8) * height  # each row: filter byte 0, then the bits
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows, 1)) + chunk(b"IEND", b""))
+
+
+def write_set(root, name, n, sides, counts, seed, sizes=None, blank=False):
+    """`n` samples in shards of `sizes` (default: SHARDS shards of equal size); their paths."""
     rng = random.Random(seed)
-    samples = [make_sample(f"{name}{i:05d}", rng, lambda: sides(rng), rng.choice(counts)) for i in range(n)]
-    sizes = [len(range(i, n, SHARDS)) for i in range(SHARDS)]
-    return demo.write_shards(root, name, samples, sizes)
+    samples = [make_sample(f"{name}{i:05d}", rng, lambda: sides(rng), rng.choice(counts), blank) for i in range(n)]
+    return demo.write_shards(root, name, samples, sizes or [len(range(i, n, SHARDS)) for i in range(SHARDS)])
 
 
 def loader_args(workers):
@@ -77,6 +106,54 @@ def time_ours(shards, encoder, batch, pad_id, workers):
             raise RuntimeError(f"bad samples: {b['bad_samples'][:2]}")
         n += len(b["keys"])
     return n / (time.perf_counter() - start), n
+
+
+class KnownLength:
+    """A stand-in for VLEncoder in the rank simulation: a sample's feature is its token length, looked up by key in
+    `lengths` (VLEncoder.length of each sample, which is the encoded length: test_collate checks it), so 64 ranks'
+    epochs cost no pixel decoding. `padded_tokens` is the matching stand-in for collate_vl."""
+
+    def __init__(self, lengths):
+        self.lengths = lengths
+
+    def __call__(self, sample):
+        return {"length": self.lengths[sample["__key__"]]}
+
+    def length(self, sample):
+        return self.lengths[sample["__key__"]]
+
+
+def padded_tokens(features, pad_token_id):
+    """What collate_vl's batch of these features costs a step: the longest sample's tokens x the batch size."""
+    return {"padded_tokens": max(f["length"] for f in features) * len(features)}
+
+
+def rank_batches(stream, workers):
+    """The batches a rank's DataLoader with `workers` workers yields from `stream`, in its order (batch j from
+    worker j % workers), the workers run one after another in this process, each told its id as a loader worker is
+    (torch.utils.data.get_worker_info): 64 ranks x 4 workers then cost no process start."""
+    per_worker = []
+    for worker in range(workers):
+        with mock.patch("torch.utils.data.get_worker_info", return_value=SimpleNamespace(num_workers=workers,
+                                                                                          id=worker)):
+            per_worker.append(iter(stream))  # the stream reads its worker's id here
+    return [b for step in itertools.zip_longest(*per_worker) for b in step if b is not None]
+
+
+def step_tokens(shards, lengths, world, bucketed, batch, buffer, workers):
+    """Tokens of one epoch's steps on `world` simulated ranks, each step counted at its largest padded batch among
+    the ranks (the one the step waits for): the real ShardStream of every rank (rank r of `world`, the epoch's
+    batch count as train_scorer.py computes it), its workers' batches in the DataLoader's order."""
+    known = KnownLength(lengths)
+    steps = math.ceil(len(lengths) / (world * batch))
+    per_rank = []
+    for rank in range(world):
+        stream = ShardStream(shards, known, batch, 0, rank=rank, world_size=world, batches_per_epoch=steps,
+                             shuffle_buffer=buffer, length_of=known.length if bucketed else None,
+                             collate=padded_tokens)
+        per_rank.append([b["padded_tokens"] for b in rank_batches(stream, workers)])
+        assert len(per_rank[-1]) == steps, (rank, len(per_rank[-1]), steps)
+    return sum(max(step) for step in zip(*per_rank))
 
 
 def stack_collate(features):
@@ -130,7 +207,8 @@ def median_time(fn, reps):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="smoke run: 16 samples per set, sides 256-384 px, 256 px same")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: 16 samples per set, sides 256-384 px, 256 px same, 2048 samples across ranks")
     p.add_argument("--samples", type=int, default=48, help="samples per set")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--min_side", type=int, default=256)
@@ -138,9 +216,11 @@ def main():
     p.add_argument("--same_side", type=int, default=512)
     p.add_argument("--workers", default="0,1,2", help="DataLoader worker counts to time")
     p.add_argument("--varied_samples", type=int, default=96, help="samples of the padding set (0-3 images each)")
+    p.add_argument("--rank_samples", type=int, default=65536, help="samples of the rank simulation's set")
+    p.add_argument("--rank_shards", type=int, default=512, help="its shards (at least 64 ranks x 4 workers)")
     a = p.parse_args()
     if a.quick:
-        a.samples, a.max_side, a.same_side, a.varied_samples = 16, 384, 256, 16
+        a.samples, a.max_side, a.same_side, a.varied_samples, a.rank_samples = 16, 384, 256, 16, 2048
     import torch
 
     data_defaults = DataArguments()
@@ -240,6 +320,27 @@ def main():
         print(f"{name:<12}{shares[name]:>9.1%}{padded:>9}{statistics.median(times) * 1e3:>9.1f}", flush=True)
     for name, share in shares.items():
         print(f"scorer_padding_share_{name}: {share:.4f}")
+
+    # Steps across ranks: a step waits for its longest batch on any rank, random batches vs bucketed ones
+    rng = random.Random(3)
+    sizes = [rng.randint(a.rank_samples // a.rank_shards // 2, a.rank_samples // a.rank_shards * 3 // 2)
+             for _ in range(a.rank_shards)]
+    ranks_set = write_set(tmp.name, "ranks", sum(sizes), lambda r: (r.randint(a.min_side, a.max_side),
+                                                                    r.randint(a.min_side, a.max_side)),
+                          (0, 1, 2, 3), seed=4, sizes=sizes, blank=True)
+    lengths = {s["__key__"]: encoder.length(s) for shard in ranks_set for s in shard_samples(shard)}
+    rank_workers = ScorerArguments.dataloader_num_workers  # the dataclass field's default
+    print(f"\nsteps across ranks: {len(lengths)} samples like the padding set's in {a.rank_shards} shards of "
+          f"{min(sizes)}-{max(sizes)}, batch {a.batch}, one epoch, shuffle buffer {buffer}, {rank_workers} workers per "
+          f"rank (the defaults; workers run in turn in this process); tokens of each step's largest padded batch "
+          f"among the ranks, summed")
+    print(f"{'ranks':<8}{'random':>12}{'bucketed':>12}{'ratio':>8}")
+    for world in (8, 64):
+        tokens = {bucketed: step_tokens(ranks_set, lengths, world, bucketed, a.batch, buffer, rank_workers)
+                  for bucketed in (False, True)}
+        ratio = tokens[False] / tokens[True]
+        print(f"{world:<8}{tokens[False]:>12}{tokens[True]:>12}{ratio:>8.2f}", flush=True)
+        print(f"scorer_bucket_step_tokens_ratio_{world}_ranks: {ratio:.2f}")
 
 
 if __name__ == "__main__":

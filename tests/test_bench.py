@@ -26,6 +26,9 @@ def test_scorer_pipeline_quick_times_every_row_and_shows_stack_failing_on_mixed_
     out = res.stdout
     padding = {name: float(share) for name, share in re.findall(r"^scorer_padding_share_(\w+): ([\d.]+)$", out, re.M)}
     assert set(padding) == {"random", "bucketed"} and padding["bucketed"] < padding["random"], out
+    steps = {int(world): float(r) for world, r in re.findall(r"^scorer_bucket_step_tokens_ratio_(\d+)_ranks: ([\d.]+)$",
+                                                            out, re.M)}
+    assert set(steps) == {8, 64} and steps[8] > 1, out  # the smoke run's 64 ranks hold 8 samples per worker
     rows = re.findall(r"^(stack \(background post\)|collate_vl \(ours\))\s+(same|mixed)\s+(\d)\s+([\d.]+)", out, re.M)
     got = sorted((name.split()[0], images, int(w)) for name, images, w, _ in rows)
     assert got == sorted([("stack", "same", w) for w in (0, 1, 2)] + [("collate_vl", s, w) for s in ("same", "mixed")
