@@ -40,7 +40,8 @@ Epochs: each rank reads its own share of the training shards and cycles through 
 number of steps whatever the shard sizes. One epoch is `--epoch_samples` samples across all ranks (default: the
 number of samples in the training shards), i.e. ceil(epoch_samples / (ranks x batch x accumulation)) optimizer
 steps; within it a rank's share is reshuffled and may wrap around, so a sample can be seen 0, 1 or 2 times in one
-epoch. Training batches group samples of similar token length within each shuffle buffer (--bucket_by_length).
+epoch. Training batches group samples of similar token length within each shuffle buffer, and at each step every
+rank draws its batch from the same length band, so no step waits for one rank's long batch (--bucket_by_length).
 Evaluation and prediction read every sample exactly once, whatever the number of ranks and shards.
 Bad samples (undecodable image, missing image, bad json field, type out of range, NaN score) are skipped and
 counted (`--on_bad_sample skip`) or stop the run with exit code 2 (`error`).
@@ -115,8 +116,9 @@ class DataArguments:
         "help": "Samples per epoch across all ranks (default: counted from the training shards' tar headers)."})
     shuffle_buffer: int = field(default=256, metadata={"help": "Training samples shuffled in a buffer per worker."})
     bucket_by_length: bool = field(default=True, metadata={
-        "help": "Form training batches of samples of similar token length within each shuffle buffer (less "
-                "padding; batches still random across steps and epochs)."})
+        "help": "Form training batches of samples of similar token length within each shuffle buffer, every rank "
+                "drawing from the same length band at each step (less padding, no rank waiting for another's long "
+                "batch; bands still random across steps and epochs)."})
     on_bad_sample: str = field(default="skip", metadata={
         "help": "skip (count and go on) or error (exit 2 naming the shard, key and problem; in training at the "
                 "next logging step, when every rank stops together).",
