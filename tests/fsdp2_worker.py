@@ -379,7 +379,8 @@ def check_exact_pass_uneven(workdir, path, processor):
     pad = processor.tokenizer.pad_token_id
     stream = ShardStream([shard], encoder, 1, pad, rank=dist.get_rank(), world_size=WORLD)
     run = SimpleNamespace(device="cpu", dataloader_num_workers=0, dataloader_pin_memory=False,
-                          dataloader_prefetch_factor=None, dataloader_multiprocessing_context=None)
+                          dataloader_prefetch_factor=None, dataloader_multiprocessing_context=None,
+                          process_index=dist.get_rank(), disable_tqdm=True)
     forwards = []
 
     def rows_of(batch):

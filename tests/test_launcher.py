@@ -304,8 +304,9 @@ def test_demo_on_two_nodes_with_their_own_temporary_folders(tmp_path, script):
 
 def test_a_feature_cache_on_node_local_disks_exits_together(tmp_path):
     """The scorer's feature cache (a frozen backbone) in an output folder on node-local disks: process 0 writes the
-    cache files on its node only. The next run finds them on node 0 and none on node 1: before, node 1 computed
-    every shard's features alone in collectives node 0 never joined (a hang); now both exit 2 with one line."""
+    cache files on its node only, then every process reads them back, and node 1 finds none: both exit 2 with one
+    line in the run that builds it. (Before, the next run had node 1 compute every shard's features alone in
+    collectives node 0 never joined: a hang.)"""
     import demo
 
     model, train, evals = demo.build_scorer_demo(tmp_path / "shared")
@@ -318,14 +319,11 @@ def test_a_feature_cache_on_node_local_disks_exits_together(tmp_path):
              "--output_dir", str(out), "--num_types", "3", "--min_pixels", "1024", "--max_pixels", "4096",
              "--freeze_backbone", "--max_steps", "2", "--save_strategy", "no", "--eval_strategy", "no",
              "--dataloader_num_workers", "0", "--use_cpu", "--disable_tqdm", "true"]
-    first = on_two_nodes_with_local_disks("train_scorer.py", flags, out, disks)
-    assert [code for code, _, _ in first] == [0, 0], first[0][2][-2000:] + first[1][2][-2000:]
-    assert os.listdir(disks[0] / "feature_cache") and os.listdir(disks[1] / "feature_cache") == []  # rank 0 writes
-
-    second = on_two_nodes_with_local_disks("train_scorer.py", flags, out, disks)
-    assert [code for code, _, _ in second] == [2, 2], second
-    assert not any("Traceback" in stderr for _, _, stderr in second), second
-    errors = [line for _, _, stderr in second for line in stderr.splitlines() if line.startswith("error: ")]
+    run = on_two_nodes_with_local_disks("train_scorer.py", flags, out, disks)
+    assert [code for code, _, _ in run] == [2, 2], run
+    assert os.listdir(disks[0] / "feature_cache") and not (disks[1] / "feature_cache").exists()  # rank 0 writes
+    assert not any("Traceback" in stderr for _, _, stderr in run), run
+    errors = [line for _, _, stderr in run for line in stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and errors[0].startswith(f"error: feature cache: process 1 cannot read {out}/feature_cache/"
                                                      ) and errors[0].endswith(
         "which process 0 read: every node must see the same --feature_cache folder (a shared filesystem)"), errors

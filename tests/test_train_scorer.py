@@ -388,14 +388,14 @@ def test_resume_decodes_no_image_of_a_trained_step(scorer_demo, tmp_path, monkey
             "--learning_rate", "2e-3"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train_scorer.main(scorer_args(scorer_demo, straight, *args, train=shard))
-    assert decoded.count(True) == 104  # the images of 6 steps (48 samples), and the one corrupt image
+    assert decoded.count(True) == 108  # the images of 6 steps (48 samples), and the one corrupt image
     shutil.copytree(straight / "checkpoint-3", resumed / "checkpoint-3")
     decoded.clear()
     trainer = train_scorer.main(scorer_args(scorer_demo, resumed, *args, train=shard))
     assert trainer.state.global_step == 6
-    assert decoded.count(True) == 47  # replaying the trained steps decoded 104
+    assert decoded.count(True) == 61  # the images of steps 4-6 only; replaying the trained steps decoded 108
     with open(straight / "checkpoint-3" / "bad_samples_0.json") as f:
-        assert json.load(f) == [[shard, i] for i in range(5, 11)]  # all 6 bad samples fell in the first 3 steps
+        assert json.load(f) == [[shard, 7], [shard, 10]]  # the bad samples of steps 1-3 (5-10 are bad)
     a = {h["step"]: h["loss"] for h in log_history(straight) if "loss" in h}
     b = {h["step"]: h["loss"] for h in log_history(resumed) if "loss" in h}
     assert sorted(b) == list(range(1, 7))
