@@ -137,7 +137,7 @@ def read_manifest(path):
     if p.suffix.lower() not in MANIFEST_FORMATS:
         raise DataError(f"{path}: unknown manifest format {p.suffix!r} (use .jsonl or .csv)")
     try:
-        with open(p, encoding="utf-8", newline="") as f:
+        with open(p, encoding="utf-8-sig", newline="") as f:  # -sig: a byte-order mark (Excel's CSV) is no header
             rows = list(_jsonl_rows(f) if p.suffix.lower() == ".jsonl" else _csv_rows(f))
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None

@@ -5,7 +5,8 @@ Each manifest row becomes one sample: `KEY.json` = {"prompt", and the label fiel
 under their lower-case extension. Every row is checked as training checks a sample (the json fields, each image
 decoded whole, its resize; the same functions, the same words), plus what only a manifest can get wrong: a missing
 or unreadable image file, a key webdataset cannot keep (a dot in it) or a duplicate key. The same manifest and flags
-give byte-identical shards. It ends with the `--train_shards` pattern to pass to train_scorer.py.
+give byte-identical shards. It ends with the `--train_shards` pattern to pass to train_scorer.py. What needs the
+processor is not checked here: a sample's tokens against --max_len (token_stats.py on the shards counts them).
 
   # JSON Lines: one object a line; images relative to --image_root (default: the manifest's folder) or absolute
   #   {"prompt": "Rate the photo.", "score": 7.5, "type": 2, "images": ["a/1.jpg", "b/2.png"], "key": "x17"}
@@ -198,6 +199,33 @@ def existing_shards(folder, prefix):
 # Main
 # ---------------------------------------------------------------------------------------------------------------
 
+def write_shards(args, rows, order, image_root, stale, workers):
+    """Check the rows in `order` and write the good ones; returns (the ShardWriter, bad-row lines, images written).
+    `stale`: this prefix's shards of an earlier run, removed first (--overwrite)."""
+    from tqdm import tqdm
+
+    for path in stale:
+        os.remove(path)
+    os.makedirs(args.output_dir, exist_ok=True)
+    writer = ShardWriter(args.output_dir, args.prefix, args.samples_per_shard, args.max_shard_bytes)
+    bad, images = [], 0
+    results = in_order(lambda i: check_row(rows[i], args, image_root), order, workers)
+    for i, (sample, problem) in zip(order, tqdm(results, total=len(rows), unit="row", file=sys.stderr,
+                                                 disable=args.disable_tqdm or None, mininterval=0.5)):
+        if problem is not None:
+            bad.append(f"{args.manifest}: line {rows[i].line}: {problem}")
+            if args.on_bad_row == "error":
+                writer.close()
+                for path in writer.paths:  # a shard set missing rows is no run anyone meant to start
+                    os.remove(path)
+                fail(bad[-1])
+            continue
+        writer.add(sample)
+        images += len(rows[i].paths)
+    writer.close()
+    return writer, bad, images
+
+
 def check_flags(args):
     if not args.manifest or not args.output_dir:
         fail("--manifest and --output_dir are required")
@@ -210,6 +238,8 @@ def check_flags(args):
         args.samples_per_shard = DEFAULT_SAMPLES_PER_SHARD
     if not os.path.isfile(args.manifest):
         fail(f"{args.manifest}: no such manifest file")
+    if args.image_root is not None and not os.path.isdir(args.image_root):
+        fail(f"--image_root {args.image_root}: no such folder")
     found = existing_shards(args.output_dir, args.prefix)
     if found and not args.overwrite:
         fail(f"{args.output_dir} already holds {len(found)} shard(s) named {args.prefix}-*.tar "
@@ -231,28 +261,10 @@ def main(argv=None):
     order = list(range(len(rows)))
     if args.shuffle_seed is not None:
         random.Random(args.shuffle_seed).shuffle(order)
-    for path in stale:
-        os.remove(path)
-    os.makedirs(args.output_dir, exist_ok=True)
-
-    from tqdm import tqdm
-
-    writer = ShardWriter(args.output_dir, args.prefix, args.samples_per_shard, args.max_shard_bytes)
-    bad, images = [], 0
-    results = in_order(lambda i: check_row(rows[i], args, image_root), order, workers)
-    for i, (sample, problem) in zip(order, tqdm(results, total=len(rows), unit="row", file=sys.stderr,
-                                                 disable=args.disable_tqdm or None, mininterval=0.5)):
-        if problem is not None:
-            bad.append(f"{args.manifest}: line {rows[i].line}: {problem}")
-            if args.on_bad_row == "error":
-                writer.close()
-                for path in writer.paths:  # a shard set missing rows is no run anyone meant to start
-                    os.remove(path)
-                fail(bad[-1])
-            continue
-        writer.add(sample)
-        images += len(rows[i].paths)
-    writer.close()
+    try:
+        writer, bad, images = write_shards(args, rows, order, image_root, stale, workers)
+    except OSError as e:  # an output folder that cannot be written
+        fail(f"{e.filename or args.output_dir}: {e.strerror or e}")
     good = len(rows) - len(bad)
     if bad:
         print(f"{len(bad)} bad row(s) left out:\n  " + "\n  ".join(bad))

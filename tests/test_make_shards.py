@@ -136,7 +136,7 @@ class TestManifests:
                  for r, _ in good]
         cells += [["bad score", "abc", "0", "", ""], ["bad type", "1", "2.5", "", ""], ["no score", "", "1", "", ""],
                   ['a "quoted",\nmultiline prompt', "1", "3", "photos/a/red.jpg ; photos/b/c/green.PNG", "q"]]
-        with open(table, "w", newline="") as f:
+        with open(table, "w", newline="", encoding="utf-8-sig") as f:  # with a byte-order mark, as Excel writes
             csv.writer(f).writerows([["prompt", "score", "type", "images", "key"], *cells])
         result, _ = run("--manifest", table, "--output_dir", tmp_path / "c", "--num_types", "3")
         assert result["bad"] == [f"{table}: line 6: column 'score': 'abc' is not a number",
@@ -231,11 +231,18 @@ class TestRefusals:
         (["--prefix", "a.b"], "--prefix 'a.b': use a plain name (no dots, slashes, braces, commas or glob characters)"),
         (["--samples_per_shard", "0"], "--samples_per_shard must be positive"),
         (["--manifest", "nope.jsonl"], "nope.jsonl: no such manifest file"),
+        (["--image_root", "nowhere"], "--image_root nowhere: no such folder"),
     ])
     def test_bad_flags(self, files, tmp_path, capsys, flags, message):
         root, good, _ = files
         args = ["--manifest", str(write_jsonl(root, "good.jsonl", good)), "--output_dir", str(tmp_path), *flags]
         assert exit_2_line(capsys, make_shards.main, args) == f"error: {message}"
+
+    def test_an_output_dir_that_is_a_file(self, files, tmp_path, capsys):
+        root, good, _ = files
+        (tmp_path / "taken").write_text("")
+        args = ["--manifest", str(write_jsonl(root, "good.jsonl", good)), "--output_dir", str(tmp_path / "taken")]
+        assert exit_2_line(capsys, make_shards.main, args) == f"error: {tmp_path / 'taken'}: File exists"
 
     def test_a_manifest_without_a_good_row(self, files, tmp_path, capsys):
         root, _, bad = files
