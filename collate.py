@@ -391,6 +391,17 @@ def image_tokens(member, data, image_processor, min_pixels=None, max_pixels=None
     return (h // ip.patch_size) * (w // ip.patch_size) // ip.merge_size ** 2
 
 
+def decode_vl_sample(sample, classes=None, with_labels=True, min_pixels=None, max_pixels=None):
+    """`(VLSample, [RGB images])`: parse_vl_sample, then every image decoded whole and its resize checked within the
+    pixel bounds (None: qwen_vl_utils' own; an aspect ratio over 200 is refused whatever they are). Every verdict
+    training gives a sample short of encoding it (VLEncoder) and of its --max_len; make_shards.py gives the same."""
+    s = parse_vl_sample(sample, classes, with_labels)
+    images = [open_image(member, data) for member, data in s.images]
+    for (member, _), image in zip(s.images, images):
+        resized_size(member, *image.size, min_pixels, max_pixels)  # the verdict token_stats.py gives
+    return s, images
+
+
 def vl_messages(images, prompt, min_pixels=None, max_pixels=None):
     """One user turn: the images in order, then the prompt (each image carries its pixel bounds for qwen_vl_utils)."""
     bounds = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
@@ -427,10 +438,7 @@ class VLEncoder:
         self.min_pixels, self.max_pixels, self.max_len = min_pixels, max_pixels, max_len
 
     def __call__(self, sample):
-        s = parse_vl_sample(sample, self.classes, self.with_labels)
-        images = [open_image(member, data) for member, data in s.images]
-        for (member, _), image in zip(s.images, images):
-            resized_size(member, *image.size, self.min_pixels, self.max_pixels)  # the verdict token_stats.py gives
+        s, images = decode_vl_sample(sample, self.classes, self.with_labels, self.min_pixels, self.max_pixels)
         try:
             feature = dict(encode_vl_example(images, s.prompt, self.processor, self.min_pixels, self.max_pixels))
         except (ValueError, OSError) as e:  # anything else the processor refuses: a bad sample, not a crash

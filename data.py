@@ -1,4 +1,5 @@
-"""Where records come from: SFT files, shard lists, the tar reader, the shard stream over ranks x workers, the loader.
+"""Where records come from: SFT files, scorer manifests, shard lists, the tar reader, the shard stream over ranks x
+workers, the loader.
 
 Errors raise `collate.DataError` naming the file, line or shard; the scripts print them as one line and exit 2.
 """
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from collate import IMAGE_MEMBER, DataError, collate_vl
+from collate import IMAGE_MEMBER, LABELS, DataError, collate_vl
 
 # ----------------------------------------------------------------------------------------------------------------
 # SFT files
@@ -101,6 +102,132 @@ def record_location(path, index):
                     if seen == index:
                         return f"{path}: line {lineno}"
     return f"{path}: record {index + 1}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Scorer manifests: a table of rows (prompt, labels, image paths, key) -> the samples a shard would hold
+# ----------------------------------------------------------------------------------------------------------------
+
+MANIFEST_FORMATS = (".jsonl", ".csv")
+
+
+@dataclass
+class ManifestRow:
+    """One row of a scorer manifest: its 1-based `line` in the file, `key`, the KEY.json `record` (prompt and the
+    label fields present), image `paths` as written; `problem`: why the row is bad before any image is read."""
+    line: int
+    key: str | None
+    record: dict
+    paths: list
+    problem: str | None = None
+
+
+def read_manifest(path):
+    """The rows of a scorer manifest, JSON Lines or CSV, in file order, each checked as far as the row alone allows.
+
+    A row: `prompt`, the label fields of `collate.LABELS` (none in a prediction manifest), `images` (JSON: a list of
+    paths; CSV: one column, paths separated by `;`) and an optional `key` (default: the row's index, zero-padded).
+    CSV labels are numbers as training reads them from json: a "value" a float, a "class" an int. A bad row keeps
+    its line and `problem` (malformed JSON, an `images` that is no list of paths, an unparsable CSV number, a key
+    webdataset cannot keep or that an earlier row holds); the file itself unreadable raises DataError.
+    """
+    from webdataset.tariterators import base_plus_ext
+
+    p = Path(path)
+    if p.suffix.lower() not in MANIFEST_FORMATS:
+        raise DataError(f"{path}: unknown manifest format {p.suffix!r} (use .jsonl or .csv)")
+    try:
+        with open(p, encoding="utf-8-sig", newline="") as f:  # -sig: a byte-order mark (Excel's CSV) is no header
+            rows = list(_jsonl_rows(f) if p.suffix.lower() == ".jsonl" else _csv_rows(f))
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    width, holders = max(6, len(str(len(rows) - 1))), {}
+    for index, row in enumerate(rows):
+        if row.key is None:
+            row.key = f"{index:0{width}d}"
+        if row.problem is not None:
+            continue
+        if "." in row.key:
+            row.problem = f"key {row.key!r} contains a dot (webdataset splits keys at the first dot)"
+        elif base_plus_ext(f"{row.key}.json") != (row.key, "json"):
+            row.problem = f"key {row.key!r} cannot name webdataset members (KEY.json)"
+        elif row.key in holders:
+            row.problem = f"key {row.key!r} is already the key of line {holders[row.key]}"
+        else:
+            holders[row.key] = row.line
+    return rows
+
+
+def _jsonl_rows(f):
+    for line, text in enumerate(f, 1):
+        if not text.strip():
+            continue
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as e:
+            yield ManifestRow(line, None, {}, [], f"malformed JSON: {e.msg}")
+            continue
+        if not isinstance(row, dict):
+            yield ManifestRow(line, None, {}, [], f"expected a JSON object, got {type(row).__name__}")
+            continue
+        key, paths, problem = row.get("key"), row.get("images", []), None
+        if key is not None and not isinstance(key, str):
+            key, problem = None, f"field 'key': expected a string, got {type(key).__name__}"
+        if not isinstance(paths, list) or not all(isinstance(x, str) for x in paths):
+            paths, problem = [], problem or "field 'images': expected a list of paths"
+        yield ManifestRow(line, key, {k: row[k] for k in ("prompt", *LABELS) if k in row}, paths, problem)
+
+
+def _csv_rows(f):
+    import csv
+
+    reader = csv.DictReader(f)
+    if reader.fieldnames is None:  # reads the header, so line_num counts the lines before each row from here on
+        return
+    while True:
+        line = reader.line_num + 1  # where the next row starts (a quoted cell may span lines)
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise DataError(f"{f.name}: line {line}: malformed CSV: {e}") from None
+        record, problem = {}, None
+        if row.get("prompt") is not None:
+            record["prompt"] = row["prompt"]
+        for name, kind in LABELS.items():
+            text = (row.get(name) or "").strip()
+            if not text:  # an empty cell is no label: a prediction row, or training's own "missing field"
+                continue
+            try:
+                record[name] = float(text) if kind == "value" else int(text)
+            except ValueError:
+                wanted = "a number" if kind == "value" else "an integer"
+                problem = problem or f"column '{name}': {text!r} is not {wanted}"
+        paths = [x.strip() for x in (row.get("images") or "").split(";") if x.strip()]
+        yield ManifestRow(line, (row.get("key") or "").strip() or None, record, paths, problem)
+
+
+def manifest_sample(row, image_root):
+    """The webdataset sample `row` (a good ManifestRow) becomes: `{"__key__", "json": bytes, "0.jpg": bytes, ...}`,
+    each image file's own bytes under its lower-case extension, paths relative to `image_root` or absolute. Raises
+    DataError naming the path of a missing, unreadable or extension-less image file."""
+    sample = {"__key__": row.key, "json": json.dumps(row.record, ensure_ascii=False).encode()}
+    for i, name in enumerate(row.paths):
+        path = os.path.join(image_root, name)
+        ext = os.path.splitext(name)[1][1:].lower()
+        if not IMAGE_MEMBER.match(f"{i}.{ext}"):
+            raise DataError(f"{path}: no file extension to name the image member by (KEY.{i}.jpg, ...)")
+        try:
+            with open(path, "rb") as f:
+                sample[f"{i}.{ext}"] = f.read()
+        except FileNotFoundError:
+            raise DataError(f"{path}: no such image file") from None
+        except OSError as e:
+            raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+    return sample
 
 
 # ----------------------------------------------------------------------------------------------------------------
