@@ -744,7 +744,7 @@ def predict(model_dir, rows, batch_size=8, device=None, dtype=None, image_root="
     A row is a manifest row as a dict: `prompt`, `images` (paths, relative to `image_root` or absolute, or PIL
     images, kept as PNG: lossless), an optional `key` (default: its index, zero-padded); labels are ignored. Each is
     checked and encoded exactly as training and --predict_file do; a bad row raises collate.DataError naming it
-    (`rows: row 2: photos/x.jpg: no such image file`). `min_pixels`, `max_pixels`, `max_len`: as the scorer was
+    (`rows: row 2: ./photos/x.jpg: no such image file`). `min_pixels`, `max_pixels`, `max_len`: as the scorer was
     trained (the flags' defaults unless you changed them). `device`: default the GPU if there is one; `dtype` of the
     weights: default bf16 on a GPU that has it, else fp32. The scorer and its processor are loaded once per
     (folder, device, dtype) and kept for the next call (a server calls this per request).
