@@ -2,6 +2,7 @@
 each mode, logs, schedule, save/load/resume, eval, predict, config files, bad input, forking (in-process), and
 `bash run.sh` with 2 CPU processes (gloo) as users run it."""
 
+import csv
 import json
 import math
 import os
@@ -547,8 +548,9 @@ def test_predict_file_predicts_as_its_shards_and_counts_bad_rows_in_make_shards_
         scorer_demo, saved_scorers, vl_processor, tmp_path, capsys):
     """--predict_file (alone: no shards, no --do_predict) writes the predictions --predict_shards writes for the
     shards make_shards.py makes of the same manifest, in manifest order; its bad rows are bad samples named as
-    make_shards.py names them, and so is the first one with --on_bad_sample error. predict() from Python gives the
-    predictions file's rows for a full and a heads-only save, images as paths or PIL images."""
+    make_shards.py names them, and so is the first one with --on_bad_sample error; a CSV of the good rows, without
+    labels, gives the same predictions. predict() from Python gives the predictions file's rows for a full and a
+    heads-only save, images as paths or PIL images."""
     from PIL import Image
 
     from data import ManifestSource, ShardStream
@@ -589,9 +591,15 @@ def test_predict_file_predicts_as_its_shards_and_counts_bad_rows_in_make_shards_
     assert err == f"error: {made['bad'][0]}" == f"error: {manifest}: line 4: malformed JSON: Expecting property " \
                                                    f"name enclosed in double quotes"
 
-    # from Python: the rows of the manifest, one of them with its images as PIL images
+    # the good rows as a CSV without labels: the same predictions
     rows = [json.loads(line) for i, line in enumerate(manifest.read_text().splitlines(), 1)
             if i not in (4, 5, 6, 10, 11)]
+    with open(tmp_path / "items.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["key", "prompt", "images"]] + [[r["key"], r["prompt"], ";".join(r["images"])]
+                                                                 for r in rows])
+    same_predictions(predictions(saved_scorers["heads"], "--predict_file", str(tmp_path / "items.csv"))[0], from_file)
+
+    # from Python: the same rows, one of them with its images as PIL images
     rows[1]["images"] = [Image.open(tmp_path / p) for p in rows[1]["images"]]
     for save in ("full", "heads"):
         served = train_scorer.predict(saved_scorers[save], rows, batch_size=4, image_root=str(tmp_path),
