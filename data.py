@@ -5,6 +5,7 @@ Errors raise `collate.DataError` naming the file, line or shard; the scripts pri
 """
 
 import bisect
+import functools
 import json
 import os
 import random
@@ -131,8 +132,6 @@ def read_manifest(path):
     its line and `problem` (malformed JSON, an `images` that is no list of paths, an unparsable CSV number, a key
     webdataset cannot keep or that an earlier row holds); the file itself unreadable raises DataError.
     """
-    from webdataset.tariterators import base_plus_ext
-
     p = Path(path)
     if p.suffix.lower() not in MANIFEST_FORMATS:
         raise DataError(f"{path}: unknown manifest format {p.suffix!r} (use .jsonl or .csv)")
@@ -143,6 +142,22 @@ def read_manifest(path):
         raise DataError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
     if not rows:
         raise DataError(f"{path}: no rows")
+    return _keyed(rows)
+
+
+def manifest_rows(records):
+    """`read_manifest` of rows held in memory: dicts as a JSON Lines manifest holds them, where an image may also
+    be a PIL image. A row's `line` is its index in `records`."""
+    from PIL import Image
+
+    return _keyed([_record_row(i, record, (str, Image.Image)) for i, record in enumerate(records)])
+
+
+def _keyed(rows):
+    """`rows` with their keys: the default ones given, those webdataset cannot keep or an earlier row holds made
+    the row's problem."""
+    from webdataset.tariterators import base_plus_ext
+
     width, holders = max(6, len(str(len(rows) - 1))), {}
     for index, row in enumerate(rows):
         if row.key is None:
@@ -169,15 +184,19 @@ def _jsonl_rows(f):
         except json.JSONDecodeError as e:
             yield ManifestRow(line, None, {}, [], f"malformed JSON: {e.msg}")
             continue
-        if not isinstance(row, dict):
-            yield ManifestRow(line, None, {}, [], f"expected a JSON object, got {type(row).__name__}")
-            continue
-        key, paths, problem = row.get("key"), row.get("images", []), None
-        if key is not None and not isinstance(key, str):
-            key, problem = None, f"field 'key': expected a string, got {type(key).__name__}"
-        if not isinstance(paths, list) or not all(isinstance(x, str) for x in paths):
-            paths, problem = [], problem or "field 'images': expected a list of paths"
-        yield ManifestRow(line, key, {k: row[k] for k in ("prompt", *LABELS) if k in row}, paths, problem)
+        yield _record_row(line, row)
+
+
+def _record_row(line, row, image_types=(str,)):
+    """The ManifestRow of one decoded JSON row (`image_types`: what an entry of its `images` may be)."""
+    if not isinstance(row, dict):
+        return ManifestRow(line, None, {}, [], f"expected a JSON object, got {type(row).__name__}")
+    key, paths, problem = row.get("key"), row.get("images", []), None
+    if key is not None and not isinstance(key, str):
+        key, problem = None, f"field 'key': expected a string, got {type(key).__name__}"
+    if not isinstance(paths, list) or not all(isinstance(x, image_types) for x in paths):
+        paths, problem = [], problem or "field 'images': expected a list of paths"
+    return ManifestRow(line, key, {k: row[k] for k in ("prompt", *LABELS) if k in row}, paths, problem)
 
 
 def _csv_rows(f):
@@ -212,10 +231,14 @@ def _csv_rows(f):
 
 def manifest_sample(row, image_root):
     """The webdataset sample `row` (a good ManifestRow) becomes: `{"__key__", "json": bytes, "0.jpg": bytes, ...}`,
-    each image file's own bytes under its lower-case extension, paths relative to `image_root` or absolute. Raises
-    DataError naming the path of a missing, unreadable or extension-less image file."""
+    each image file's own bytes under its lower-case extension, paths relative to `image_root` or absolute (a PIL
+    image, from `manifest_rows`: its pixels as PNG, lossless). Raises DataError naming the path of a missing,
+    unreadable or extension-less image file."""
     sample = {"__key__": row.key, "json": json.dumps(row.record, ensure_ascii=False).encode()}
     for i, name in enumerate(row.paths):
+        if not isinstance(name, str):
+            sample[f"{i}.png"] = _png(name, i)
+            continue
         path = os.path.join(image_root, name)
         ext = os.path.splitext(name)[1][1:].lower()
         if not IMAGE_MEMBER.match(f"{i}.{ext}"):
@@ -228,6 +251,69 @@ def manifest_sample(row, image_root):
         except OSError as e:
             raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
     return sample
+
+
+def _png(image, index):
+    import io
+
+    data = io.BytesIO()
+    try:
+        image.save(data, format="PNG")
+    except OSError as e:  # a mode PNG cannot hold (CMYK): the caller converts it
+        raise DataError(f"image {index}: a PIL image of mode {image.mode} cannot be kept as PNG ({e})") from None
+    return data.getvalue()
+
+
+def manifest_checked(row, image_root, check):
+    """`check(sample)` (training's verdict on a sample, and what it makes of it) of the sample `row` becomes, or
+    DataError with the row's problem in the words make_shards.py lists: the row's own problem, an image file that
+    cannot be read, or check's own words after the path of the image they are about ("a/1.jpg: image .0.jpg: ...")."""
+    import re
+
+    if row.problem is not None:
+        raise DataError(row.problem)
+    sample = manifest_sample(row, image_root)
+    try:
+        return check(sample)
+    except DataError as e:
+        about = re.match(r"image \.(\d+)\.", e.problem)
+        name = row.paths[int(about.group(1))] if about else None
+        raise DataError((f"{os.path.join(image_root, name)}: " if isinstance(name, str) else "") + e.problem) \
+            from None
+
+
+class ManifestSource:
+    """A manifest read like one shard of a ShardStream (prediction without shards): its rows are that shard's
+    samples, in order, so the stream deals, batches, orders and counts them as it does a shard's, bad ones too. Each
+    row's image files are read and checked where the stream encodes it (the DataLoader workers), by the slot it is
+    dealt to only. A bad row is a bad sample named as make_shards.py names it, after the stream's one shard (the
+    manifest's path): `FILE: line N: problem`. `rows`: `read_manifest`'s or `manifest_rows`'s; `where`: "line" for
+    a file's line numbers, "row" for the indices of rows in memory."""
+
+    def __init__(self, rows, image_root, where="line"):
+        self.rows, self.image_root, self.where = rows, image_root, where
+
+    @classmethod
+    def from_file(cls, path, image_root=None):
+        """The manifest at `path`, image paths relative to `image_root` (default: the manifest's folder)."""
+        return cls(read_manifest(path), image_root or os.path.dirname(os.path.abspath(path)))
+
+    def attach(self, stream):
+        """Make `stream` (its shards: [the manifest's path]) read these rows, each sample encoded by its encoder."""
+        stream.read, stream.count = self.read, self.count
+        stream.encoder = functools.partial(self.encode, stream.encoder)
+        return stream
+
+    def read(self, shard, wanted=None):
+        # the stream names a bad sample by its __key__ (BadSample): here the row's line; the row's key is its sample's
+        for i, row in enumerate(self.rows):
+            yield {"__key__": f"{self.where} {row.line}", "row": i} if wanted is None or wanted(i) else None
+
+    def encode(self, encoder, item):
+        return manifest_checked(self.rows[item["row"]], self.image_root, encoder)
+
+    def count(self, shards):
+        return [len(self.rows)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -407,16 +493,18 @@ class ShardStream(torch.utils.data.IterableDataset):
     every batch also carries `lengths` (per sample, like `order`).
     `read(shard, wanted)` yields a shard's samples (None where `wanted(index)` is false, or any stand-in: those are
     not used) and `collate(features, pad_token_id)` makes a batch: the tar reader and collate_vl, or another source
-    of the same samples (feature_cache.py: cached features, same order).
+    of the same samples (feature_cache.py: cached features, same order; ManifestSource: a manifest's rows).
+    `count(shards)`: their samples per shard, for progress bars (default: from local shards' tar headers).
     """
 
     def __init__(self, shards, encoder, batch_size, pad_token_id, rank=0, world_size=1, batches_per_epoch=None,
-                 seed=0, shuffle_buffer=0, stop_at_bad=False, length_of=None, read=shard_samples, collate=collate_vl):
+                 seed=0, shuffle_buffer=0, stop_at_bad=False, length_of=None, read=shard_samples, collate=collate_vl,
+                 count=samples_per_shard):
         super().__init__()
         self.shards, self.encoder, self.batch_size, self.pad_token_id = shards, encoder, batch_size, pad_token_id
         self.rank, self.world_size, self.batches_per_epoch = rank, world_size, batches_per_epoch
         self.seed, self.shuffle_buffer, self.stop_at_bad, self.epoch = seed, shuffle_buffer, stop_at_bad, 0
-        self.length_of, self.read, self.collate = length_of, read, collate
+        self.length_of, self.read, self.collate, self.count = length_of, read, collate, count
         self.start, self.bad_before = 0, set()  # see resume_at
 
     def set_epoch(self, epoch):

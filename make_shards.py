@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from transformers import HfArgumentParser
 
 from collate import DataError, decode_vl_sample
-from data import manifest_sample, read_manifest
+from data import manifest_checked, read_manifest
 from plumbing import fail, parse_arguments
 
 DEFAULT_SAMPLES_PER_SHARD = 1000
@@ -93,20 +93,18 @@ class ShardArguments:
 
 def check_row(row, args, image_root):
     """`(sample, None)` for a good row, `(None, problem)` for a bad one: the row's own problem, an image file that
-    cannot be read, or training's verdict on the sample it would become (collate.decode_vl_sample)."""
-    if row.problem is not None:
-        return None, row.problem
+    cannot be read, or training's verdict on the sample it would become (collate.decode_vl_sample), in the words of
+    data.manifest_checked (which train_scorer.py's --predict_file shares)."""
+    classes = {"type": args.num_types} if args.num_types else None
+
+    def checked(sample):
+        decode_vl_sample(sample, classes, args.with_labels, args.min_pixels, args.max_pixels)
+        return sample
+
     try:
-        sample = manifest_sample(row, image_root)
+        return manifest_checked(row, image_root, checked), None
     except DataError as e:
         return None, e.problem
-    classes = {"type": args.num_types} if args.num_types else None
-    try:
-        decode_vl_sample(sample, classes, args.with_labels, args.min_pixels, args.max_pixels)
-    except DataError as e:  # training's own words, after the path of the image they are about ("image .0.jpg: ...")
-        about = re.match(r"image \.(\d+)\.", e.problem)
-        return None, (f"{os.path.join(image_root, row.paths[int(about.group(1))])}: " if about else "") + e.problem
-    return sample, None
 
 
 def in_order(fn, items, workers):

@@ -4,6 +4,7 @@ of the last token, trained from webdataset shards of multi-image samples; evalua
 Data: `.tar` shards; per sample `KEY.json` = {"prompt": str, "score": float, "type": int} and images `KEY.0.jpg`,
 `KEY.1.png`, ... (any format PIL reads), shown to the model in index order before the prompt. Keys contain no dots.
 Shard flags take brace patterns, globs or comma lists: 'data/train-{000000..000099}.tar', 'data/*.tar', 'a.tar,b.tar'.
+Prediction also reads plain files: a manifest of prompts and image paths (--predict_file, make_shards.py's format).
 The label fields and their heads come from `collate.LABELS` (README "Forking": adding a field is one line there).
 
   # CPU demo: tiny random Qwen3-VL + synthetic shards, no downloads; trains, evaluates, predicts (under a minute;
@@ -36,6 +37,15 @@ The label fields and their heads come from `collate.LABELS` (README "Forking": a
   bash run.sh train_scorer.py --model_name_or_path outputs/scorer --predict_shards 'data/test-*.tar' \\
       --do_predict --predict_output outputs/scorer/test.jsonl
 
+  # the same for plain files, no shards: a manifest as make_shards.py reads it (.jsonl or .csv; labels optional),
+  # one prediction per good row in manifest order, bad rows counted as bad samples
+  bash run.sh train_scorer.py --model_name_or_path outputs/scorer --predict_file new.csv \\
+      --predict_output outputs/scorer/new.jsonl
+
+  # from Python (serving): the same predictions for rows in memory, image paths or PIL images
+  #   from train_scorer import predict
+  #   predict("outputs/scorer", [{"prompt": "Rate the photo.", "images": ["a/1.jpg"]}])  # [{"key", "score", ...}]
+
 Epochs: each rank reads its own share of the training shards and cycles through it, so every rank runs the same
 number of steps whatever the shard sizes. One epoch is `--epoch_samples` samples across all ranks (default: the
 number of samples in the training shards), i.e. ceil(epoch_samples / (ranks x batch x accumulation)) optimizer
@@ -51,6 +61,7 @@ Precision and memory as in sft_qwen2.py (training_plan.py): under bf16 what trai
 parts stay bf16, the heads are fp32; rank 0 prints the policy and a per-GPU memory plan at start.
 """
 
+import functools
 import json
 import math
 import os
@@ -69,7 +80,7 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLModel, Qwen3VL
 
 from collate import LABELS, DataError, VLEncoder, missing_chat_template
 from curves import write_training_curves
-from data import BadSample, ShardStream, count_samples, expand_shards, make_loader, samples_per_shard
+from data import BadSample, ManifestSource, ShardStream, count_samples, expand_shards, make_loader, manifest_rows
 from feature_cache import open_feature_cache
 from feature_cache import settings as feature_settings
 from plumbing import (TrainingDefaults, check_output_dir, demo_dir, fail, final_evaluation, leave_process_group,
@@ -105,6 +116,13 @@ class DataArguments:
     train_shards: str = field(default=None, metadata={"help": "Training shards: brace pattern, glob or comma list."})
     eval_shards: str = field(default=None, metadata={"help": "Evaluation shards (every sample evaluated once)."})
     predict_shards: str = field(default=None, metadata={"help": "Shards to predict with --do_predict (default: eval)."})
+    predict_file: str = field(default=None, metadata={
+        "help": "Predict the rows of a manifest instead of shards (implies --do_predict): make_shards.py's format, "
+                ".jsonl or .csv, with prompt and images (labels, if any, are left unused); the predictions file then "
+                "has one line per good row, in manifest order, a bad row counted as a bad sample (FILE: line N: "
+                "problem)."})
+    image_root: str = field(default=None, metadata={
+        "help": "Folder the relative image paths of --predict_file start from (default: the manifest's folder)."})
     predict_output: str = field(default=None, metadata={
         "help": "Predictions file, JSON Lines (default: OUTPUT_DIR/predictions.jsonl)."})
     min_pixels: int = field(default=64 * 32 * 32, metadata={"help": "Images smaller than this are upscaled."})
@@ -420,6 +438,13 @@ def scorer_metrics(rows, weights, prefix="eval"):
     return metrics, details
 
 
+def per_sample(heads):
+    """A batch's head outputs ({label: tensor}) as one {label: float or list of logits} per sample: one
+    device-to-host copy per head and batch, not one sync per sample."""
+    heads = {name: out.float().tolist() for name, out in heads.items()}
+    return [{name: out[i] for name, out in heads.items()} for i in range(len(next(iter(heads.values()))))]
+
+
 def prediction(row):
     """One predictions.jsonl object: the key, each value label's output, each class label's guess and probabilities."""
     out = {"key": row["key"]}
@@ -495,7 +520,7 @@ def _progress_bar(stream, args, desc):
     show = args.process_index == 0 and not args.disable_tqdm
     total = None
     if show and all(os.path.isfile(s) for s in stream.shards):
-        total = stream.share(samples_per_shard(stream.shards), max(1, args.dataloader_num_workers))
+        total = stream.share(stream.count(stream.shards), max(1, args.dataloader_num_workers))
     return tqdm(total=total, desc=f"{desc} (process 0)", unit=" samples", disable=not show, file=sys.stderr,
                 dynamic_ncols=True)
 
@@ -661,11 +686,8 @@ class ScorerTrainer(Trainer):
                     pooled = model.pooled(**inputs).cpu()
                     return [{"features": pooled[i].clone(), "labels": labels[i], "length": batch["lengths"][i]}
                             for i in range(len(labels))]
-                heads = model(**inputs).heads
-            # one device-to-host copy per head and batch, not one sync per sample
-            heads = {name: out.float().tolist() for name, out in heads.items()}
-            return [{"heads": {name: out[i] for name, out in heads.items()}, "labels": labels[i]}
-                    for i in range(len(labels))]
+                heads = per_sample(model(**inputs).heads)
+            return [{"heads": h, "labels": label} for h, label in zip(heads, labels)]
         def one_token():  # the same per-layer gathers as a real batch (the vision tower's too, on a blank image)
             pad = torch.tensor([[self.processing_class.tokenizer.pad_token_id]], device=self.args.device)
             with torch.no_grad(), self.accelerator.autocast():
@@ -710,6 +732,49 @@ class ScorerTrainer(Trainer):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Scoring from Python: a saved scorer on rows in memory (serving)
+# ---------------------------------------------------------------------------------------------------------------
+
+def predict(model_dir, rows, batch_size=8, device=None, dtype=None, image_root=".",
+            min_pixels=DataArguments.min_pixels, max_pixels=DataArguments.max_pixels, max_len=DataArguments.max_len):
+    """Scores for `rows` from the scorer saved in `model_dir` (any save format: full, heads-only or LoRA on their
+    recorded base, merged): one predictions.jsonl object per row, in order, as `--predict_file` writes them
+    (`{"key", "score", "type", "type_probs"}`).
+
+    A row is a manifest row as a dict: `prompt`, `images` (paths, relative to `image_root` or absolute, or PIL
+    images, kept as PNG: lossless), an optional `key` (default: its index, zero-padded); labels are ignored. Each is
+    checked and encoded exactly as training and --predict_file do; a bad row raises collate.DataError naming it
+    (`rows: row 2: ./photos/x.jpg: no such image file`). `min_pixels`, `max_pixels`, `max_len`: as the scorer was
+    trained (the flags' defaults unless you changed them). `device`: default the GPU if there is one; `dtype` of the
+    weights: default bf16 on a GPU that has it, else fp32. The scorer and its processor are loaded once per
+    (folder, device, dtype) and kept for the next call (a server calls this per request).
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    model, processor = _loaded_scorer(model_dir, device, dtype)
+    encoder = VLEncoder(processor, None, False, min_pixels, max_pixels, max_len)
+    stream = ManifestSource(manifest_rows(rows), image_root, where="row").attach(
+        ShardStream(["rows"], encoder, batch_size, processor.tokenizer.pad_token_id, stop_at_bad=True))
+    out = []
+    for batch in stream:
+        if batch["bad_samples"]:
+            raise DataError(str(batch["bad_samples"][0]))
+        inputs = {k: v.to(device) for k, v in batch.items() if k not in ScorerTrainer.META}
+        with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            heads = per_sample(model(**inputs).heads)
+        out += [prediction({"key": key, "heads": h}) for key, h in zip(batch["keys"], heads)]
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _loaded_scorer(model_dir, device, dtype):
+    model = load_scorer(ModelArguments(model_name_or_path=model_dir), dtype,
+                        device=None if device.type == "cpu" else device)
+    return model.eval(), AutoProcessor.from_pretrained(model_dir)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Dry run
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -741,14 +806,28 @@ def dry_run_plan(streams, epoch_samples, image_token_id, on_bad_sample, args):
 # Main
 # ---------------------------------------------------------------------------------------------------------------
 
+def settle_prediction(data_args, args):
+    """What --do_predict predicts: the spec of its shards (--predict_shards, else --eval_shards), or None where it
+    predicts the rows of --predict_file (which turns --do_predict on)."""
+    if data_args.predict_file is None:
+        if data_args.image_root is not None:
+            fail("--image_root is where the image paths of --predict_file start: it needs --predict_file")
+        predict_shards = data_args.predict_shards if data_args.predict_shards is not None else data_args.eval_shards
+        if args.do_predict and predict_shards is None:
+            fail("--do_predict needs --predict_shards, --eval_shards or --predict_file")
+        return predict_shards
+    if data_args.predict_shards is not None:
+        fail("--predict_file and --predict_shards: one predictions file holds one set of items, give one of them")
+    args.do_predict = True
+    return None
+
+
 def settle_flags(model_args, data_args, lora_args, args):
     """Refuse what cannot run (one line, exit 2, before any model loads) and settle what follows from the flags;
-    returns (the predict shards' spec, the feature cache folder or None)."""
-    predict_shards = data_args.predict_shards if data_args.predict_shards is not None else data_args.eval_shards
-    if args.do_predict and predict_shards is None:
-        fail("--do_predict needs --predict_shards (or --eval_shards)")
+    returns (the predict shards' spec or None, the feature cache folder or None)."""
+    predict_shards = settle_prediction(data_args, args)
     if data_args.train_shards is None and data_args.eval_shards is None and not args.do_predict:
-        fail("nothing to do: give --train_shards, --eval_shards or --do_predict (or --demo)")
+        fail("nothing to do: give --train_shards, --eval_shards, --predict_file or --do_predict (or --demo)")
     if args.eval_strategy != "no" and data_args.eval_shards is None:
         fail(f"--eval_strategy {args.eval_strategy} needs --eval_shards")
     if lora_args.use_peft and model_args.freeze_backbone:
@@ -780,8 +859,9 @@ def settle_flags(model_args, data_args, lora_args, args):
 
 def shard_lists(data_args, predict_shards, do_predict):
     """({split: shard list}, samples an epoch, most images in a training sample, most in an evaluation sample),
-    from the flags and the tar headers of local shards: a typo or an empty set exits before any model loads."""
-    shards = {}
+    from the flags and the tar headers of local shards: a typo or an empty set exits before any model loads. The
+    --predict_file manifest is the predict split's one "shard" (data.ManifestSource)."""
+    shards = {"predict": [data_args.predict_file]} if data_args.predict_file is not None else {}
     for name, spec in (("train", data_args.train_shards), ("eval", data_args.eval_shards),
                        ("predict", predict_shards if do_predict else None)):
         if spec is not None:
@@ -822,7 +902,7 @@ def train_and_save(trainer, model, args, stop, skip, save_dtype):
         f"samples skipped {total} (per rank {per_rank}); model saved to {args.output_dir}")
 
 
-def predict(trainer, cache, shards, path, stream):
+def predict_to_file(trainer, cache, shards, path, stream):
     """Predictions for `shards` written to `path`: those the feature cache covers read from it, new ones through
     the backbone (`stream(only)` makes a prediction stream); returns (samples, bad samples)."""
     todo = cache.load_agreed(shards) if cache else shards
@@ -855,6 +935,7 @@ def main(argv=None):
     # Data: shard lists now; samples are read and encoded by the loaders. Then the processor and the model.
     try:
         shards, epoch_samples, most_images, eval_images = shard_lists(data_args, predict_shards, args.do_predict)
+        manifest = data_args.predict_file and ManifestSource.from_file(data_args.predict_file, data_args.image_root)
         processor = AutoProcessor.from_pretrained(model_args.model_name_or_path)
         if problem := missing_chat_template(processor, model_args.model_name_or_path):
             raise DataError(problem)
@@ -881,10 +962,11 @@ def main(argv=None):
     def stream(name, batch_size, bucketed=False, only=None, **kw):
         encoder = VLEncoder(processor, classes, name != "predict", data_args.min_pixels, data_args.max_pixels,
                             data_args.max_len)
-        return ShardStream(only or shards[name], encoder, batch_size, processor.tokenizer.pad_token_id,
-                           args.process_index, args.world_size,
-                           stop_at_bad=data_args.on_bad_sample == "error" and name != "train", seed=args.seed,
-                           length_of=encoder.length if bucketed else None, **kw)
+        s = ShardStream(only or shards[name], encoder, batch_size, processor.tokenizer.pad_token_id,
+                        args.process_index, args.world_size,
+                        stop_at_bad=data_args.on_bad_sample == "error" and name != "train", seed=args.seed,
+                        length_of=encoder.length if bucketed else None, **kw)
+        return manifest.attach(s) if manifest and name == "predict" else s  # --predict_file: its rows, read alike
 
     train_stream = eval_stream = None
     stop = GracefulStop()  # SIGTERM / SIGINT: a checkpoint at the step every rank agrees on, then exit 143 / 130
@@ -952,8 +1034,8 @@ def main(argv=None):
             summary.append(f"training curves in {curves}")
         if "predict" in shards:
             path = data_args.predict_output or os.path.join(args.output_dir, "predictions.jsonl")
-            n, bad = predict(trainer, cache, shards["predict"], path,
-                             lambda only: stream("predict", args.per_device_eval_batch_size, only=only))
+            n, bad = predict_to_file(trainer, cache, shards["predict"], path,
+                                     lambda only: stream("predict", args.per_device_eval_batch_size, only=only))
             metrics.update(predict_samples=n, predict_bad_samples=bad)
             summary.append(f"predictions for {n} samples written to {path} ({bad} bad samples skipped)")
     except DataError as e:

@@ -2,6 +2,7 @@
 each mode, logs, schedule, save/load/resume, eval, predict, config files, bad input, forking (in-process), and
 `bash run.sh` with 2 CPU processes (gloo) as users run it."""
 
+import csv
 import json
 import math
 import os
@@ -16,8 +17,9 @@ import torch
 import transformers
 
 import demo
+import make_shards
 import train_scorer
-from collate import collate_vl
+from collate import IMAGE_MEMBER, DataError, VLEncoder, collate_vl
 from conftest import ROOT, scorer_args, exit_2_line, log_history, read_jsonl, run_cli, same_predictions
 from train_scorer import ModelArguments, Qwen3VLScorer, load_scorer, pool_last_token, scorer_metrics
 
@@ -494,6 +496,134 @@ def test_lora_and_frozen_backbone_exit_2(scorer_demo, tmp_path, capsys):
     assert err == "error: --use_peft trains adapters in the backbone, --freeze_backbone only the heads: choose one"
 
 
+# --- plain files: --predict_file, and predict() from Python ------------------------------------------------------
+
+def write_manifest(folder, items):
+    """A JSON Lines manifest, a line per item: a sample (demo.vl_sample dict) as its json's fields, `images` (each
+    image in a file of its own under folder/images/KEY/) and `key`, or a line as written. Returns its path."""
+    lines = []
+    for s in items:
+        if isinstance(s, str):
+            lines.append(s)
+            continue
+        paths = []
+        for member in sorted((k for k in s if IMAGE_MEMBER.match(k)), key=lambda k: int(k.split(".")[0])):
+            path = folder / "images" / s["__key__"] / member
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(s[member])
+            paths.append(str(path.relative_to(folder)))
+        lines.append(json.dumps({**json.loads(s["json"]), "images": paths, "key": s["__key__"]}))
+    manifest = folder / "items.jsonl"
+    manifest.write_text("\n".join(lines) + "\n")
+    return manifest
+
+
+def shards_of(manifest, folder):
+    """make_shards.py's prediction shards of `manifest` (3 rows a shard): its result (pattern, bad-row lines)."""
+    return make_shards.main(["--manifest", str(manifest), "--output_dir", str(folder), "--prefix", "test",
+                             "--with_labels", "false", "--samples_per_shard", "3", "--min_pixels", "1024",
+                             "--max_pixels", "4096", "--disable_tqdm", "true"])
+
+
+PREDICT_FLAGS = ["--use_cpu", "--min_pixels", "1024", "--max_pixels", "4096", "--dataloader_num_workers", "0",
+                 "--per_device_eval_batch_size", "3", "--report_to", "none", "--disable_tqdm", "true"]
+
+
+@pytest.fixture(scope="module")
+def saved_scorers(scorer_demo, vl_processor, tmp_path_factory):
+    """One scorer saved whole and heads-only (on the demo base), each folder with its processor."""
+    folder, saved = tmp_path_factory.mktemp("saved"), {}
+    for name, flags in (("full", {}), ("heads", {"freeze_backbone": True})):
+        scorer(scorer_demo, **flags).save_pretrained(folder / name)
+        vl_processor.save_pretrained(folder / name)
+        saved[name] = str(folder / name)
+    return saved
+
+
+def stable(text):
+    return re.sub(r"at 0x[0-9a-f]+", "at ADDRESS", text)  # PIL names a buffer's address
+
+
+def test_predict_file_predicts_as_its_shards_and_counts_bad_rows_in_make_shards_words(
+        scorer_demo, saved_scorers, vl_processor, tmp_path, capsys):
+    """--predict_file (alone: no shards, no --do_predict) writes the predictions --predict_shards writes for the
+    shards make_shards.py makes of the same manifest, in manifest order; its bad rows are bad samples named as
+    make_shards.py names them, and so is the first one with --on_bad_sample error; a CSV of the good rows, without
+    labels, gives the same predictions. predict() from Python gives the predictions file's rows for a full and a
+    heads-only save, images as paths or PIL images."""
+    from PIL import Image
+
+    from data import ManifestSource, ShardStream
+
+    samples = demo.make_vl_samples(5, seed=12, prefix="it") + [
+        demo.vl_sample("text", {"prompt": "No picture at all."}, [])]
+    (tmp_path / "broken.jpg").write_bytes(b"not a picture")
+    bad_lines = ['{"prompt": "x",', json.dumps({"prompt": "p", "images": ["images/nope.jpg"]}),
+                 json.dumps({"prompt": "p", "images": ["broken.jpg"]}), json.dumps({"prompt": 5}),
+                 json.dumps({"prompt": "p", "key": "it00001"})]
+    manifest = write_manifest(tmp_path, samples[:3] + bad_lines[:3] + samples[3:] + bad_lines[3:])
+    made = shards_of(manifest, tmp_path / "shards")
+    keys = [s["__key__"] for s in samples]
+    assert made["samples"] == 6 and [line.split(": ")[1] for line in made["bad"]] == [
+        "line 4", "line 5", "line 6", "line 10", "line 11"]
+
+    # the stream over the manifest: the good rows' keys in order, each bad row in make_shards.py's words
+    stream = ManifestSource.from_file(str(manifest)).attach(ShardStream(
+        [str(manifest)], VLEncoder(vl_processor, None, False, 1024, 4096, 8192), 4, vl_processor.tokenizer.pad_token_id))
+    batches = list(stream)
+    assert [k for b in batches for k in b.get("keys", [])] == keys
+    assert [stable(str(bad)) for b in batches for bad in b["bad_samples"]] == [stable(line) for line in made["bad"]]
+
+    def predictions(model, *flags):
+        path = tmp_path / f"{len(list(tmp_path.glob('*.out.jsonl')))}.out.jsonl"
+        trainer = train_scorer.main(["--model_name_or_path", model, "--output_dir", str(tmp_path / "o"),
+                                     "--predict_output", str(path), *PREDICT_FLAGS, *flags])
+        return read_jsonl(path), trainer.metrics
+
+    from_shards, _ = predictions(saved_scorers["heads"], "--predict_shards", made["pattern"], "--do_predict")
+    from_file, metrics = predictions(saved_scorers["heads"], "--predict_file", str(manifest))
+    assert [p["key"] for p in from_file] == keys
+    same_predictions(from_file, from_shards)
+    assert metrics["predict_samples"] == 6 and metrics["predict_bad_samples"] == 5
+    err = exit_2_line(capsys, train_scorer.main, ["--model_name_or_path", saved_scorers["heads"], "--output_dir",
+                                                  str(tmp_path / "o"), "--predict_file", str(manifest),
+                                                  "--on_bad_sample", "error", *PREDICT_FLAGS])
+    assert err == f"error: {made['bad'][0]}" == f"error: {manifest}: line 4: malformed JSON: Expecting property " \
+                                                   f"name enclosed in double quotes"
+
+    # the good rows as a CSV without labels: the same predictions
+    rows = [json.loads(line) for i, line in enumerate(manifest.read_text().splitlines(), 1)
+            if i not in (4, 5, 6, 10, 11)]
+    with open(tmp_path / "items.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["key", "prompt", "images"]] + [[r["key"], r["prompt"], ";".join(r["images"])]
+                                                                 for r in rows])
+    same_predictions(predictions(saved_scorers["heads"], "--predict_file", str(tmp_path / "items.csv"))[0], from_file)
+
+    # from Python: the same rows, one of them with its images as PIL images
+    rows[1]["images"] = [Image.open(tmp_path / p) for p in rows[1]["images"]]
+    for save in ("full", "heads"):
+        served = train_scorer.predict(saved_scorers[save], rows, batch_size=4, image_root=str(tmp_path),
+                                      min_pixels=1024, max_pixels=4096)
+        same_predictions(served, from_file if save == "heads" else predictions(saved_scorers["full"], "--predict_file",
+                                                                               str(manifest))[0])
+    with pytest.raises(DataError, match=r"^rows: row 1: .*/images/nope\.jpg: no such image file$"):
+        train_scorer.predict(saved_scorers["full"], [rows[0], json.loads(bad_lines[1])], image_root=str(tmp_path),
+                             min_pixels=1024, max_pixels=4096)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--predict_file", "items.jsonl", "--predict_shards", "x.tar"],
+     "--predict_file and --predict_shards: one predictions file holds one set of items, give one of them"),
+    (["--image_root", "photos", "--predict_shards", "x.tar", "--do_predict"],
+     "--image_root is where the image paths of --predict_file start: it needs --predict_file"),
+    (["--predict_file", "nothing.jsonl"], "nothing.jsonl: cannot read (No such file or directory)"),
+])
+def test_predict_file_contradictions_exit_2(scorer_demo, tmp_path, capsys, flags, message):
+    err = exit_2_line(capsys, train_scorer.main, ["--model_name_or_path", scorer_demo[0], "--num_types", "3",
+                                                  "--output_dir", str(tmp_path / "o"), "--use_cpu", *flags])
+    assert err == f"error: {message}"
+
+
 # --- as users run it: bash run.sh with 2 CPU processes (gloo) --------------------------------------------------
 
 TWO = {"NPROC_PER_NODE": "2"}
@@ -532,9 +662,10 @@ def test_tensorboard_and_the_curves_get_the_per_head_losses_and_the_eval_metrics
 
 def test_two_processes_uneven_shards_text_only_batches_exact_eval_and_predict(scorer_demo, tmp_path):
     """Rank 0 and rank 1 train on different shards, one of them text-only (so one rank's vision tower gets no real
-    gradient); eval shards of very different sizes; a predict shard with fewer shards than ranks x workers. Process 0
-    alone shows progress bars of its share of the evaluation (shards 0, 1 and 4: 8 samples) and of the prediction
-    (samples 0, 1 and 4 of 5)."""
+    gradient); eval shards of very different sizes; prediction of a manifest (--predict_file: one "shard" for 4
+    slots, ranks x workers), one bad row counted, the same predictions as one process gives for its shards. Process
+    0 alone shows progress bars of its share of the evaluation (shards 0, 1 and 4: 8 samples) and of the prediction
+    (rows 0, 1, 4 and 5 of 6)."""
     texts = [demo.vl_sample(f"txt{i}", {"prompt": f"Please rate text {i}.", "score": float(i), "type": i % 3}, [])
              for i in range(3)]
     images = demo.make_vl_samples(7, seed=5, prefix="img")
@@ -545,12 +676,13 @@ def test_two_processes_uneven_shards_text_only_batches_exact_eval_and_predict(sc
     evals = demo.make_vl_samples(16, seed=6, prefix="ev")
     demo.write_shards(tmp_path, "eval", evals, [4, 1, 6, 2, 3])
     preds = demo.make_vl_samples(5, seed=7, prefix="pr")
-    demo.write_shard(tmp_path / "predict.tar", preds)
+    (tmp_path / "predict").mkdir()
+    manifest = write_manifest(tmp_path / "predict", preds + [json.dumps({"prompt": "p", "images": ["nope.jpg"]})])
     out = tmp_path / "out"
     result = run_cli([
         "bash", "run.sh", "train_scorer.py", "--model_name_or_path", scorer_demo[0], "--num_types", "3",
         "--train_shards", f"{tmp_path}/train-*.tar", "--eval_shards", f"{tmp_path}/eval-{{000000..000004}}.tar",
-        "--predict_shards", f"{tmp_path}/predict.tar", "--do_predict", "--output_dir", str(out),
+        "--predict_file", str(manifest), "--output_dir", str(out),
         "--per_device_train_batch_size", "1", "--per_device_eval_batch_size", "2", "--max_steps", "8",
         "--logging_steps", "2", "--learning_rate", "1e-3", "--min_pixels", "1024", "--max_pixels", "4096",
         "--dataloader_num_workers", "2", "--use_cpu", "--save_strategy", "no", "--disable_tqdm", "false"],
@@ -558,18 +690,23 @@ def test_two_processes_uneven_shards_text_only_batches_exact_eval_and_predict(sc
     assert result.returncode == 0, result.stderr[-3000:]
     bars = [line for line in result.stderr.replace("\r", "\n").splitlines() if "(process 0)" in line]
     assert [b.split(":")[0] for b in bars if " 0/" in b] == ["evaluation (process 0)", "prediction (process 0)"]
-    assert any("| 8/8 [" in b for b in bars) and any("| 3/3 [" in b for b in bars), bars
+    assert any("| 8/8 [" in b for b in bars) and any("| 4/4 [" in b for b in bars), bars
     assert "an epoch is 12 samples = 6 steps of 2 x 1 x 1" in result.stdout
     assert "bad samples skipped 2 (per rank [" in result.stdout
     with open(out / "all_results.json") as f:
         results = json.load(f)
     assert results["train_bad_samples"] == 2
     assert results["eval_samples"] == 16 and results["eval_bad_samples"] == 0
+    assert results["predict_samples"] == 5 and results["predict_bad_samples"] == 1
     with open(out / "eval_results.json") as f:
         assert json.load(f)["eval_samples"] == 16
     keys = [p["key"] for p in read_jsonl(out / "predictions.jsonl")]
-    assert keys == [s["__key__"] for s in preds]  # each once, in shard order
+    assert keys == [s["__key__"] for s in preds]  # each once, in manifest order
     check_logs_add_up(out)
+    made = shards_of(manifest, tmp_path / "shards")
+    train_scorer.main(["--model_name_or_path", str(out), "--predict_shards", made["pattern"], "--do_predict",
+                       "--output_dir", str(tmp_path / "one"), *PREDICT_FLAGS])
+    same_predictions(read_jsonl(out / "predictions.jsonl"), read_jsonl(tmp_path / "one" / "predictions.jsonl"))
 
 
 @pytest.mark.parametrize("phase", ["train", "eval"])
