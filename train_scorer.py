@@ -556,21 +556,23 @@ class _SetStreamEpoch(TrainerCallback):
         self.stream.set_epoch(state.global_step // self.steps_per_epoch)
 
 
-BAD_POSITIONS = "bad_samples_{}.json"  # in each checkpoint, per rank: see _KeepBadPositions
+BAD_POSITIONS = "bad_samples.json"  # in each checkpoint: see _KeepBadPositions
 
 
 class _KeepBadPositions(TrainerCallback):
-    """Each rank writes into each checkpoint where the bad training samples of the run so far were, as (shard, index
-    in shard) pairs: what a resume needs to position the stream without encoding the trained steps
-    (ScorerTrainer.get_resumed_dataloader). Written before MarkComplete's marker (this callback comes first)."""
+    """Process 0 writes into each checkpoint where the bad training samples of the run so far were, on every rank, as
+    (shard, index in shard) pairs: what a resume needs to position the stream without encoding the trained steps
+    (ScorerTrainer.get_resumed_dataloader). One file of positions in the data, not one per rank, so a resume on
+    another number of processes reads it too. Written before MarkComplete's marker (this callback comes first)."""
 
     def __init__(self, positions):
         self.positions = positions
 
     def on_save(self, args, state, control, **kwargs):
-        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        with open(os.path.join(folder, BAD_POSITIONS.format(args.process_index)), "w") as f:
-            json.dump(sorted(self.positions), f)
+        every = sorted({tuple(p) for p in gather_object(sorted(self.positions))})  # every rank saves at this step
+        if args.process_index == 0:
+            with open(os.path.join(args.output_dir, f"checkpoint-{state.global_step}", BAD_POSITIONS), "w") as f:
+                json.dump(every, f)
 
 
 class ScorerTrainer(Trainer):
@@ -595,9 +597,12 @@ class ScorerTrainer(Trainer):
         return make_loader(self.train_dataset, self.args)
 
     def train(self, resume_from_checkpoint=None, **kwargs):
-        record = (os.path.join(resume_from_checkpoint, BAD_POSITIONS.format(self.args.process_index))
+        record = (os.path.join(resume_from_checkpoint, BAD_POSITIONS)
                   if isinstance(resume_from_checkpoint, str) else None)  # True: the Trainer's own pick
-        if record and os.path.isfile(record):
+        readable = bool(record) and os.path.isfile(record)
+        # every rank positions its stream, or every rank replays: a rank replaying hours of batches while the others
+        # wait in the first step's all-reduce would outlast the collective timeout
+        if record and not all_ranks_max(int(not readable), self.args.device):
             with open(record) as f:
                 self.resumed_bad = {tuple(position) for position in json.load(f)}
             self.bad_positions |= self.resumed_bad  # the next checkpoints' records cover the steps before this run

@@ -396,13 +396,21 @@ def test_resume_decodes_no_image_of_a_trained_step(scorer_demo, tmp_path, monkey
     trainer = train_scorer.main(scorer_args(scorer_demo, resumed, *args, train=shard))
     assert trainer.state.global_step == 6
     assert decoded.count(True) == 61  # the images of steps 4-6 only; replaying the trained steps decoded 108
-    with open(straight / "checkpoint-3" / "bad_samples_0.json") as f:
+    with open(straight / "checkpoint-3" / "bad_samples.json") as f:
         assert json.load(f) == [[shard, 7], [shard, 10]]  # the bad samples of steps 1-3 (5-10 are bad)
+    # a checkpoint without the record (an earlier version's) is replayed by every rank: decoded again, same batches
+    replayed = tmp_path / "replayed"
+    shutil.copytree(straight / "checkpoint-3", replayed / "checkpoint-3")
+    os.remove(replayed / "checkpoint-3" / "bad_samples.json")
+    decoded.clear()
+    train_scorer.main(scorer_args(scorer_demo, replayed, *args, train=shard))
+    assert decoded.count(True) == 108
     a = {h["step"]: h["loss"] for h in log_history(straight) if "loss" in h}
-    b = {h["step"]: h["loss"] for h in log_history(resumed) if "loss" in h}
-    assert sorted(b) == list(range(1, 7))
-    for step in range(4, 7):
-        assert b[step] == pytest.approx(a[step], rel=1e-5), (step, a, b)
+    for run in (resumed, replayed):
+        b = {h["step"]: h["loss"] for h in log_history(run) if "loss" in h}
+        assert sorted(b) == list(range(1, 7))
+        for step in range(4, 7):
+            assert b[step] == pytest.approx(a[step], rel=1e-5), (step, a, b)
 
 
 @pytest.mark.parametrize("problem", list(bad_samples()))
