@@ -444,13 +444,22 @@ def samples_per_shard(shards):
 
 
 def _count_one(shard):
+    if not os.path.isfile(shard):
+        raise DataError(f"{shard}: not a local file, so its samples cannot be counted (pass --epoch_samples)")
+    stat = os.stat(shard)
+    return _counted(shard, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=None)
+def _counted(shard, size, mtime_ns):
+    """(samples, most images in a sample) of a shard as it is now (its size and time in the key): counted once per
+    process, though the run start, the feature-cache build and every evaluation's progress bar all ask (a header
+    scan reads every member's header: thousands of reads a shard, again at each evaluation otherwise)."""
     import tarfile
     from collections import Counter
 
     from webdataset.tariterators import base_plus_ext
 
-    if not os.path.isfile(shard):
-        raise DataError(f"{shard}: not a local file, so its samples cannot be counted (pass --epoch_samples)")
     try:
         with tarfile.open(shard) as tar:
             names = [base_plus_ext(m.name) for m in tar if m.isreg()]

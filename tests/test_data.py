@@ -155,6 +155,25 @@ class TestTarReader:
         with pytest.raises(DataError, match="pass --epoch_samples"):
             count_samples(["pipe:cat x.tar"])
 
+    def test_a_shard_is_counted_once_until_it_changes(self, tmp_path, monkeypatch):
+        """The run start, the feature-cache build and each evaluation's progress bar ask for the same counts: the
+        headers are read once, and again only once the shard was rewritten."""
+        import tarfile
+
+        opened, open_tar = [], tarfile.open
+
+        def reading(name, mode="r", *args, **kwargs):  # the shard readers' opens; writing one is not counted
+            if mode.startswith("r"):
+                opened.append(str(name))
+            return open_tar(name, mode, *args, **kwargs)
+
+        monkeypatch.setattr(tarfile, "open", reading)
+        paths, _ = key_shards(tmp_path, [3, 5])
+        assert count_samples(paths) == 8 and samples_per_shard(paths) == [3, 5] and count_samples(paths[1:]) == 5
+        assert opened == paths
+        demo.write_shard(paths[0], [{"__key__": f"n{i}", "json": b"{}"} for i in range(4)])  # another size
+        assert samples_per_shard(paths) == [4, 5] and opened == paths + paths[:1]
+
 
 # --- splitting shards over ranks and workers ------------------------------------------------------------------------
 
