@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from collate import IMAGE_MEMBER, LABELS, DataError, collate_vl
+from collate import IMAGE_MEMBER, LABELS, DataError, collate_vl, parse_vl_sample
 
 # ----------------------------------------------------------------------------------------------------------------
 # SFT files
@@ -436,6 +436,41 @@ def count_samples(shards, most_images=False):
     counts = [_count_one(shard) for shard in shards]
     total = sum(n for n, _ in counts)
     return (total, max((most for _, most in counts), default=0)) if most_images else total
+
+
+def label_statistics(shards, classes):
+    """The training labels of local shards, from their json members alone (no image is read): {value label: (n,
+    mean, population standard deviation)} and {class label: counts of each of its `classes[label]` classes}. A
+    sample training would refuse for its json (collate.parse_vl_sample) is left out, as training skips it."""
+    import tarfile
+
+    import numpy as np
+
+    values = {name: [] for name, kind in LABELS.items() if kind == "value"}
+    counts = {name: [0] * classes[name] for name, kind in LABELS.items() if kind == "class"}
+    for shard in shards:
+        if not os.path.isfile(shard):
+            raise DataError(f"{shard}: not a local file, so its labels cannot be counted (pass --score_mean and "
+                            f"--score_std, or --score_norm none)")
+        try:
+            with tarfile.open(shard) as tar:
+                for member in tar:
+                    if not (member.isreg() and member.name.endswith(".json")):
+                        continue
+                    try:
+                        labels = parse_vl_sample({"json": tar.extractfile(member).read()}, classes).labels
+                    except DataError:
+                        continue
+                    for name, value in labels.items():
+                        if name in values:
+                            values[name].append(value)
+                        else:
+                            counts[name][value] += 1
+        except tarfile.TarError as e:
+            raise DataError(f"{shard}: cannot read as a tar shard ({e})") from None
+    stats = {name: (len(v), float(np.mean(v)) if v else float("nan"), float(np.std(v)) if v else float("nan"))
+             for name, v in values.items()}
+    return stats, counts
 
 
 def samples_per_shard(shards):

@@ -180,12 +180,14 @@ def sharding(state=None):
 
 
 def run_record(model, world_size, state=None):
-    """What a checkpoint of this run holds and how it is written: the model (a scorer: the base it refers to; SFT:
-    the architecture's sizes), what trains (a scorer: `scorer_trains`; SFT: LoRA or full), `sharding(state)` and the
+    """What a checkpoint of this run holds and how it is written: the model (a scorer: the base it refers to and the
+    units its value heads learned, `scorer_targets`; SFT: the architecture's sizes), what trains (a scorer: `scorer_trains`; SFT: LoRA or full), `sharding(state)` and the
     number of processes. MarkComplete writes it into each checkpoint; resume_mismatch compares it."""
     config = model.config
     if hasattr(config, "scorer_trains"):
-        identity, trains = {"scorer_base_model": config.scorer_base_model}, config.scorer_trains
+        identity = {"scorer_base_model": config.scorer_base_model,
+                    "scorer_targets": getattr(config, "scorer_targets", None)}
+        trains = config.scorer_trains
     else:
         identity = {key: getattr(config, key, None)
                     for key in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")}
@@ -327,6 +329,10 @@ def checkpoint_problem(path, run):
                 f"flags it was saved with, or use another --output_dir")
     for key, value in run["model"].items():
         if saved["model"].get(key) != value:
+            if key == "scorer_targets":  # the training labels changed, or the flags that standardize them
+                return (f"{path}: its value heads learned targets standardized as {saved['model'].get(key)} "
+                        f"({{label: [mean, std]}}), this run's are {value}; resume with those (--score_mean, "
+                        f"--score_std, --score_norm), or use another --output_dir")
             if scorer:
                 return (f"{path}: saved with {key} = {saved['model'].get(key)}, this run has {value}; use the same "
                         f"model and freezing flags to resume, or another --output_dir")

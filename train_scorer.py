@@ -75,18 +75,20 @@ import torch.distributed as dist
 from accelerate.utils import gather_object
 from torch import nn
 from transformers import AutoConfig, AutoProcessor, HfArgumentParser, Trainer, TrainerCallback, set_seed
+from transformers import initialization as init
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLModel, Qwen3VLPreTrainedModel
 
 from collate import LABELS, DataError, VLEncoder, missing_chat_template
 from curves import write_training_curves
-from data import BadSample, ManifestSource, ShardStream, count_samples, expand_shards, make_loader, manifest_rows
+from data import (BadSample, ManifestSource, ShardStream, count_samples, expand_shards, label_statistics, make_loader,
+                  manifest_rows)
 from feature_cache import open_feature_cache
 from feature_cache import settings as feature_settings
 from plumbing import (TrainingDefaults, check_output_dir, demo_dir, fail, final_evaluation, leave_process_group,
                       log, parse_arguments, patient_group, prepare_demo, wait_for_every_rank, weights_source)
 from reliability import (GracefulStop, MarkComplete, SkipNonFinite, all_ranks_max, checkpoint_to_resume,
-                         exit_if_failed, exit_if_stopped, resume_mismatch, run_record)
+                         exit_if_failed, exit_if_stopped, rank_0s, resume_mismatch, run_record)
 from training_plan import (LoraArguments, add_lora, check_flags, check_loader_shm, checkpoint_dtype,
                            keep_fp32_under_fsdp, load_dtype, load_device, loader_sample_bytes, loads_on_main_only,
                            lora_parameter_count, lora_settings, memory_plan, optimizer_steps, reduce_every_micro_batch,
@@ -109,6 +111,20 @@ class ModelArguments:
         "help": "Also load pickle weights (.bin), which can run arbitrary code; by default only safetensors."})
     score_weight: float = field(default=1.0, metadata={"help": "Weight of the score loss (MSE) in the total."})
     type_weight: float = field(default=1.0, metadata={"help": "Weight of the type loss (cross-entropy) in the total."})
+    score_norm: str = field(default="standardize", metadata={
+        "help": "standardize: the score head learns (score - mean) / std, the training labels' mean and standard "
+                "deviation (counted from the shards' json, or --score_mean/--score_std; kept in the saved config), so "
+                "scores on any scale train alike; outputs, metrics and predictions stay in the labels' units. none: "
+                "the head learns the raw scores."})
+    score_mean: float = field(default=None, metadata={"help": "Mean for standardize (default: counted)."})
+    score_std: float = field(default=None, metadata={"help": "Standard deviation for standardize (default: counted)."})
+    type_class_weights: str = field(default="none", metadata={
+        "help": "Class weights of the type loss: none, balanced (n / (classes x count), from the training labels' "
+                "counts, printed at start) or one weight per class, w0,w1,..."})
+    rank_weight: float = field(default=0.0, metadata={
+        "help": "Weight of a pairwise logistic (RankNet) loss on the score over the pairs of a batch with different "
+                "scores, logged as loss_rank. It depends only on the scores' order, so sources on different scales "
+                "can be mixed."})
 
 
 @dataclass
@@ -178,14 +194,14 @@ ARGUMENTS = (ModelArguments, DataArguments, LoraArguments, ScorerArguments)  # f
 
 DEMO_DIR = demo_dir("scorer-qwen3-vl")
 # Flags the demo puts before the user's own (so a user flag still wins): tiny model and images, a few CPU steps.
-# Heads at a high rate (the score head's bias has to reach ~3 at once) and a linear decay (the default cubic one
+# The heads at the backbone's rate (their score targets are standardized) and a linear decay (the default cubic one
 # spends most steps at a tiny rate): the demo then learns both labels in 80 steps (score Pearson ~0.98).
 DEMO_ARGS = [
     "--model_name_or_path", f"{DEMO_DIR}/tiny-qwen3-vl", "--train_shards", f"{DEMO_DIR}/train-{{000000..000003}}.tar",
     "--eval_shards", f"{DEMO_DIR}/eval-{{000000..000001}}.tar", "--do_predict", "--output_dir", f"{DEMO_DIR}/output",
     "--num_types", "3", "--min_pixels", "1024", "--max_pixels", "4096", "--max_steps", "80",
     "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8", "--learning_rate", "2e-3",
-    "--head_lr", "5e-2", "--lr_scheduler_kwargs", '{"power": 1.0}', "--warmup_steps", "6", "--logging_steps", "10",
+    "--lr_scheduler_kwargs", '{"power": 1.0}', "--warmup_steps", "6", "--logging_steps", "10",
     "--eval_strategy", "steps", "--eval_steps", "40", "--eval_on_start", "true", "--save_steps", "40",
     "--dataloader_num_workers", "1", "--use_cpu", "--disable_tqdm", "true",
 ]
@@ -224,7 +240,9 @@ def saved_with_base(key):
 class Qwen3VLScorer(Qwen3VLPreTrainedModel):
     """Qwen3-VL backbone (no LM head) + one fp32 head per label on the last real token.
 
-    `config` is the Qwen3-VL config plus `num_<class label>s`, `<label>_weight`, `scorer_trains` (what trained),
+    `config` is the Qwen3-VL config plus `num_<class label>s`, `<label>_weight`, `scorer_targets` ({value label:
+    [mean, std]} of standardized targets, see `standardization`), `scorer_class_weights` ({class label: weights}),
+    `rank_weight`, `scorer_trains` (what trained),
     `scorer_lora` (LoRA settings, when the backbone carries adapters) and `scorer_base_model`: set when the backbone
     is frozen or carries adapters; saves then hold only the heads and adapters, and `from_pretrained` rebuilds the
     backbone from there.
@@ -247,9 +265,29 @@ class Qwen3VLScorer(Qwen3VLPreTrainedModel):
     def head(self, name):
         return getattr(self, f"{name}_head")
 
+    def _init_weights(self, module):
+        """New value heads start at zero: an untrained scorer predicts each value label's mean (its standardized
+        output is 0), not a random offset from it that depends on the scale of the backbone's hidden states."""
+        super()._init_weights(module)
+        if any(module is getattr(self, f"{name}_head", None) for name, kind in LABELS.items() if kind == "value"):
+            init.zeros_(module.weight)
+
     def loss_weights(self):
-        """{label: weight of its loss in the total} (`<label>_weight` in the config, 1.0 where a fork set none)."""
-        return {name: getattr(self.config, f"{name}_weight", 1.0) for name in LABELS}
+        """{loss: its weight in the total}: each label's (`<label>_weight` in the config, 1.0 where a fork set none),
+        and the ranking loss's when it is on."""
+        rank = getattr(self.config, "rank_weight", 0.0)
+        return {**{name: getattr(self.config, f"{name}_weight", 1.0) for name in LABELS}, **({"rank": rank} if rank
+                                                                                              else {})}
+
+    def standardization(self, name):
+        """(mean, std) of a value label: its head's raw output is (label - mean) / std. The head then starts near
+        the labels' mean whatever their scale (the raw output starts near 0), and its loss is comparable across
+        datasets. (0, 1) for a scorer trained on raw labels."""
+        return tuple((getattr(self.config, "scorer_targets", None) or {}).get(name, (0.0, 1.0)))
+
+    def class_weights(self, name):
+        """A class label's cross-entropy weights (one per class), or None: unweighted."""
+        return (getattr(self.config, "scorer_class_weights", None) or {}).get(name)
 
     @classmethod
     def from_pretrained(cls, path, *args, config=None, meta=False, **kwargs):
@@ -342,15 +380,39 @@ class Qwen3VLScorer(Qwen3VLPreTrainedModel):
             if features is None else features
         with torch.autocast(pooled.device.type, enabled=False):
             pooled = pooled.float()
-            heads = {name: self.head(name)(pooled) for name in LABELS}
-        heads = {name: out.squeeze(-1) if LABELS[name] == "value" else out for name, out in heads.items()}
+            raw = {name: self.head(name)(pooled) for name in LABELS}
+        raw = {name: out.squeeze(-1) if LABELS[name] == "value" else out for name, out in raw.items()}
+        heads = {name: out * self.standardization(name)[1] + self.standardization(name)[0]
+                 if LABELS[name] == "value" else out for name, out in raw.items()}  # values in the labels' units
         if not labels:
             return ScorerOutput(heads=heads)
-        losses = {name: nn.functional.mse_loss(out, labels[f"{name}_labels"].float()) if LABELS[name] == "value"
-                  else nn.functional.cross_entropy(out, labels[f"{name}_labels"]) for name, out in heads.items()}
+        losses, targets = {}, {}
+        for name, out in raw.items():
+            label = labels[f"{name}_labels"]
+            if LABELS[name] == "value":
+                mean, std = self.standardization(name)
+                targets[name] = (label.float() - mean) / std
+                losses[name] = nn.functional.mse_loss(out, targets[name])
+            else:
+                weight = self.class_weights(name)
+                losses[name] = nn.functional.cross_entropy(
+                    out, label, weight=None if weight is None else torch.tensor(weight, device=out.device))
         weights = self.loss_weights()
+        if "rank" in weights:
+            losses["rank"] = sum(rank_loss(raw[name], targets[name]) for name in targets)
         loss = sum(weights[name] * value for name, value in losses.items())
         return ScorerOutput(loss=loss, head_losses={k: v.detach() for k, v in losses.items()}, heads=heads)
+
+
+def rank_loss(predicted, target):
+    """RankNet's pairwise logistic loss: the mean of log(1 + exp(-(p_i - p_j))) over the pairs of the batch with
+    target_i > target_j (each unordered pair once; ties left out), 0 where there is no such pair. It reads only the
+    targets' order, so datasets scored on different scales can share a batch. (torch has no pairwise ranking loss
+    for real-valued targets: MarginRankingLoss is a hinge on given pairs.)"""
+    above = target[:, None] > target[None, :]
+    if not above.any():
+        return predicted.sum() * 0.0  # keeps the graph: every rank's backward reaches the same parameters
+    return nn.functional.softplus(-(predicted[:, None] - predicted[None, :])[above]).mean()
 
 
 def load_scorer(model_args, dtype, lora_args=None, meta=False, device=None):
@@ -371,6 +433,7 @@ def load_scorer(model_args, dtype, lora_args=None, meta=False, device=None):
             raise DataError(f"--{key} must be at least 1, not {getattr(config, key)}")
     for name in LABELS:
         setattr(config, f"{name}_weight", getattr(model_args, f"{name}_weight", 1.0))
+    config.rank_weight = model_args.rank_weight
     weights = getattr(config, "scorer_base_model", None) or path  # a heads/adapter save names its base
     model = Qwen3VLScorer.from_pretrained(path, config=config, dtype=dtype, meta=meta,
                                           attn_implementation=model_args.attn_implementation, device_map=device,
@@ -395,15 +458,18 @@ def _correlation(statistic, a, b):
     return float(statistic(a, b).statistic)
 
 
-def scorer_metrics(rows, weights, prefix="eval"):
-    """Metrics over every evaluated sample (rows: dicts with `heads` and `labels`, each {label: ...}); returns
-    (metrics for the logs, details for eval_results.json).
+def scorer_metrics(rows, weights, prefix="eval", std=None, class_weights=None):
+    """Metrics over every evaluated sample (rows: dicts with `heads` and `labels`, each {label: ...}, values in the
+    labels' units); returns (metrics for the logs, details for eval_results.json).
 
-    Per value label: loss (MSE), MAE, RMSE, Pearson, Spearman (average ranks for ties); per class label: loss
-    (cross-entropy), accuracy, macro-F1 over the classes that occur as a label or a guess, and the mean of the
+    Per value label: loss (the MSE of the standardized values, as training computes it: MSE / std^2, `std`
+    {label: std}, 1 where absent), MAE, RMSE, Pearson, Spearman (average ranks for ties), in the labels' units; per
+    class label: loss (cross-entropy, weighted by `class_weights` {label: weights or None} as in training: the mean
+    over samples of weight x loss divided by the mean weight), accuracy, macro-F1 over the classes that occur as a label or a guess, and the mean of the
     classes' one-vs-rest ROC-AUCs; the details hold each class's ROC-AUC (NaN for a class that is every label or
     none) and the confusion matrix (a row per label, a column per guess). Computed by scipy and scikit-learn. Losses
-    are means over samples (not over batches); `loss` is their sum weighted by `weights` ({label: weight}).
+    are means over samples (not over batches); `loss` is their sum weighted by `weights` ({label: weight}; the
+    ranking loss, a loss over a batch's pairs, is a training loss only: Spearman measures the order here).
     """
     from scipy.special import log_softmax
     from scipy.stats import pearsonr, spearmanr
@@ -418,7 +484,8 @@ def scorer_metrics(rows, weights, prefix="eval"):
         label = np.array([r["labels"][name] for r in rows], dtype=np.float64 if kind == "value" else np.int64)
         if kind == "value":
             mse = float(mean_squared_error(label, out))
-            metrics.update({f"{prefix}_loss_{name}": mse, f"{prefix}_{name}_rmse": math.sqrt(mse),
+            metrics.update({f"{prefix}_loss_{name}": mse / (std or {}).get(name, 1.0) ** 2,
+                            f"{prefix}_{name}_rmse": math.sqrt(mse),
                             f"{prefix}_{name}_mae": float(mean_absolute_error(label, out)),
                             f"{prefix}_{name}_pearson": _correlation(pearsonr, out, label),
                             f"{prefix}_{name}_spearman": _correlation(spearmanr, out, label)})
@@ -427,7 +494,9 @@ def scorer_metrics(rows, weights, prefix="eval"):
             auc = [float(roc_auc_score(label == c, log_probs[:, c])) if 0 < np.sum(label == c) < len(label)
                    else float("nan") for c in classes]
             defined = [a for a in auc if not math.isnan(a)]
-            metrics.update({f"{prefix}_loss_{name}": float(-log_probs[np.arange(len(label)), label].mean()),
+            weight = np.asarray((class_weights or {}).get(name) or [1.0] * out.shape[1])[label]
+            nll = -log_probs[np.arange(len(label)), label]
+            metrics.update({f"{prefix}_loss_{name}": float((weight * nll).sum() / weight.sum()),
                             f"{prefix}_{name}_accuracy": float(accuracy_score(label, guess)),
                             f"{prefix}_{name}_macro_f1": float(f1_score(label, guess, average="macro")),
                             f"{prefix}_{name}_roc_auc": float(np.mean(defined)) if defined else float("nan")})
@@ -590,7 +659,8 @@ class ScorerTrainer(Trainer):
         self.train_bad = set()  # (shard, key) skipped on this rank while training
         self.last_keys = []  # the sample keys of this rank's latest training batch
         self._train_error = None  # the first bad training sample in `error` mode
-        self._head_sums, self._head_steps = torch.zeros(len(LABELS), device=self.args.device), 0
+        self.loss_names = list(self.model.loss_weights())  # each label's, and "rank" with the ranking loss
+        self._head_sums, self._head_steps = torch.zeros(len(self.loss_names), device=self.args.device), 0
         self.eval_details = {}  # the latest evaluation's per-class ROC-AUCs and confusion matrices
 
     def get_train_dataloader(self):
@@ -661,7 +731,7 @@ class ScorerTrainer(Trainer):
         self.last_keys = inputs["keys"]  # named if non-finite losses stop the run
         outputs = model(**{k: v for k, v in inputs.items() if k not in self.META})
         if model.training:  # window sums of the per-head losses, logged as means across ranks by log()
-            self._head_sums += torch.stack([outputs.head_losses[name] for name in LABELS])
+            self._head_sums += torch.stack([outputs.head_losses[name] for name in self.loss_names])
             self._head_steps += 1
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
@@ -669,7 +739,7 @@ class ScorerTrainer(Trainer):
         if "loss" in logs:  # a training log: every rank is here at the same step
             self.raise_train_error()
             means = self.accelerator.reduce(self._head_sums / max(self._head_steps, 1), reduction="mean")
-            logs.update({f"loss_{name}": value for name, value in zip(LABELS, means.tolist())})
+            logs.update({f"loss_{name}": value for name, value in zip(self.loss_names, means.tolist())})
             self._head_sums.zero_()
             self._head_steps = 0
         super().log(logs, start_time)
@@ -707,7 +777,11 @@ class ScorerTrainer(Trainer):
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         start = time.time()
         rows, bad = self.exact_pass(eval_dataset or self.eval_dataset)
-        metrics, self.eval_details = scorer_metrics(rows, self.model.loss_weights(), metric_key_prefix)
+        model = self.model
+        metrics, self.eval_details = scorer_metrics(
+            rows, model.loss_weights(), metric_key_prefix, std={n: model.standardization(n)[1] for n in LABELS
+                                                                if LABELS[n] == "value"},
+            class_weights={n: model.class_weights(n) for n in LABELS if LABELS[n] == "class"})
         metrics[f"{metric_key_prefix}_bad_samples"] = len(bad)
         metrics[f"{metric_key_prefix}_runtime"] = round(time.time() - start, 4)
         self.log(metrics)
@@ -827,10 +901,42 @@ def settle_prediction(data_args, args):
     return None
 
 
+def target_flags_problem(model_args):
+    """What is wrong with the flags that shape the losses' targets (settle_targets applies them), or None."""
+    for name in (n for n, kind in LABELS.items() if kind == "value"):
+        norm = getattr(model_args, f"{name}_norm", "standardize")
+        mean, std = getattr(model_args, f"{name}_mean", None), getattr(model_args, f"{name}_std", None)
+        if norm not in ("standardize", "none"):
+            return f"--{name}_norm {norm}: choose standardize or none"
+        if (mean is None) != (std is None):
+            return f"--{name}_mean and --{name}_std: give both (or neither: they are counted)"
+        if mean is not None and norm == "none":
+            return f"--{name}_mean/--{name}_std standardize the {name}: they contradict --{name}_norm none"
+        if mean is not None and not (math.isfinite(mean) and math.isfinite(std) and std > 0):
+            return f"--{name}_mean {mean} --{name}_std {std}: need a finite mean and a standard deviation above 0"
+    for name in CLASS_LABELS:
+        flag = getattr(model_args, f"{name}_class_weights", "none")
+        if flag in ("none", "balanced"):
+            continue
+        try:
+            weights = [float(w) for w in flag.split(",")]
+        except ValueError:
+            weights = []
+        if not weights or not all(math.isfinite(w) and w > 0 for w in weights):
+            return (f"--{name}_class_weights {flag}: give none, balanced, or one weight above 0 per class, "
+                    f"comma-separated (e.g. 1,4.5,2)")
+    rank = model_args.rank_weight
+    if not (math.isfinite(rank) and rank >= 0):
+        return f"--rank_weight {rank}: give a weight of 0 (off) or more"
+    return None
+
+
 def settle_flags(model_args, data_args, lora_args, args):
     """Refuse what cannot run (one line, exit 2, before any model loads) and settle what follows from the flags;
     returns (the predict shards' spec or None, the feature cache folder or None)."""
     predict_shards = settle_prediction(data_args, args)
+    if problem := target_flags_problem(model_args):
+        fail(problem)
     if data_args.train_shards is None and data_args.eval_shards is None and not args.do_predict:
         fail("nothing to do: give --train_shards, --eval_shards, --predict_file or --do_predict (or --demo)")
     if args.eval_strategy != "no" and data_args.eval_shards is None:
@@ -860,6 +966,75 @@ def settle_flags(model_args, data_args, lora_args, args):
     elif args.activation_checkpointing_auto:  # under FSDP its own checkpointing (fsdp_config) replaces the Trainer's
         args.activation_checkpointing = not (args.fsdp and args.fsdp_config.get("activation_checkpointing"))
     return predict_shards, cache_folder
+
+
+def settle_targets(model, model_args, train_shards, process_index):
+    """This run's targets, into the model's config (saves keep them): each value label's standardization and each
+    class label's loss weights; returns a line for the log, or None. A scorer that has a standardization keeps it
+    (its head learned those units); else --<label>_mean/--<label>_std, else the training labels' mean and standard
+    deviation. Labels are counted (data.label_statistics) only where needed, by process 0, and sent to every rank:
+    one reading of the shards, one answer on every node."""
+    config, path = model.config, model_args.model_name_or_path
+    saved, targets, todo = dict(getattr(config, "scorer_targets", None) or {}), {}, []
+    for name in (n for n, kind in LABELS.items() if kind == "value"):
+        norm = getattr(model_args, f"{name}_norm", "standardize")
+        mean, std = getattr(model_args, f"{name}_mean", None), getattr(model_args, f"{name}_std", None)
+        given = None if mean is None else [float(mean), float(std)]
+        if name in saved:
+            if norm == "none" or given not in (None, saved[name]):
+                raise DataError(f"{path}: its {name} head learned {name}s standardized with mean {saved[name][0]:g} "
+                                f"and std {saved[name][1]:g}; --{name}_norm none or other statistics would change "
+                                f"what its outputs mean: leave those flags out")
+            targets[name] = saved[name]
+        elif norm == "standardize" and given:
+            targets[name] = given
+        elif norm == "standardize" and train_shards:
+            todo.append(name)
+    flags = {name: getattr(model_args, f"{name}_class_weights", "none") for name in CLASS_LABELS}
+    classes = {name: getattr(config, f"num_{name}s") for name in CLASS_LABELS}
+    counted = None
+    if todo or "balanced" in flags.values():
+        if not train_shards:
+            raise DataError("--type_class_weights balanced counts the training labels: it needs --train_shards")
+        try:
+            counted = label_statistics(train_shards, classes) if process_index == 0 else None
+        except DataError as e:
+            counted = str(e)
+        counted = rank_0s(counted)
+        if isinstance(counted, str):
+            raise AllRanksError(counted)
+    parts = []
+    for name in todo:
+        n, mean, std = counted[0][name]
+        if n == 0:
+            raise AllRanksError(f"--train_shards: no sample has a usable '{name}' to standardize by")
+        if std == 0:  # every label the same: nothing to scale by
+            std = 1.0
+        targets[name] = [mean, std]
+        parts.append(f"{name} standardized with mean {mean:.6g} and std {std:.6g} (counted over {n} training samples)")
+    parts += [f"{name} standardized with mean {m:.6g} and std {s:.6g} (as given{' and saved' if name in saved else ''})"
+              for name, (m, s) in targets.items() if name not in todo]
+    weights = {}
+    for name, flag in flags.items():
+        if flag == "balanced":
+            from sklearn.utils.class_weight import compute_class_weight
+
+            counts = counted[1][name]
+            present = [c for c in range(classes[name]) if counts[c]]
+            balanced = compute_class_weight("balanced", classes=np.array(present),
+                                            y=np.repeat(np.arange(classes[name]), counts))
+            weights[name] = [1.0] * classes[name]  # a class no training sample has: no term of the loss to weigh
+            for c, w in zip(present, balanced):
+                weights[name][c] = float(w)
+            parts.append(f"{name} class weights {[round(w, 4) for w in weights[name]]} (balanced, from counts {counts})")
+        elif flag != "none":
+            weights[name] = [float(w) for w in flag.split(",")]
+            if len(weights[name]) != classes[name]:
+                raise DataError(f"--{name}_class_weights: {len(weights[name])} weights for {classes[name]} {name}s "
+                                f"(--num_{name}s)")
+            parts.append(f"{name} class weights {weights[name]}")
+    config.scorer_targets, config.scorer_class_weights = targets or None, weights or None
+    return "targets: " + "; ".join(parts) if parts else None
 
 
 def shard_lists(data_args, predict_shards, do_predict):
@@ -901,7 +1076,7 @@ def train_and_save(trainer, model, args, stop, skip, save_dtype):
     trainer.save_state()
     per_rank, total = trainer.gathered_train_bad()
     last = next((h for h in reversed(trainer.state.log_history) if "loss" in h), {})
-    heads = ", ".join(f"{name} {last.get(f'loss_{name}', 0):.4f}" for name in LABELS)
+    heads = ", ".join(f"{name} {last.get(f'loss_{name}', 0):.4f}" for name in trainer.loss_names)
     return {**result.metrics, "train_bad_samples": total}, (
         f"trained {trainer.state.global_step} steps, last logged loss {last.get('loss', 0):.4f} ({heads}); bad "
         f"samples skipped {total} (per rank {per_rank}); model saved to {args.output_dir}")
@@ -961,6 +1136,11 @@ def main(argv=None):
     if getattr(model.config, "scorer_lora", None) and not lora_args.use_peft and "train" in shards:
         fail(f"{model_args.model_name_or_path}: a LoRA scorer (adapters + heads); train it further with --use_peft")
     classes = {name: getattr(model.config, f"num_{name}s") for name in CLASS_LABELS}
+    try:  # the same verdict on every rank: from the config, the flags and what process 0 counted
+        if line := settle_targets(model, model_args, shards.get("train"), args.process_index):
+            log(line)
+    except DataError as e:
+        fail(e, every_rank=True)
 
     # Your data: each sample is checked (collate.parse_vl_sample: the json fields of collate.LABELS, image order) and
     # encoded (collate.encode_vl_example) by VLEncoder, in the DataLoader workers.

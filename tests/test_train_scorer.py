@@ -791,3 +791,138 @@ def test_fsdp_rank0_loading_exits_2(scorer_demo, tmp_path, capsys):
                                   "fsdp": True, "fsdp_config": {"cpu_ram_efficient_loading": True}}))
     err = exit_2_line(capsys, train_scorer.main, [str(config)])
     assert err.startswith("error: --fsdp with cpu_ram_efficient_loading: ") and "leave the option out" in err, err
+
+
+# --- targets: standardized scores, class weights, the ranking loss ------------------------------------------------
+
+def relabelled_shard(path, samples, score=None, type_=None):
+    """`samples` written to one shard with their json labels changed by `score(old)` and `type_(old)`."""
+    for s in samples:
+        record = json.loads(s["json"])
+        record["score"] = score(record["score"]) if score else record["score"]
+        record["type"] = type_(record["type"]) if type_ else record["type"]
+        s["json"] = json.dumps(record).encode()
+    return demo.write_shard(path, samples)
+
+
+def eval_results(out):
+    with open(out / "eval_results.json") as f:
+        return json.load(f)
+
+
+HEADS_ONLY = ["--freeze_backbone", "--feature_cache", "none", "--lr_scheduler_type", "constant", "--warmup_steps", "0",
+              "--per_device_eval_batch_size", "16"]
+
+
+class TestTargets:
+    def test_rank_loss_literal(self):
+        """Pairs with target_i > target_j: (2, 0) and (2, 1); the tie (0, 1) is left out."""
+        predicted, target = torch.tensor([0.0, 1.0, 3.0]), torch.tensor([1.0, 1.0, 2.0])
+        expected = (math.log1p(math.exp(-3.0)) + math.log1p(math.exp(-2.0))) / 2
+        assert train_scorer.rank_loss(predicted, target).item() == pytest.approx(expected, rel=1e-6)
+        flat = torch.tensor([0.5, 2.0], requires_grad=True)
+        loss = train_scorer.rank_loss(flat, torch.tensor([4.0, 4.0]))  # no pair: 0, and still a graph
+        loss.backward()
+        assert loss.item() == 0.0 and flat.grad.tolist() == [0.0, 0.0]
+
+    def test_weighted_eval_loss_and_standardized_mse(self):
+        rows = [{"heads": {"score": p, "type": [0.0, math.log(3.0)]}, "labels": {"score": y, "type": k}}
+                for p, y, k in ((12.0, 10.0, 0), (10.0, 10.0, 1), (7.0, 10.0, 1))]
+        m, _ = scorer_metrics(rows, {"score": 1.0, "type": 1.0}, std={"score": 2.0}, class_weights={"type": [4.0, 1.0]})
+        assert m["eval_loss_score"] == pytest.approx((4 + 0 + 9) / 3 / 4)  # the MSE of the standardized values
+        assert m["eval_score_rmse"] == pytest.approx(math.sqrt(13 / 3))  # in the labels' units
+        nll = [math.log(4.0), math.log(4 / 3), math.log(4 / 3)]  # softmax of (0, log 3): 1/4, 3/4
+        assert m["eval_loss_type"] == pytest.approx((4 * nll[0] + nll[1] + nll[2]) / 6)
+
+    def test_an_untrained_head_predicts_the_label_mean_in_the_labels_units(self, scorer_demo, vl_processor, tmp_path):
+        samples = demo.make_vl_samples(6, seed=5)
+        shard = relabelled_shard(tmp_path / "t.tar", samples, score=lambda s: 100 * s + 1000)
+        labels = [json.loads(s["json"])["score"] for s in samples]
+        model = scorer(scorer_demo)
+        line = train_scorer.settle_targets(model, ModelArguments(model_name_or_path=scorer_demo[0], num_types=3),
+                                           [shard], 0)
+        mean, std = np.mean(labels), np.std(labels)
+        assert model.config.scorer_targets == {"score": [pytest.approx(mean), pytest.approx(std)]}
+        assert line.startswith("targets: score standardized with mean ") and "over 6 training samples" in line
+        encoder = VLEncoder(vl_processor, {"type": 3}, True, 1024, 4096, 8192)
+        batch = collate_vl([encoder(s) for s in samples[:3]], vl_processor.tokenizer.pad_token_id)
+        with torch.no_grad():
+            scores = model(**backbone_inputs(batch)).heads["score"]
+        assert scores.tolist() == pytest.approx([mean] * 3, rel=1e-6)
+
+    def test_labels_on_another_scale_train_to_the_same_pearson(self, scorer_demo, tmp_path):
+        """score -> 100 x score + 1000: standardized, the head sees the same targets, so the run ends where the
+        original's does; metrics and predictions come in the new units (RMSE x 100)."""
+        results = {}
+        for name, change in (("original", None), ("scaled", lambda s: 100 * s + 1000)):
+            train = relabelled_shard(tmp_path / f"{name}-train.tar", demo.make_vl_samples(64, seed=7), score=change)
+            evals = relabelled_shard(tmp_path / f"{name}-eval.tar", demo.make_vl_samples(32, seed=8), score=change)
+            out = tmp_path / name
+            train_scorer.main(scorer_args(scorer_demo, out, "--eval_shards", evals, "--max_steps", "40",
+                                          "--learning_rate", "3e-2", "--do_predict", "--seed", "3", *HEADS_ONLY,
+                                          train=train))
+            results[name] = eval_results(out)
+            results[name]["predictions"] = [p["score"] for p in read_jsonl(out / "predictions.jsonl")]
+        original, scaled = results["original"], results["scaled"]
+        assert original["eval_score_pearson"] > 0.5, original
+        assert scaled["eval_score_pearson"] == pytest.approx(original["eval_score_pearson"], abs=0.02)
+        assert scaled["eval_score_rmse"] == pytest.approx(100 * original["eval_score_rmse"], rel=0.02)
+        assert scaled["predictions"] == pytest.approx([100 * p + 1000 for p in original["predictions"]], rel=1e-3)
+
+    def test_balanced_class_weights_raise_the_minority_recall(self, scorer_demo, tmp_path, capsys):
+        """type: 90 samples of class 0, 10 of class 1; the evaluation has as many of each."""
+        pool = demo.make_vl_samples(200, seed=11, num_types=2)
+        kind = [json.loads(s["json"])["type"] for s in pool]
+        train = [s for s, k in zip(pool, kind) if k == 0][:90] + [s for s, k in zip(pool, kind) if k == 1][:10]
+        evals = [s for s, k in zip(pool, kind) if k == 0][90:110] + [s for s, k in zip(pool, kind) if k == 1][10:30]
+        train_shard, eval_shard = demo.write_shard(tmp_path / "t.tar", train), demo.write_shard(tmp_path / "e.tar", evals)
+        recall = {}
+        for weights in ("none", "balanced"):
+            out = tmp_path / weights
+            capsys.readouterr()
+            train_scorer.main(scorer_args(scorer_demo, out, "--num_types", "2", "--eval_shards", eval_shard,
+                                          "--max_steps", "12", "--learning_rate", "1e-2", "--type_class_weights",
+                                          weights, *HEADS_ONLY, train=train_shard))
+            matrix = eval_results(out)["eval_type_confusion_matrix"]
+            recall[weights] = matrix[1][1] / sum(matrix[1])
+            if weights == "balanced":  # n / (classes x count): 100 / (2 x 90), 100 / (2 x 10)
+                assert "type class weights [0.5556, 5.0] (balanced, from counts [90, 10])" in capsys.readouterr().out
+        assert recall["balanced"] > recall["none"], recall
+
+    def test_the_rank_loss_alone_raises_spearman(self, scorer_demo, tmp_path):
+        out = tmp_path / "out"
+        train_scorer.main(scorer_args(scorer_demo, out, "--eval_shards", scorer_demo[2], "--max_steps", "30",
+                                      "--learning_rate", "3e-2", "--score_weight", "0", "--type_weight", "0",
+                                      "--rank_weight", "1", "--eval_strategy", "steps", "--eval_steps", "30",
+                                      "--eval_on_start", "true", *HEADS_ONLY))
+        history = log_history(out)
+        spearman = [h["eval_score_spearman"] for h in history if "eval_score_spearman" in h]
+        assert math.isnan(spearman[0]) and spearman[-1] > 0.5, spearman  # from a constant (zero) head
+        for h in (h for h in history if "loss_rank" in h):
+            assert h["loss"] == pytest.approx(h["loss_rank"], rel=1e-5), h
+        assert len([h for h in history if "loss_rank" in h]) == 30
+
+    @pytest.mark.parametrize("flags, message", [
+        (["--score_norm", "minmax"], "--score_norm minmax: choose standardize or none"),
+        (["--score_mean", "3"], "--score_mean and --score_std: give both"),
+        (["--score_mean", "3", "--score_std", "0"], "need a finite mean and a standard deviation above 0"),
+        (["--score_norm", "none", "--score_mean", "3", "--score_std", "1"], "contradict --score_norm none"),
+        (["--type_class_weights", "1,x,2"], "--type_class_weights 1,x,2: give none, balanced, or one weight"),
+        (["--type_class_weights", "1,0,2"], "one weight above 0 per class"),
+        (["--type_class_weights", "1,2"], "--type_class_weights: 2 weights for 3 types (--num_types)"),
+        (["--rank_weight", "-1"], "--rank_weight -1.0: give a weight of 0 (off) or more"),
+    ])
+    def test_bad_target_flags_exit_2(self, scorer_demo, tmp_path, capsys, flags, message):
+        err = exit_2_line(capsys, train_scorer.main, scorer_args(scorer_demo, tmp_path / "o", "--max_steps", "1",
+                                                                 *flags))
+        assert message in err, err
+
+    def test_a_saved_standardization_is_kept_and_guarded(self, scorer_demo, tmp_path, capsys):
+        out = tmp_path / "out"
+        train_scorer.main(scorer_args(scorer_demo, out, "--max_steps", "1", "--score_mean", "5", "--score_std", "2",
+                                      *HEADS_ONLY))
+        with open(out / "config.json") as f:
+            assert json.load(f)["scorer_targets"] == {"score": [5.0, 2.0]}
+        err = exit_2_line(capsys, train_scorer.main, scorer_args(
+            (str(out), *scorer_demo[1:]), tmp_path / "again", "--max_steps", "1", "--score_norm", "none"))
+        assert "its score head learned scores standardized with mean 5 and std 2" in err, err
