@@ -80,7 +80,7 @@ from transformers.modeling_outputs import ModelOutput
 from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLModel, Qwen3VLPreTrainedModel
 
 from collate import LABELS, DataError, VLEncoder, missing_chat_template
-from curves import write_training_curves
+from curves import calibration, write_eval_report, write_training_curves
 from data import (BadSample, ManifestSource, ShardStream, count_samples, expand_shards, label_statistics, make_loader,
                   manifest_rows)
 from feature_cache import open_feature_cache
@@ -470,6 +470,9 @@ def scorer_metrics(rows, weights, prefix="eval", std=None, class_weights=None):
     none) and the confusion matrix (a row per label, a column per guess). Computed by scipy and scikit-learn. Losses
     are means over samples (not over batches); `loss` is their sum weighted by `weights` ({label: weight}; the
     ranking loss, a loss over a batch's pairs, is a training loss only: Spearman measures the order here).
+
+    Per class label also the expected calibration error of its top-class probability (`<label>_ece`, numpy:
+    curves.calibration), with its reliability bins in the details.
     """
     from scipy.special import log_softmax
     from scipy.stats import pearsonr, spearmanr
@@ -496,12 +499,15 @@ def scorer_metrics(rows, weights, prefix="eval", std=None, class_weights=None):
             defined = [a for a in auc if not math.isnan(a)]
             weight = np.asarray((class_weights or {}).get(name) or [1.0] * out.shape[1])[label]
             nll = -log_probs[np.arange(len(label)), label]
+            ece, bins = calibration(np.exp(log_probs), label)
             metrics.update({f"{prefix}_loss_{name}": float((weight * nll).sum() / weight.sum()),
                             f"{prefix}_{name}_accuracy": float(accuracy_score(label, guess)),
                             f"{prefix}_{name}_macro_f1": float(f1_score(label, guess, average="macro")),
-                            f"{prefix}_{name}_roc_auc": float(np.mean(defined)) if defined else float("nan")})
+                            f"{prefix}_{name}_roc_auc": float(np.mean(defined)) if defined else float("nan"),
+                            f"{prefix}_{name}_ece": ece})
             details.update({f"{prefix}_{name}_roc_auc_per_class": auc, f"{prefix}_{name}_confusion_matrix":
-                            confusion_matrix(label, guess, labels=classes).tolist()})
+                            confusion_matrix(label, guess, labels=classes).tolist(),
+                            f"{prefix}_{name}_reliability": bins})
         metrics[f"{prefix}_loss"] += weights[name] * metrics[f"{prefix}_loss_{name}"]
     metrics[f"{prefix}_samples"] = len(rows)
     return metrics, details
@@ -661,7 +667,8 @@ class ScorerTrainer(Trainer):
         self._train_error = None  # the first bad training sample in `error` mode
         self.loss_names = list(self.model.loss_weights())  # each label's, and "rank" with the ranking loss
         self._head_sums, self._head_steps = torch.zeros(len(self.loss_names), device=self.args.device), 0
-        self.eval_details = {}  # the latest evaluation's per-class ROC-AUCs and confusion matrices
+        self.eval_details = {}  # the latest evaluation's per-class ROC-AUCs, confusion matrices, reliability bins
+        self.eval_rows = []  # the latest evaluation's samples (heads and labels), for eval_report.png where it is drawn
 
     def get_train_dataloader(self):
         return make_loader(self.train_dataset, self.args)
@@ -782,6 +789,7 @@ class ScorerTrainer(Trainer):
             rows, model.loss_weights(), metric_key_prefix, std={n: model.standardization(n)[1] for n in LABELS
                                                                 if LABELS[n] == "value"},
             class_weights={n: model.class_weights(n) for n in LABELS if LABELS[n] == "class"})
+        self.eval_rows = rows if self.args.should_save else []  # the other ranks free theirs now
         metrics[f"{metric_key_prefix}_bad_samples"] = len(bad)
         metrics[f"{metric_key_prefix}_runtime"] = round(time.time() - start, 4)
         self.log(metrics)
@@ -1217,6 +1225,9 @@ def main(argv=None):
         if train_stream is not None and args.should_save and (
                 curves := write_training_curves(trainer.state.log_history, args.output_dir)):
             summary.append(f"training curves in {curves}")
+        if eval_stream is not None and args.should_save and (report := write_eval_report(trainer.eval_rows,
+                                                                                         args.output_dir)):
+            summary.append(f"evaluation report in {report}")
         if "predict" in shards:
             path = data_args.predict_output or os.path.join(args.output_dir, "predictions.jsonl")
             n, bad = predict_to_file(trainer, cache, shards["predict"], path,

@@ -1,4 +1,9 @@
-"""The training-curves picture: which series it draws, from a log history as the Trainer keeps it."""
+"""The pictures of a run: which series the training curves draw, from a log history as the Trainer keeps it; the
+evaluation report and the calibration it draws, from evaluated samples as the scorer keeps them."""
+
+import math
+
+import pytest
 
 import curves
 
@@ -44,3 +49,55 @@ class TestWrite:
     def test_nothing_logged_nothing_drawn(self, tmp_path):
         assert curves.write_training_curves([{"train_runtime": 1.0, "step": 0}], tmp_path) is None
         assert not (tmp_path / "training_curves.png").exists()
+
+
+class TestCalibration:
+    def test_perfectly_calibrated_is_zero(self):
+        # four samples at 0.75 confidence, three right: the bin's accuracy is its confidence
+        ece, bins = curves.calibration([[0.75, 0.25]] * 4, [0, 0, 0, 1])
+        assert ece == 0.0
+        assert bins["count"] == [0, 0, 0, 0, 0, 0, 0, 4, 0, 0]
+        assert bins["confidence"][7] == 0.75 and bins["accuracy"][7] == 0.75
+
+    def test_two_occupied_bins_weighted_by_their_counts(self):
+        # (0.9, 1]: confidence .95 twice, one right (accuracy .5); (0.6, 0.7]: .65 once, right (accuracy 1)
+        ece, bins = curves.calibration([[0.95, 0.05, 0.0], [0.95, 0.05, 0.0], [0.3, 0.05, 0.65]], [0, 1, 2])
+        assert ece == pytest.approx(2 / 3 * abs(0.5 - 0.95) + 1 / 3 * abs(1.0 - 0.65))
+        assert bins["edges"] == pytest.approx([i / 10 for i in range(11)])
+        assert bins["count"] == [0, 0, 0, 0, 0, 0, 1, 0, 0, 2]
+        assert bins["confidence"][9] == pytest.approx(0.95) and bins["accuracy"][9] == 0.5
+        assert bins["accuracy"][6] == 1.0
+        assert math.isnan(bins["accuracy"][0]) and math.isnan(bins["confidence"][0])  # empty: no number made up
+
+
+def report_rows(n, classes=3, seen=(0, 1)):
+    """`n` evaluated samples as the scorer keeps them: a score and type logits; the labels cycle through `seen`."""
+    return [{"heads": {"score": 0.5 * i + 1.0, "type": [float(c == i % classes) for c in range(classes)]},
+             "labels": {"score": float(i), "type": seen[i % len(seen)]}} for i in range(n)]
+
+
+class TestEvalReport:
+    @pytest.mark.parametrize("rows", [report_rows(12), report_rows(1)], ids=["type-2-never-occurs", "one-sample"])
+    def test_a_png_of_one_row_of_panels_per_label(self, tmp_path, rows):
+        from PIL import Image
+
+        path = curves.write_eval_report(rows, tmp_path)
+        assert path == str(tmp_path / "eval_report.png")
+        with Image.open(path) as picture:
+            assert picture.format == "PNG" and picture.size == (1000, 840)  # 10 x 4.2 inches per label at 100 dpi
+
+    def test_no_sample_no_picture(self, tmp_path):
+        assert curves.write_eval_report([], tmp_path) is None
+        assert not (tmp_path / "eval_report.png").exists()
+
+    def test_a_large_evaluation_draws_a_fixed_subset_of_points(self, tmp_path, monkeypatch):
+        from matplotlib.axes import Axes
+
+        drawn = []
+        scatter = Axes.scatter
+        monkeypatch.setattr(Axes, "scatter", lambda ax, x, y, **kw: drawn.append(list(x)) or scatter(ax, x, y, **kw))
+        monkeypatch.setattr(curves, "MAX_POINTS", 5)
+        curves.write_eval_report(report_rows(40), tmp_path)
+        curves.write_eval_report(report_rows(40), tmp_path)
+        assert [len(x) for x in drawn] == [5, 5, 5, 5]  # predicted vs true, residuals; twice
+        assert drawn[0] == drawn[1] == drawn[2] and len(set(drawn[0])) == 5  # the same 5 distinct samples each time

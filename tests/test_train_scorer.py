@@ -15,6 +15,7 @@ import pytest
 import safetensors.torch
 import torch
 import transformers
+from PIL import Image
 
 import demo
 import make_shards
@@ -190,6 +191,13 @@ def test_scorer_metrics_match_definitions():
     assert m["eval_type_roc_auc"] == pytest.approx((1.0 + 5 / 6 + 0.75) / 3)
     assert details["eval_type_confusion_matrix"] == [[2, 0, 0], [0, 1, 1], [0, 1, 0]]  # rows: labels; columns: guesses
     assert m["eval_samples"] == 5
+
+    # top-class calibration in 10 equal-width bins: confidences .95, .95 (both right), .65, .65 (one right), .45 (right)
+    probs = [[.95, .03, .02], [.03, .95, .02], [.25, .10, .65], [.25, .10, .65], [.45, .35, .20]]
+    m, details = scorer_metrics([dict(r, heads={**r["heads"], "type": list(np.log(p))}) for r, p in zip(rows, probs)],
+                                {"score": 1, "type": 1})
+    assert m["eval_type_ece"] == pytest.approx((2 * abs(1 - .95) + 2 * abs(.5 - .65) + abs(1 - .45)) / 5)
+    assert details["eval_type_reliability"]["count"] == [0, 0, 0, 0, 1, 0, 2, 0, 0, 2]
 
     # undefined is NaN, not a number: constant predictions (a correlation), a class in every label or none (AUC)
     constant, _ = scorer_metrics([dict(r, heads={**r["heads"], "score": 1.0}) for r in rows], {"score": 1, "type": 1})
@@ -666,6 +674,15 @@ def test_tensorboard_and_the_curves_get_the_per_head_losses_and_the_eval_metrics
     assert [(e.step, e.value) for e in events.Scalars("train/loss_score")] == [
         (step, pytest.approx(h["loss_score"], rel=1e-6)) for step, h in sorted(history.items())]
     assert (out / "training_curves.png").is_file()
+    # and next to it the picture of the final evaluation, whose calibration error is one more metric
+    with Image.open(out / "eval_report.png") as picture:
+        assert picture.format == "PNG" and picture.size == (1000, 840)  # a row of two panels per label
+    assert "eval/type_ece" in tags
+    with open(out / "eval_results.json") as f:
+        results = json.load(f)
+    assert 0 <= results["eval_type_ece"] <= 1 and sum(results["eval_type_reliability"]["count"]) == 48
+    with open(out / "all_results.json") as f:
+        assert json.load(f)["eval_type_ece"] == results["eval_type_ece"]
 
 
 def test_two_processes_uneven_shards_text_only_batches_exact_eval_and_predict(scorer_demo, tmp_path):
@@ -708,6 +725,7 @@ def test_two_processes_uneven_shards_text_only_batches_exact_eval_and_predict(sc
     assert results["predict_samples"] == 5 and results["predict_bad_samples"] == 1
     with open(out / "eval_results.json") as f:
         assert json.load(f)["eval_samples"] == 16
+    assert (out / "eval_report.png").is_file()  # drawn by process 0 from every rank's samples
     keys = [p["key"] for p in read_jsonl(out / "predictions.jsonl")]
     assert keys == [s["__key__"] for s in preds]  # each once, in manifest order
     check_logs_add_up(out)
@@ -775,6 +793,8 @@ def test_forking_recipe_adds_a_label_field(scorer_demo, tmp_path):
     with open(out / "eval_results.json") as f:
         results = json.load(f)
     assert {"eval_loss_aesthetic", "eval_aesthetic_mae", "eval_aesthetic_pearson"} <= set(results)
+    with Image.open(out / "eval_report.png") as picture:
+        assert picture.size == (1000, 1260)  # a row of panels for the new label too
     assert results["eval_samples"] == 12 and results["eval_bad_samples"] == 1  # the sample without the field
     assert "aesthetic_head.weight" in safetensors.torch.load_file(out / "model.safetensors")
     predictions = read_jsonl(out / "predictions.jsonl")
