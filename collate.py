@@ -91,7 +91,8 @@ def to_messages(record, fmt=None, require_answer=True):
 
     `require_answer=False` reads a prompt to generate from: the answer (last assistant message, `output`,
     `completion`, the answer key) may be missing; when present it is kept.
-    Your data: another record layout is one more reader in READERS and its keys in record_layouts.
+    Your data: another record layout is one more reader in READERS, its keys in record_layouts and its name in
+    ChatFormat.data_format's choices.
     """
     fmt = fmt or ChatFormat()
     if not isinstance(record, dict):
