@@ -1,4 +1,5 @@
-"""Record -> example -> batch: chat encoding and answer mask, SFT collators, VL sample checks and encoding, collate_vl.
+"""Record -> example -> batch: SFT record layouts -> chat messages, chat encoding and answer mask, SFT collators, VL
+sample checks and encoding, collate_vl.
 
 Pure functions and small classes only: no file reading, no argument parsing, no process exit, no Trainer, no streams.
 Errors in user data raise `DataError` naming the key and the problem; the callers add the file, line or shard.
@@ -36,8 +37,12 @@ class DataError(ValueError):
 
 @dataclass
 class ChatFormat:
-    """How an SFT record becomes chat messages: its keys, and the system prompt of records without one. These are
-    flags of sft_qwen2.py and token_stats.py (their argument dataclasses derive from this one), so both read alike."""
+    """How an SFT record becomes chat messages: its layout, its keys, and the system prompt of records without one.
+    These are flags of sft_qwen2.py and token_stats.py (their argument dataclasses derive from this one), so both
+    read alike."""
+    data_format: str = field(default="auto", metadata={
+        "help": "Record layout: auto (detected per record, see README 'Data'), or one for every record.",
+        "choices": ["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "query_answer"]})
     system_prompt: str = field(default=None, metadata={
         "help": "System prompt for records without one (default: the chat template's own)."})
     query_key: str = field(default="query", metadata={"help": "Key of the question in {query, answer} records."})
@@ -45,41 +50,162 @@ class ChatFormat:
     messages_key: str = field(default="messages", metadata={"help": "Key of the message list in chat records."})
 
 
-def to_messages(record, fmt=None):
-    """A record (`{query, answer}` or `{messages: [...]}`, keys from `fmt`, a ChatFormat) as validated chat messages.
+# Role names as each layout writes them -> chat roles. ShareGPT writes human/gpt; some exports write user/assistant.
+MESSAGE_ROLES = {role: role for role in ROLES}
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
 
-    Your data: another record layout (say `{"instruction", "input", "output"}`) is turned into messages here.
+
+def record_layouts(fmt):
+    """The keys each layout's records hold, its answer's key last, in the order auto-detection tries them: the
+    richer layouts first, so a record carrying an extra column (a `prompt` copy beside its `messages`, say) is read
+    by its whole conversation."""
+    return {"messages": (fmt.messages_key,), "sharegpt": ("conversations",), "alpaca": ("instruction", "output"),
+            "prompt_completion": ("prompt", "completion"), "query_answer": (fmt.query_key, fmt.answer_key)}
+
+
+def detect_format(record, fmt, require_answer=True):
+    """The layout `record` is read as: --data_format when one is forced; else the first layout whose keys the record
+    all holds (without the answer's key when `require_answer` is false: a prompt to generate from), else the first
+    whose leading key it holds (its reader then names the missing key). A key holding None counts as absent: Arrow
+    gives every record of a file every column, None where the record had none."""
+    layouts = record_layouts(fmt)
+    if fmt.data_format != "auto":
+        if fmt.data_format not in layouts:
+            raise ValueError(f"data_format must be 'auto' or one of {', '.join(layouts)}, not {fmt.data_format!r}")
+        return fmt.data_format
+    held = {k for k, v in record.items() if v is not None}
+    for name, keys in layouts.items():
+        if held.issuperset(keys if require_answer else keys[:1]):
+            return name
+    for name, keys in layouts.items():
+        if keys[0] in held:
+            return name
+    tried = ", ".join(f"{name} ({', '.join(map(repr, keys))})" for name, keys in layouts.items())
+    raise DataError(f"matches none of the formats tried: {tried}; the record has "
+                    + (f"keys {', '.join(map(repr, sorted(held)))}" if held else "no keys with a value"))
+
+
+def to_messages(record, fmt=None, require_answer=True):
+    """A record of any layout (`fmt`, a ChatFormat: forced or detected layout, keys, system prompt) as validated chat
+    messages `[{"role", "content"}, ...]`; every layout of one conversation gives the same messages.
+
+    `require_answer=False` reads a prompt to generate from: the answer (last assistant message, `output`,
+    `completion`, the answer key) may be missing; when present it is kept.
+    Your data: another record layout is one more reader in READERS, its keys in record_layouts and its name in
+    ChatFormat.data_format's choices.
     """
     fmt = fmt or ChatFormat()
-    query_key, answer_key, messages_key = fmt.query_key, fmt.answer_key, fmt.messages_key
     if not isinstance(record, dict):
         raise DataError(f"expected a JSON object, got {type(record).__name__}")
-    messages = record.get(messages_key)
-    if messages is not None:
-        if not isinstance(messages, list) or not messages:
-            raise DataError(f"key '{messages_key}': expected a non-empty list of messages")
-        for i, m in enumerate(messages):
-            where = f"key '{messages_key}[{i}]'"
-            if not isinstance(m, dict):
-                raise DataError(f"{where}: expected an object with 'role' and 'content'")
-            if m.get("role") not in ROLES:
-                raise DataError(f"{where}: unknown role {m.get('role')!r} (expected one of {', '.join(ROLES)})")
-            if not isinstance(m.get("content"), str):
-                raise DataError(f"{where}.content: expected a string, got {type(m.get('content')).__name__}")
-        messages = [{"role": m["role"], "content": m["content"]} for m in messages]
-    else:
-        for key in (query_key, answer_key):
-            if record.get(key) is None:
-                raise DataError(f"missing key '{key}' (or '{messages_key}')")
-            if not isinstance(record[key], str):
-                raise DataError(f"key '{key}': expected a string, got {type(record[key]).__name__}")
-        messages = [{"role": "user", "content": record[query_key]},
-                    {"role": "assistant", "content": record[answer_key]}]
-    if not any(m["role"] == "assistant" for m in messages):
-        raise DataError(f"key '{messages_key}': no assistant message to learn from")
-    if fmt.system_prompt is not None and messages[0]["role"] != "system":
+    name = detect_format(record, fmt, require_answer)
+    messages = READERS[name](record, name, record_layouts(fmt)[name], require_answer)
+    if require_answer and not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{name} record: no assistant message to learn from")
+    if fmt.system_prompt is not None and (not messages or messages[0]["role"] != "system"):
         messages = [{"role": "system", "content": fmt.system_prompt}] + messages
     return messages
+
+
+def _missing(key, name, keys):
+    return DataError(f"missing key '{key}' ({name} records have {', '.join(map(repr, keys))})")
+
+
+def _value(record, key, name, keys, required=True):
+    """record[key], a string; None when it is absent and not `required` (layout `name` needs `keys`)."""
+    value = record.get(key)
+    if value is None:
+        if required:
+            raise _missing(key, name, keys)
+        return None
+    if not isinstance(value, str):
+        raise DataError(f"key '{key}': expected a string, got {type(value).__name__}")
+    return value
+
+
+def _text(content, where):
+    """A message's content: a string, or a list of `{"type": "text", "text": ...}` parts joined with no separator."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise DataError(f"{where}: expected a string, got {type(content).__name__}")
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text" or not isinstance(part.get("text"), str):
+            raise DataError(f"{where}[{j}]: " + (f"a {kind!r} part; SFT trains on text parts only"
+                                                  if isinstance(kind, str) and kind != "text" else
+                                                  "expected a text part {\"type\": \"text\", \"text\": ...}"))
+    return "".join(part["text"] for part in content)
+
+
+def _message_list(record, key, name, keys, role_key="role", content_key="content", roles=MESSAGE_ROLES):
+    items = record.get(key)
+    if items is None:
+        raise _missing(key, name, keys)
+    if not isinstance(items, list) or not items:
+        raise DataError(f"key '{key}': expected a non-empty list of messages")
+    messages = []
+    for i, m in enumerate(items):
+        where = f"key '{key}[{i}]'"
+        if not isinstance(m, dict):
+            raise DataError(f"{where}: expected an object with '{role_key}' and '{content_key}'")
+        if m.get(role_key) not in roles:
+            raise DataError(f"{where}: unknown role {m.get(role_key)!r} (expected one of {', '.join(roles)})")
+        messages.append({"role": roles[m[role_key]], "content": _text(m.get(content_key), f"{where}.{content_key}")})
+    return messages
+
+
+def _read_messages(record, name, keys, require_answer):
+    return _message_list(record, keys[0], name, keys)
+
+
+def _read_sharegpt(record, name, keys, require_answer):
+    return _message_list(record, keys[0], name, keys, "from", "value", SHAREGPT_ROLES)
+
+
+def _read_alpaca(record, name, keys, require_answer):
+    """LLaMA-Factory's reading: `system` (when not empty) first, then `history` ([[query, answer], ...]) as earlier
+    turns, then the instruction with a non-empty `input` after a newline, then `output`."""
+    instruction = _value(record, "instruction", name, keys)
+    extra, system = _value(record, "input", name, keys, False), _value(record, "system", name, keys, False)
+    history = record.get("history") or []
+    if not isinstance(history, list):
+        raise DataError(f"key 'history': expected a list of [query, answer] pairs, got {type(history).__name__}")
+    messages = [{"role": "system", "content": system}] if system else []
+    for i, pair in enumerate(history):
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+            raise DataError(f"key 'history[{i}]': expected a [query, answer] pair of strings")
+        messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    messages.append({"role": "user", "content": "\n".join(t for t in (instruction, extra) if t)})
+    output = _value(record, "output", name, keys, require_answer)
+    return messages + ([{"role": "assistant", "content": output}] if output is not None else [])
+
+
+def _read_prompt_completion(record, name, keys, require_answer):
+    """TRL's prompt-completion records: two strings (a user turn and its answer), or two message lists (the
+    conversational form: the prompt's messages, then the completion's)."""
+    prompt, completion = record.get("prompt"), record.get("completion")
+    if prompt is None:
+        raise _missing("prompt", name, keys)
+    if completion is None and require_answer:
+        raise _missing("completion", name, keys)
+    if isinstance(prompt, list) != isinstance(completion, list) and completion is not None:
+        raise DataError("keys 'prompt' and 'completion': expected two strings or two lists of messages")
+    if isinstance(prompt, list):
+        return _message_list(record, "prompt", name, keys) + (_message_list(record, "completion", name, keys)
+                                                        if completion is not None else [])
+    completion = _value(record, "completion", name, keys, require_answer)
+    return [{"role": "user", "content": _value(record, "prompt", name, keys)}] + (
+        [{"role": "assistant", "content": completion}] if completion is not None else [])
+
+
+def _read_query_answer(record, name, keys, require_answer):
+    query, answer = _value(record, keys[0], name, keys), _value(record, keys[1], name, keys, require_answer)
+    return [{"role": "user", "content": query}] + ([{"role": "assistant", "content": answer}]
+                                                   if answer is not None else [])
+
+
+READERS = {"messages": _read_messages, "sharegpt": _read_sharegpt, "alpaca": _read_alpaca,
+           "prompt_completion": _read_prompt_completion, "query_answer": _read_query_answer}
 
 
 def _answer_spans(messages, full, render, eos):

@@ -1,5 +1,5 @@
-"""Where records come from: SFT files, scorer manifests, shard lists, the tar reader, the shard stream over ranks x
-workers, the loader.
+"""Where records come from: SFT files, folders and hub ids, scorer manifests, shard lists, the tar reader, the shard
+stream over ranks x workers, the loader.
 
 Errors raise `collate.DataError` naming the file, line or shard; the scripts print them as one line and exit 2.
 """
@@ -9,6 +9,7 @@ import functools
 import json
 import os
 import random
+import re
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,10 +23,50 @@ from collate import IMAGE_MEMBER, LABELS, DataError, collate_vl, parse_vl_sample
 # ----------------------------------------------------------------------------------------------------------------
 
 SFT_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+# What names a dataset on the hub ("org/name", or a canonical "name"); a missing local path that could not be one
+# is reported as missing, without asking the hub.
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+SAVED_MARKERS = ("state.json", "dataset_dict.json")  # what datasets.save_to_disk writes at a folder's top
 
 
-def load_sft_file(path, check_record=None):
-    """One SFT data source as a `datasets.Dataset`: a .jsonl/.json/.parquet/.csv file or a `save_to_disk` folder.
+@dataclass
+class SFTSource:
+    """Which part of a datasets hub id (or saved DatasetDict) to read: flags of sft_qwen2.py and token_stats.py
+    (their argument dataclasses derive from this one)."""
+    dataset_split: str = field(default="train", metadata={
+        "help": "Split read from a datasets hub id or a saved DatasetDict (hub ids also take slices: train[:10%])."})
+    dataset_config: str = field(default=None, metadata={
+        "help": "Configuration (subset) of a datasets hub id, when it has several."})
+
+
+def sft_sources(paths):
+    """The sources `paths` name, in order: a file, a hub id or a `save_to_disk` folder stands for itself; any other
+    folder for its data files (SFT_FORMATS, subfolders included, in path order). Training and token_stats read each
+    source apart, so files of different layouts or column types can share a folder, and errors name the file."""
+    return [f for path in paths for f in (_data_files(path) if _plain_folder(path) else [str(path)])]
+
+
+def _plain_folder(path):
+    p = Path(path)
+    return p.is_dir() and not any((p / name).is_file() for name in SAVED_MARKERS)
+
+
+def _data_files(folder):
+    """The data files of `folder` and its subfolders in path order; hidden ones and other files (a README, a
+    .gitattributes) are skipped."""
+    root = Path(folder)
+    files = sorted(str(p) for p in root.rglob("*") if p.is_file() and p.suffix.lower() in SFT_FORMATS
+                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    if not files:
+        raise DataError(f"{folder}: no data files ({', '.join(SFT_FORMATS)}) in this folder, and not a folder "
+                        f"written by datasets.save_to_disk")
+    return files
+
+
+def load_sft_file(path, check_record=None, split="train", config=None):
+    """One SFT data source as a `datasets.Dataset`: a .jsonl/.json/.parquet/.csv file, a folder of them (its files
+    in `sft_sources` order, joined), a `save_to_disk` folder (`split` of a DatasetDict), or a datasets hub id
+    (`datasets.load_dataset(path, name=config, split=split)`, cached by datasets).
 
     The fast Arrow readers do the work; only when one fails on JSON do we re-read the file in Python, checking each
     record with `check_record` (e.g. `to_messages`), to say which line is broken and why: Arrow's message names
@@ -35,16 +76,25 @@ def load_sft_file(path, check_record=None):
 
     p = Path(path)
     if not p.exists():
-        raise DataError(f"{path}: no such file or folder")
-    if p.is_dir():
+        if not HUB_ID.fullmatch(str(path)) or p.suffix.lower() in SFT_FORMATS:
+            raise DataError(f"{path}: no such file or folder")
+        try:
+            ds = datasets.load_dataset(str(path), name=config, split=split)
+        except Exception as e:  # noqa: BLE001 - offline, unknown id, private, bad split: the reason is what helps
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DataError(f"{path}: no such file or folder, and not a dataset the hub gives ({reason})") from None
+    elif _plain_folder(p):
+        ds = _join(path, [(f, load_sft_file(f, check_record)) for f in _data_files(p)])
+    elif p.is_dir():
         try:
             ds = datasets.load_from_disk(str(p))
         except Exception as e:  # noqa: BLE001 - any failure here means "not a saved dataset"
             raise DataError(f"{path}: not a folder written by datasets.save_to_disk ({e})") from None
         if isinstance(ds, datasets.DatasetDict):
-            if "train" not in ds:
-                raise DataError(f"{path}: a DatasetDict without a 'train' split")
-            ds = ds["train"]
+            if split not in ds:
+                raise DataError(f"{path}: a DatasetDict without a {split!r} split (it has {', '.join(ds)}; "
+                                f"--dataset_split chooses)")
+            ds = ds[split]
     else:
         fmt = SFT_FORMATS.get(p.suffix.lower())
         if fmt is None:
@@ -60,6 +110,21 @@ def load_sft_file(path, check_record=None):
     if len(ds) == 0:
         raise DataError(f"{path}: no records")
     return ds
+
+
+def _join(folder, parts):
+    """The datasets of a folder's files as one; Arrow cannot join a column held in different types by two files."""
+    import datasets
+
+    joined = parts[0][1]
+    for name, ds in parts[1:]:
+        try:
+            joined = datasets.concatenate_datasets([joined, ds])
+        except ValueError:
+            column = next(k for k in ds.features if k in joined.features and ds.features[k] != joined.features[k])
+            raise DataError(f"{folder}: {name} holds column '{column}' in another type than the files before it, "
+                            f"so they cannot be read as one dataset; pass the files one by one") from None
+    return joined
 
 
 def _check_json_file(p, check_record):
@@ -92,8 +157,15 @@ def _check_json_file(p, check_record):
 
 
 def record_location(path, index):
-    """How to point a user at record `index` (0-based) of `path`: a line number for JSON Lines, else a row."""
+    """How to point a user at record `index` (0-based) of `path`: a line number for JSON Lines, else a row; in a
+    folder, of the file holding that record (read again: this runs once, for an error)."""
     p = Path(path)
+    if _plain_folder(p):
+        for name in _data_files(p):
+            size = len(load_sft_file(name))
+            if index < size:
+                return record_location(name, index)
+            index -= size
     if p.suffix.lower() == ".jsonl":
         with open(p, "rb") as f:  # blank lines are skipped by the reader, so count the non-blank ones
             seen = -1

@@ -1,8 +1,11 @@
 """Supervised fine-tuning of Qwen2(-Instruct) chat models with Hugging Face Trainer; loss on the answers only.
 
-Data: JSON Lines / JSON / Parquet / CSV files, or a `datasets.save_to_disk` folder. Each record is
-`{"query": ..., "answer": ...}` or `{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}`.
-Every assistant answer (content + the closing <|im_end|>) is trained; system, user and role headers are masked.
+Data: JSON Lines / JSON / Parquet / CSV files, folders of them, a `datasets.save_to_disk` folder or a datasets hub
+id (--dataset_split, --dataset_config). Each record is detected as one of the layouts of the README's formats table:
+`{"messages": [{"role", "content"}]}` (content a string or text parts), ShareGPT `{"conversations": [{"from",
+"value"}]}`, Alpaca `{"instruction", "input", "output"}`, `{"prompt", "completion"}` or `{"query", "answer"}`
+(--data_format forces one). Every assistant answer (content + the closing <|im_end|>) is trained; system, user and
+role headers are masked.
 
   # CPU demo: a tiny random model and generated data, no downloads (about a minute)
   bash run.sh sft_qwen2.py --demo
@@ -46,7 +49,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgu
 from collate import (IGNORE_INDEX, ChatFormat, DataError, encode_sft_batch, missing_chat_template, sft_collator,
                      to_messages)
 from curves import write_training_curves
-from data import load_sft_file, record_location
+from data import SFTSource, load_sft_file, record_location, sft_sources
 from lean_loss import use_lean_causal_lm_loss
 from plumbing import (TrainingDefaults, check_output_dir, demo_dir, fail, final_evaluation, leave_process_group,
                       local_main_first, log, parse_arguments, prepare_demo, weights_source)
@@ -71,9 +74,13 @@ class ModelArguments:
 
 
 @dataclass
-class DataArguments(ChatFormat):  # --system_prompt, --query_key, --answer_key, --messages_key
-    train_file: list[str] = field(default=None, metadata={"help": "One or more training files or datasets folders."})
-    eval_file: list[str] = field(default=None, metadata={"help": "Evaluation files (else see --val_size)."})
+class DataArguments(ChatFormat, SFTSource):  # --data_format, --system_prompt, keys; --dataset_split/_config
+    train_file: list[str] = field(default=None, metadata={
+        "help": "One or more training files, folders of them, datasets folders or datasets hub ids."})
+    eval_file: list[str] = field(default=None, metadata={"help": "Evaluation sources, as --train_file (else see "
+                                                                 "--val_size)."})
+    eval_split: str = field(default=None, metadata={
+        "help": "Split read from an --eval_file hub id or saved DatasetDict (default: --dataset_split)."})
     val_size: float = field(default=0.0, metadata={
         "help": "Hold out this share (< 1) or number (>= 1) of training examples for evaluation."})
     max_len: int = field(default=8192, metadata={"help": "Longest sequence in tokens (see token_stats.py)."})
@@ -128,11 +135,12 @@ DEMO_ARGS = [
 # Data
 # ---------------------------------------------------------------------------------------------------------------
 
-def encode_files(paths, tokenizer, data_args, num_proc):
-    """Read and encode each file; returns (dataset, counts). Errors name the file and the line or record.
+def encode_files(paths, tokenizer, data_args, num_proc, split):
+    """Read and encode each source (a folder: each of its files; a hub id or DatasetDict: its `split`); returns
+    (dataset, counts). Errors name the file and the line or record.
 
-    Your data: records become chat messages in `collate.to_messages` (keys from --query_key, --answer_key,
-    --messages_key); another record layout is one change there.
+    Your data: records become chat messages in `collate.to_messages` (layout detected per record, or --data_format;
+    keys from --query_key, --answer_key, --messages_key); another record layout is one reader there.
     """
     import datasets
 
@@ -149,8 +157,8 @@ def encode_files(paths, tokenizer, data_args, num_proc):
                 "length": [len(e["input_ids"]) for e, _ in kept],
                 "truncated": [s == "truncated" for _, s in kept]}
 
-    for path in paths:
-        raw = load_sft_file(path, functools.partial(to_messages, fmt=data_args))
+    for path in sft_sources(paths):
+        raw = load_sft_file(path, functools.partial(to_messages, fmt=data_args), split, data_args.dataset_config)
         enc = raw.map(encode, batched=True, with_indices=True, fn_kwargs={"path": path}, num_proc=num_proc,
                       remove_columns=raw.column_names, desc=f"encoding {os.path.basename(path)}")
         counts["examples"] += len(raw)
@@ -228,11 +236,12 @@ def main(argv=None):
     with local_main_first(args):  # the others wait as long as the encoding takes, whatever --ddp_timeout says
         try:
             train_ds, counts = encode_files(data_args.train_file, tokenizer, data_args,
-                                            data_args.preprocessing_num_workers)
+                                            data_args.preprocessing_num_workers, data_args.dataset_split)
             eval_ds = None
             if data_args.eval_file:
                 eval_ds, _ = encode_files(data_args.eval_file, tokenizer, data_args,
-                                          data_args.preprocessing_num_workers)
+                                          data_args.preprocessing_num_workers,
+                                          data_args.eval_split or data_args.dataset_split)
             elif data_args.val_size > 0:
                 n = data_args.val_size if data_args.val_size >= 1 else data_args.val_size * len(train_ds)
                 split = train_ds.train_test_split(test_size=max(1, int(n)), seed=args.seed)

@@ -42,7 +42,7 @@ from transformers import HfArgumentParser
 
 from collate import (IGNORE_INDEX, ChatFormat, DataError, apply_overflow, encode_sft_batch, image_tokens,
                      missing_chat_template, parse_vl_sample, to_messages, vl_text)
-from data import BadSample, expand_shards, load_sft_file, record_location, shard_samples
+from data import BadSample, SFTSource, expand_shards, load_sft_file, record_location, sft_sources, shard_samples
 from plumbing import demo_dir, fail, parse_arguments, prepare_demo
 
 SAMPLE_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "sample_sft.jsonl")
@@ -50,9 +50,11 @@ PERCENTILES = (50, 90, 95, 99, 99.9)
 
 
 @dataclass
-class StatsArguments(ChatFormat):  # --system_prompt, --query_key, --answer_key, --messages_key, as sft_qwen2.py
+class StatsArguments(ChatFormat, SFTSource):  # --data_format, --system_prompt, keys, --dataset_split/_config:
+    # as sft_qwen2.py
     data: list[str] = field(default_factory=lambda: [SAMPLE_DATA], metadata={
-        "help": "SFT files (.jsonl/.json/.parquet/.csv) or datasets folders, as sft_qwen2.py --train_file."})
+        "help": "SFT files (.jsonl/.json/.parquet/.csv), folders of them, datasets folders or hub ids, as "
+                "sft_qwen2.py --train_file."})
     tokenizer: str = field(default="Qwen/Qwen2-7B-Instruct", metadata={
         "help": "Hub id or local folder of the tokenizer (the model you will fine-tune)."})
     shards: str = field(default=None, metadata={
@@ -372,8 +374,9 @@ def load_pretrained(kind, name, trust_remote_code, flag):
 
 def measure_sft(args, num_proc):
     """Lengths of every SFT example (rows of _sft_job), written to --output as they come."""
-    check = functools.partial(to_messages, fmt=args)
-    _STATE.update(paths=args.data, inputs=[load_sft_file(p, check) for p in args.data])
+    check, paths = functools.partial(to_messages, fmt=args), sft_sources(args.data)
+    _STATE.update(paths=paths, inputs=[load_sft_file(p, check, args.dataset_split, args.dataset_config)
+                                       for p in paths])
     jobs = [(f, i, min(i + args.batch_size, len(ds))) for f, ds in enumerate(_STATE["inputs"])
             for i in range(0, len(ds), args.batch_size)]
     parts = []
@@ -382,7 +385,7 @@ def measure_sft(args, num_proc):
                                                           "ex")):
             parts.append(part)
             if args.output:
-                name = json.dumps(args.data[f], ensure_ascii=False)
+                name = json.dumps(paths[f], ensure_ascii=False)
                 out.writelines(f'{{"file": {name}, "index": {i}, "total": {t}, "prompt": {t - a}, "answer": {a}}}\n'
                                for i, (t, a) in enumerate(part[:, :2].tolist(), first))
     report, lengths = sft_report(np.concatenate(parts), args)

@@ -116,7 +116,7 @@ class TestEncodeSFT:
         ({"query": "q", "answer": 3}, "key 'answer': expected a string, got int"),
         ({"messages": [{"role": "bot", "content": "x"}]}, "unknown role 'bot'"),
         ({"messages": [{"role": "user", "content": ["x"]}, {"role": "assistant", "content": "y"}]},
-         "messages[0]'.content: expected a string, got list"),
+         "messages[0]'.content[0]: expected a text part"),
         ({"messages": [{"role": "user", "content": "only a question"}]}, "no assistant message"),
         ({"messages": []}, "non-empty list"),
         ([1, 2], "expected a JSON object, got list"),
@@ -135,6 +135,107 @@ class TestEncodeSFT:
                              "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
         with pytest.raises(DataError, match="prefix by prefix"):
             encode_sft_example(chat(("a", "b"), ("c", "d")), tok, 512)
+
+
+# The same conversations in every record layout (layout, record, the messages it stands for): a multi-turn one with a
+# system prompt, and a single turn in Chinese.
+TURNS = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+         {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "What is 2+2?\nShow the sum."},
+         {"role": "assistant", "content": "2+2=4."}]
+ONE_TURN = [{"role": "user", "content": "请介绍大海。"}, {"role": "assistant", "content": "大海很大。"}]
+LAYOUTS = [
+    ("messages", {"messages": TURNS[:3] + [{"role": "user", "content": [
+        {"type": "text", "text": "What is "}, {"type": "text", "text": "2+2?\nShow the sum."}]}] + TURNS[4:]}, TURNS),
+    ("sharegpt", {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"},
+                                    {"from": "gpt", "value": "Hello."},
+                                    {"from": "human", "value": "What is 2+2?\nShow the sum."},
+                                    {"from": "gpt", "value": "2+2=4."}]}, TURNS),
+    ("sharegpt", {"conversations": [{"from": "user", "value": "请介绍大海。"},
+                                    {"from": "assistant", "value": "大海很大。"}]}, ONE_TURN),
+    ("alpaca", {"system": "Be brief.", "history": [["Hi", "Hello."]], "instruction": "What is 2+2?",
+                "input": "Show the sum.", "output": "2+2=4."}, TURNS),
+    ("alpaca", {"instruction": "请介绍大海。", "input": "", "output": "大海很大。"}, ONE_TURN),
+    ("prompt_completion", {"prompt": TURNS[:4], "completion": TURNS[4:]}, TURNS),
+    ("prompt_completion", {"prompt": "请介绍大海。", "completion": "大海很大。"}, ONE_TURN),
+]
+
+
+class TestRecordLayouts:
+    def test_each_layout_encodes_as_its_messages(self, qwen2_tokenizer):
+        """Detected or forced, with or without --system_prompt (a record's own system message wins): the same
+        messages, token ids and labels as the {messages} record of the same conversation, one by one and batched."""
+        tok = qwen2_tokenizer
+        for system_prompt in (None, "你是一个知识渊博的助手。"):
+            for data_format in ("auto", None):
+                records, equivalents = [], []
+                for layout, record, messages in LAYOUTS:
+                    fmt = ChatFormat(data_format=data_format or layout, system_prompt=system_prompt)
+                    head = [] if system_prompt is None or messages[0]["role"] == "system" else [
+                        {"role": "system", "content": system_prompt}]
+                    assert to_messages(record, fmt) == head + messages, (layout, record)
+                    same = encode_sft_example({"messages": messages}, tok, 512,
+                                              fmt=ChatFormat(system_prompt=system_prompt))
+                    assert encode_sft_example(record, tok, 512, fmt=fmt) == same, (layout, record)
+                    records.append(record)
+                    equivalents.append({"messages": messages})
+                if data_format == "auto":  # one batch of mixed layouts
+                    fmt = ChatFormat(system_prompt=system_prompt)
+                    assert encode_sft_batch(records, tok, 512, fmt=fmt) == encode_sft_batch(equivalents, tok, 512,
+                                                                                          fmt=fmt)
+
+    def test_detection_precedence_and_forcing(self):
+        # Arrow gives every record of a file every column, None where a record had none: None is absent
+        assert to_messages({"messages": None, "conversations": LAYOUTS[2][1]["conversations"], "instruction": None,
+                            "query": None}) == ONE_TURN
+        # the richer layout first: messages before a prompt/completion copy, alpaca before a stray prompt
+        assert to_messages({"messages": ONE_TURN, "prompt": "other", "completion": "other"}) == ONE_TURN
+        assert to_messages({"prompt": "x", **LAYOUTS[4][1]}) == ONE_TURN
+        # a layout whose keys the record holds all wins over one whose leading key alone it holds
+        assert to_messages({"prompt": "请介绍大海。", "response": "大海很大。"},
+                           ChatFormat(query_key="prompt", answer_key="response")) == ONE_TURN
+        with pytest.raises(DataError, match=re.escape("missing key 'instruction' (alpaca records have "
+                                                      "'instruction', 'output')")):
+            to_messages({"query": "q", "answer": "a"}, ChatFormat(data_format="alpaca"))
+
+    @pytest.mark.parametrize("record, message", [
+        ({"conversations": [{"from": "bot", "value": "x"}]},
+         "key 'conversations[0]': unknown role 'bot' (expected one of human, gpt, system, user, assistant)"),
+        ({"conversations": [{"from": "human", "value": "x"}]}, "sharegpt record: no assistant message to learn from"),
+        ({"instruction": "i", "input": "x"}, "missing key 'output' (alpaca records have 'instruction', 'output')"),
+        ({"instruction": "i", "output": "o", "history": [["q"]]},
+         "key 'history[0]': expected a [query, answer] pair of strings"),
+        ({"instruction": 3, "output": "o"}, "key 'instruction': expected a string, got int"),
+        ({"prompt": "p"}, "missing key 'completion' (prompt_completion records have 'prompt', 'completion')"),
+        ({"prompt": "p", "completion": [{"role": "assistant", "content": "c"}]},
+         "keys 'prompt' and 'completion': expected two strings or two lists of messages"),
+        ({"prompt": [{"role": "user", "content": "p"}], "completion": [{"role": "bot", "content": "c"}]},
+         "key 'completion[0]': unknown role 'bot' (expected one of system, user, assistant)"),
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": "Describe"},
+                                                    {"type": "image_url", "image_url": {"url": "a.png"}}]},
+                       {"role": "assistant", "content": "A cat."}]},
+         "key 'messages[0]'.content[1]: a 'image_url' part; SFT trains on text parts only"),
+        ({"messages": [{"role": "user", "content": [{"type": "text"}]}, {"role": "assistant", "content": "a"}]},
+         "key 'messages[0]'.content[0]: expected a text part"),
+        ({"text": "x", "label": None}, "matches none of the formats tried: messages ('messages'), sharegpt "
+         "('conversations'), alpaca ('instruction', 'output'), prompt_completion ('prompt', 'completion'), "
+         "query_answer ('query', 'answer'); the record has keys 'text'"),
+    ])
+    def test_bad_record_of_each_layout(self, qwen2_tokenizer, record, message):
+        with pytest.raises(DataError, match="record 1: " + re.escape(message)):
+            encode_sft_batch([{"query": "q", "answer": "a"}, record], qwen2_tokenizer, 512)
+
+    def test_prompts_without_their_answer(self):
+        """What generation reads: a record's answer may be missing; one that is there is kept."""
+        prompts = [({"messages": TURNS[:4]}, TURNS[:4]),
+                   ({"conversations": LAYOUTS[1][1]["conversations"][:4]}, TURNS[:4]),
+                   ({"instruction": "请介绍大海。"}, ONE_TURN[:1]), ({"prompt": "请介绍大海。"}, ONE_TURN[:1]),
+                   ({"prompt": TURNS[:4]}, TURNS[:4]), ({"query": "请介绍大海。"}, ONE_TURN[:1])]
+        for record, messages in prompts:
+            assert to_messages(record, require_answer=False) == messages, record
+        for _, record, messages in LAYOUTS:
+            assert to_messages(record, require_answer=False) == messages, record
+        with pytest.raises(DataError, match="messages record: no assistant message to learn from"):
+            to_messages({"messages": TURNS[:2]})
 
 
 class TestFastEncoding:

@@ -2,6 +2,7 @@
 
 import json
 import random
+import re
 
 import pytest
 import torch
@@ -9,9 +10,34 @@ import torch
 import demo
 from collate import DataError
 from data import (BadSample, ShardStream, count_samples, expand_shards, load_sft_file, record_location,
-                  samples_per_shard, shard_samples)
+                  samples_per_shard, sft_sources, shard_samples)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def serve_hub_dataset(monkeypatch, tmp_path, repo_id, configs):
+    """Answer `datasets.load_dataset(repo_id, name=, split=)` offline from a local dataset repository of a hub repo's
+    layout (README configs, {config: {split: records}}), with a cache of its own: datasets keys the cache of a local
+    repository by folder name and config, so another test's repository could answer. Returns the calls seen."""
+    import datasets
+
+    repo, calls, load_dataset = tmp_path / "hub-repo", [], datasets.load_dataset
+    card = "---\nconfigs:\n"
+    for config, splits in configs.items():
+        card += f"- config_name: {config}\n  data_files:\n"
+        for split, records in splits.items():
+            demo.write_jsonl(repo / config / f"{split}.jsonl", records)
+            card += f"  - split: {split}\n    path: {config}/{split}.jsonl\n"
+    (repo / "README.md").write_text(card + "---\n")
+
+    def load(path, *args, **kwargs):
+        calls.append((path, kwargs))
+        if path != repo_id:
+            return load_dataset(path, *args, **kwargs)
+        return load_dataset(str(repo), *args, **kwargs, cache_dir=str(tmp_path / "hub-cache"))
+
+    monkeypatch.setattr(datasets, "load_dataset", load)
+    return calls
 
 
 class TestSFTFiles:
@@ -58,6 +84,72 @@ class TestSFTFiles:
         assert [record_location(path, i) for i in range(3)] == [f"{path}: line 1", f"{path}: line 4",
                                                                  f"{path}: line 5"]
         assert record_location(tmp_path / "x.parquet", 4) == f"{tmp_path / 'x.parquet'}: record 5"
+
+    def test_folder_reads_its_data_files_in_path_order(self, tmp_path):
+        """JSON Lines, CSV and Parquet of different layouts in one folder and a subfolder; a README, a hidden file
+        and other extensions are skipped. Each file is a source of its own; read as one, the columns join."""
+        import datasets
+
+        folder = tmp_path / "mixed"
+        (folder / "sub").mkdir(parents=True)
+        sharegpt = [{"conversations": [{"from": "human", "value": f"q{i}"}, {"from": "gpt", "value": f"a{i}"}]}
+                    for i in range(2)]
+        demo.write_jsonl(folder / "a.jsonl", sharegpt)
+        (folder / "a.jsonl").write_text((folder / "a.jsonl").read_text().replace("\n", "\n\n", 1))  # a blank line
+        (folder / "b.csv").write_text("query,answer\nq,a\n")
+        datasets.Dataset.from_list([{"instruction": "i", "input": "", "output": "o"}]).to_parquet(
+            folder / "sub" / "c.parquet")
+        for name in ("README.md", ".hidden.jsonl", "notes.txt"):
+            (folder / name).write_text("not data")
+        files = [str(folder / "a.jsonl"), str(folder / "b.csv"), str(folder / "sub" / "c.parquet")]
+        assert sft_sources([str(folder), str(tmp_path / "x.jsonl"), "org/name"]) == files + [
+            str(tmp_path / "x.jsonl"), "org/name"]
+        empty = {"conversations": None, "query": None, "answer": None, "instruction": None, "input": None,
+                 "output": None}
+        assert load_sft_file(folder).to_list() == [
+            {**empty, "conversations": sharegpt[0]["conversations"]},
+            {**empty, "conversations": sharegpt[1]["conversations"]},
+            {**empty, "query": "q", "answer": "a"}, {**empty, "instruction": "i", "input": "", "output": "o"}]
+        assert [record_location(folder, i) for i in range(4)] == [f"{files[0]}: line 1", f"{files[0]}: line 3",
+                                                                  f"{files[1]}: record 1", f"{files[2]}: record 1"]
+
+    def test_folder_errors(self, tmp_path):
+        (tmp_path / "docs").mkdir()
+        (tmp_path / "docs" / "README.md").write_text("# no data here")
+        with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'docs'}: no data files (.jsonl, .json, .parquet, "
+                                                      f".csv) in this folder")):
+            load_sft_file(tmp_path / "docs")
+        clash = tmp_path / "clash"
+        clash.mkdir()
+        demo.write_jsonl(clash / "1.jsonl", [{"messages": [{"role": "user", "content": "q"},
+                                                           {"role": "assistant", "content": "a"}]}])
+        demo.write_jsonl(clash / "2.jsonl", [{"messages": [{"role": "user", "content": [{"type": "text", "text": "q"}]},
+                                                           {"role": "assistant", "content": "a"}]}])
+        with pytest.raises(DataError, match=re.escape(f"{clash}: {clash / '2.jsonl'} holds column 'messages' in "
+                                                      f"another type than the files before it")):
+            load_sft_file(clash)
+
+    def test_hub_id_split_and_config(self, tmp_path, monkeypatch):
+        """A missing path that can name a hub dataset is read by datasets.load_dataset with the config and split.
+        Offline: the id is answered from a local dataset repository (the layout of a hub repo, two configs)."""
+        calls = serve_hub_dataset(monkeypatch, tmp_path, "org/sft-data", {
+            config: {split: [{"query": f"{config} {split} {i}", "answer": "a"} for i in range(2)]
+                     for split in ("train", "test")} for config in ("chat", "plain")})
+        ds = load_sft_file("org/sft-data", split="test", config="plain")
+        assert ds.to_list() == [{"query": f"plain test {i}", "answer": "a"} for i in range(2)]
+        assert calls[0] == ("org/sft-data", {"name": "plain", "split": "test"})
+        assert record_location("org/sft-data", 1) == "org/sft-data: record 2"
+
+    def test_missing_path_or_unknown_hub_id(self, tmp_path, monkeypatch):
+        import datasets
+
+        monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+        with pytest.raises(DataError, match=re.escape(f"{tmp_path}/data/train.parquet: no such file or folder")):
+            load_sft_file(f"{tmp_path}/data/train.parquet")  # not a hub id: the hub is not asked
+        with pytest.raises(DataError, match=re.escape("nobody/no-such-data: no such file or folder, and not a "
+                                                      "dataset the hub gives (Couldn't reach 'nobody/no-such-data' "
+                                                      "on the Hub (OfflineModeIsEnabled))")):
+            load_sft_file("nobody/no-such-data")
 
 
 class TestShardLists:

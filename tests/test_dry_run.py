@@ -49,7 +49,7 @@ class TestSFT:
         path.write_text("\n".join(lines) + "\n")
         line = exit_2_line(capsys, sft_qwen2.main, ["--model_name_or_path", sft_demo[0], "--train_file", str(path),
                                                      "--output_dir", str(tmp_path / "o"), "--use_cpu", "--dry_run"])
-        assert line == f"error: {path}: line 7: missing key 'answer' (or 'messages')"
+        assert line == f"error: {path}: line 7: missing key 'answer' (query_answer records have 'query', 'answer')"
 
 
 class TestScorer:

@@ -241,3 +241,50 @@ def test_bad_record_found_by_a_worker_process_still_names_the_line(sft_demo, tmp
                    "--use_cpu", "--preprocessing_num_workers", "2", "--output_dir", str(tmp_path / "o")])
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
     assert "late.jsonl: line 10: missing key 'answer'" in res.stderr.strip().splitlines()[-1]
+
+
+# --- data layouts and sources -------------------------------------------------------------------------------------
+
+def test_layouts_folder_and_hub_id_train_on_what_their_messages_give(sft_demo, tmp_path, monkeypatch):
+    """--dry_run encodes everything: a folder of every layout (JSON Lines + Parquet) counts the examples and tokens of
+    the file of their {messages} records; a hub id reads --dataset_config and --dataset_split, and --eval_file the
+    same id's --eval_split (offline: the id is answered from a local dataset repository)."""
+    from test_collate import LAYOUTS
+    from test_data import serve_hub_dataset
+    from test_token_stats import write_layouts
+
+    write_layouts(tmp_path / "layouts")
+    same = demo.write_jsonl(tmp_path / "messages.jsonl", [{"messages": m} for _, _, m in LAYOUTS])
+    dry = ["--dry_run", "--max_len", "512"]
+    plan = sft_qwen2.main(base_args(sft_demo, tmp_path / "a", str(tmp_path / "layouts"), *dry))
+    assert plan == sft_qwen2.main(base_args(sft_demo, tmp_path / "b", same, *dry))
+    assert plan["train_examples"] == len(LAYOUTS)
+
+    serve_hub_dataset(monkeypatch, tmp_path, "org/sft-data", {
+        "chat": {"train": demo.make_sft_records(2), "test": demo.make_sft_records(1)},
+        "plain": {"train": demo.make_sft_records(5, seed=5), "test": demo.make_sft_records(3, seed=3)}})
+    plan = sft_qwen2.main(base_args(sft_demo, tmp_path / "c", "org/sft-data", *dry, "--dataset_config", "plain",
+                                    "--eval_file", "org/sft-data", "--eval_split", "test"))
+    assert (plan["train_examples"], plan["eval_examples"]) == (5, 3)
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"conversations": [{"from": "human", "value": "q"}]}, "sharegpt record: no assistant message to learn from"),
+    ({"instruction": "i", "history": "q"}, "key 'history': expected a list of [query, answer] pairs, got str"),
+    ({"prompt": "p"}, "missing key 'completion' (prompt_completion records have 'prompt', 'completion')"),
+])
+def test_bad_record_of_a_layout_in_a_folder_exits_2_naming_its_file_and_line(sft_demo, tmp_path, capsys, record,
+                                                                             message):
+    demo.write_jsonl(tmp_path / "data" / "a.jsonl", demo.make_sft_records(3))
+    bad = demo.write_jsonl(tmp_path / "data" / "b.jsonl", [{"query": "q", "answer": "a"}, record])
+    line = exit_2_line(capsys, sft_qwen2.main, base_args(sft_demo, tmp_path / "o", str(tmp_path / "data")))
+    assert line == f"error: {bad}: line 2: {message}", line
+
+
+def test_a_hub_id_that_does_not_load_exits_2_with_one_line(sft_demo, tmp_path, capsys, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    line = exit_2_line(capsys, sft_qwen2.main, base_args(sft_demo, tmp_path / "o", "nobody/no-such-data"))
+    assert line == ("error: nobody/no-such-data: no such file or folder, and not a dataset the hub gives (Couldn't "
+                    "reach 'nobody/no-such-data' on the Hub (OfflineModeIsEnabled))"), line

@@ -14,6 +14,7 @@ import token_stats
 from collate import IGNORE_INDEX, ChatFormat, encode_sft_batch, encode_sft_example, encode_vl_example
 from conftest import exit_2_line, read_jsonl, run_cli
 from data import load_sft_file
+from test_collate import LAYOUTS
 
 SYSTEM = "你是一个知识渊博的助手。"
 
@@ -346,3 +347,54 @@ def test_benchmark_smoke(tmp_path):
     assert "all exact: True" in r.stdout
     ratio = re.search(r"^token_stats_speedup_vs_loop: ([\d.]+)$", r.stdout, re.M)
     assert ratio and math.isfinite(float(ratio.group(1)))
+
+
+def write_layouts(folder):
+    """The LAYOUTS records of test_collate, one file each (the Alpaca one with history as Parquet), in a folder."""
+    import datasets
+
+    folder.mkdir()
+    for i, (layout, record, _) in enumerate(LAYOUTS):
+        if layout == "alpaca" and "history" in record:
+            datasets.Dataset.from_list([record]).to_parquet(folder / f"{i}-{layout}.parquet")
+        else:
+            demo.write_jsonl(folder / f"{i}-{layout}.jsonl", [record])
+    return sorted(str(p) for p in folder.iterdir())
+
+
+def test_every_layout_measures_as_its_messages(sft_demo, tmp_path):
+    """A folder of the same conversations in every layout measures as the file of their {messages} records, each
+    file read apart (its own rows in --output); detected and forced (--data_format) alike."""
+    files = write_layouts(tmp_path / "layouts")
+    same = demo.write_jsonl(tmp_path / "messages.jsonl", [{"messages": m} for _, _, m in LAYOUTS])
+
+    def rows(*args):
+        out = tmp_path / "rows.jsonl"
+        run_stats("--tokenizer", sft_demo[0], "--system_prompt", SYSTEM, "--output", str(out), "--format", "json",
+                  *args)
+        return [(r["file"], r["index"], r["total"], r["answer"]) for r in read_jsonl(out)]
+
+    expected = [lengths for _, _, *lengths in rows("--data", same)]
+    assert rows("--data", str(tmp_path / "layouts")) == [(f, 0, *n) for f, n in zip(files, expected)]
+    for (layout, _, _), path, lengths in zip(LAYOUTS, files, expected):
+        assert rows("--data", path, "--data_format", layout) == [(path, 0, *lengths)], layout
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"conversations": [{"from": "bot", "value": "x"}]},
+     "key 'conversations[0]': unknown role 'bot' (expected one of human, gpt, system, user, assistant)"),
+    ({"instruction": "i", "input": "x"}, "missing key 'output' (alpaca records have 'instruction', 'output')"),
+    ({"prompt": "p", "completion": 5}, "key 'completion': expected a string, got int"),
+    ({"messages": [{"role": "user", "content": [{"type": "image", "image": "a.png"}]}]},
+     "key 'messages[0]'.content[0]: a 'image' part; SFT trains on text parts only"),
+    ({"text": "x"}, "matches none of the formats tried: messages ('messages'), sharegpt ('conversations'), "
+                    "alpaca ('instruction', 'output'), prompt_completion ('prompt', 'completion'), query_answer "
+                    "('query', 'answer'); the record has keys 'text'"),
+])
+def test_bad_record_of_each_layout_in_a_folder_exits_2_naming_file_and_line(sft_demo, tmp_path, capsys, record,
+                                                                             message):
+    demo.write_jsonl(tmp_path / "data" / "a.jsonl", demo.make_sft_records(3))
+    bad = tmp_path / "data" / "b.jsonl"
+    bad.write_text(json.dumps({"query": "q", "answer": "a"}) + "\n\n" + json.dumps(record) + "\n")
+    line = exit_2_message(capsys, "--data", str(tmp_path / "data"), "--tokenizer", sft_demo[0])
+    assert line == f"error: {bad}: line 3: {message}", line
