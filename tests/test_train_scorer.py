@@ -939,10 +939,14 @@ class TestTargets:
 
     def test_a_saved_standardization_is_kept_and_guarded(self, scorer_demo, tmp_path, capsys):
         out = tmp_path / "out"
-        train_scorer.main(scorer_args(scorer_demo, out, "--max_steps", "1", "--score_mean", "5", "--score_std", "2",
-                                      *HEADS_ONLY))
+        flags = ["--score_mean", "5", "--score_std", "2", "--save_strategy", "steps", "--save_steps", "1", *HEADS_ONLY]
+        train_scorer.main(scorer_args(scorer_demo, out, "--max_steps", "1", *flags))
         with open(out / "config.json") as f:
             assert json.load(f)["scorer_targets"] == {"score": [5.0, 2.0]}
+        err = exit_2_line(capsys, train_scorer.main, scorer_args(scorer_demo, out, "--max_steps", "2", *flags,
+                                                                 "--score_mean", "6"))  # a resume, other units
+        assert err.startswith(f"error: {out / 'checkpoint-1'}: its value heads learned targets standardized as "
+                              f"{{'score': [5.0, 2.0]}}"), err
         err = exit_2_line(capsys, train_scorer.main, scorer_args(
             (str(out), *scorer_demo[1:]), tmp_path / "again", "--max_steps", "1", "--score_norm", "none"))
         assert "its score head learned scores standardized with mean 5 and std 2" in err, err
