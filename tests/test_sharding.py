@@ -115,7 +115,7 @@ TINY_QWEN2 = {"model_type": "qwen2", "hidden_size": 64, "num_hidden_layers": 2, 
 def fsdp2_run(name, world_size=2):
     """The run record of a GPU run with an FSDP2 recipe on the worker's checkpoint `name`'s model and mode."""
     identity, trains = {"sft": (TINY_QWEN2, "full"), "sft_lora": (TINY_QWEN2, "LoRA"),
-                        "scorer": ({"scorer_base_model": None}, "all")}[name]
+                        "scorer": ({"scorer_base_model": None, "scorer_targets": None}, "all")}[name]
     return {"model": identity, "trains": trains, "sharding": "FSDP2 SHARDED_STATE_DICT", "world_size": world_size}
 
 
