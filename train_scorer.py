@@ -57,6 +57,9 @@ Bad samples (undecodable image, missing image, bad json field, type out of range
 counted (`--on_bad_sample skip`) or stop the run with exit code 2 (`error`).
 A run that finds `checkpoint-*` folders in --output_dir resumes from the newest one, its stream positioned at that step
 without decoding the images of the steps before.
+The score head learns standardized scores (the training labels' mean and std, counted at start and kept in the saved
+config), so labels on any scale train alike; outputs, metrics and predictions are in the labels' units. Options:
+class weights for imbalanced types, a pairwise ranking loss (README "Targets and losses").
 Precision and memory as in sft_qwen2.py (training_plan.py): under bf16 what trains is fp32 master weights, frozen
 parts stay bf16, the heads are fp32; rank 0 prints the policy and a per-GPU memory plan at start.
 """
