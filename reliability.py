@@ -32,7 +32,7 @@ import sys
 import time
 
 import torch
-from transformers import TrainerCallback
+from transformers import EarlyStoppingCallback, TrainerCallback
 
 from plumbing import fail, leave_process_group, log
 
@@ -147,6 +147,59 @@ class SkipNonFinite(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is not None and "loss" in logs:  # a training log: printed after this, and kept in the history
             logs["skipped_steps"] = state.log_history[-1]["skipped_steps"] = self.skipped
+
+
+class EarlyStopping(EarlyStoppingCallback):
+    """transformers' EarlyStoppingCallback (stop after --early_stopping_patience evaluations in a row without an
+    improvement of --metric_for_best_model by more than --early_stopping_threshold) that keeps its count across a
+    resume and notes the step at which it stopped the run.
+
+    The Trainer writes the count into each checkpoint's trainer_state.json (`stateful_callbacks`) but reads it back
+    only with --restore_callback_states_from_checkpoint, and then with the checkpoint's patience in place of the
+    flag's; without it a resumed run would count from 0 again. And a run resumed from a checkpoint saved without
+    early stopping would fail at its first save (the Trainer updates the state of each stateful callback it finds in
+    the checkpoint's record, and this one is not there): it is added."""
+
+    def __init__(self, early_stopping_patience=1, early_stopping_threshold=0.0):
+        super().__init__(early_stopping_patience, early_stopping_threshold)
+        self.stopped_step = None  # the step at which this callback stopped training, before --max_steps
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        super().on_train_begin(args, state, control, **kwargs)
+        saved = state.stateful_callbacks.setdefault(type(self).__name__, self.state())  # resumed: the checkpoint's
+        saved = saved[0] if isinstance(saved, list) else saved
+        self.early_stopping_patience_counter = saved["attributes"]["early_stopping_patience_counter"]
+
+    def on_evaluate(self, args, state, control, metrics, **kwargs):
+        super().on_evaluate(args, state, control, metrics, **kwargs)
+        if control.should_training_stop and self.stopped_step is None and state.global_step < state.max_steps \
+                and self.early_stopping_patience_counter >= self.early_stopping_patience:
+            self.stopped_step = state.global_step
+
+
+def early_stopping(args):
+    """The callbacks --early_stopping_patience asks for: [EarlyStopping] or []."""
+    if args.early_stopping_patience is None:
+        return []
+    return [EarlyStopping(args.early_stopping_patience, args.early_stopping_threshold)]
+
+
+def best_model_summary(trainer):
+    """What the summary says about early stopping and --load_best_model_at_end: at which step of how many planned
+    the run stopped, and which checkpoint's weights the final model holds, with its metric ("" when neither)."""
+    state, args = trainer.state, trainer.args
+    metric = args.metric_for_best_model
+    parts = [f"stopped early at step {cb.stopped_step} of {state.max_steps} planned ({metric}: no improvement in "
+             f"{cb.early_stopping_patience} evaluations)"
+             for cb in trainer.callback_handler.callbacks if isinstance(cb, EarlyStopping) and cb.stopped_step]
+    if args.load_best_model_at_end and state.best_metric is not None:
+        if state.best_model_checkpoint:
+            parts.append(f"final weights from the best checkpoint, {os.path.basename(state.best_model_checkpoint)} "
+                         f"({metric} {state.best_metric:.4g})")
+        else:  # the best evaluation was eval_on_start's, before any step: no checkpoint holds those weights
+            parts.append(f"the best {metric} ({state.best_metric:.4g}) was at step {state.best_global_step}, which "
+                         f"no checkpoint holds: the final weights are the last step's")
+    return "; ".join(parts)
 
 
 class MarkComplete(TrainerCallback):
