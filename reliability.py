@@ -1,9 +1,9 @@
-"""What keeps a long run's work: a graceful stop on SIGTERM / SIGINT, checkpoints that resume can trust, and the
-choice of the checkpoint to resume from.
+"""What keeps a long run's work: a graceful stop on SIGTERM / SIGINT, checkpoints that resume can trust, the
+choice of the checkpoint to resume from, and early stopping that survives a resume.
 
-Both training scripts give their Trainer `callbacks=[stop, SkipNonFinite(args.max_bad_steps), MarkComplete()]`,
-find the checkpoint with `checkpoint_to_resume(args)` (refusing one that `resume_mismatch` names), and call
-`exit_if_stopped(stop, args)` and `exit_if_failed(skip, args)` right after `trainer.train()`.
+Both training scripts give their Trainer `callbacks=[stop, SkipNonFinite(args.max_bad_steps), MarkComplete(),
+*early_stopping(args)]`, find the checkpoint with `checkpoint_to_resume(args)` (refusing one that `resume_mismatch`
+names), and call `exit_if_stopped(stop, args)` and `exit_if_failed(skip, args)` right after `trainer.train()`.
 
 - SIGTERM (Slurm, Kubernetes) or SIGINT (Ctrl-C), to one process or to the whole group: the current optimizer step
   finishes, every rank learns at its end whether any rank was asked to stop (one all-reduce of a flag per step), so
@@ -19,6 +19,10 @@ find the checkpoint with `checkpoint_to_resume(args)` (refusing one that `resume
   the checkpoint's `config.json`, which a sharded FSDP2 save does not write, and refuses with one line a checkpoint
   this run cannot load: another model or mode, another sharding, another number of processes under ZeRO, a file
   missing. Rank 0 chooses the checkpoint, every rank checks its own view of it, and all agree on the verdict.
+- --early_stopping_patience: transformers' EarlyStoppingCallback, whose count of evaluations without improvement a
+  resume restores (`EarlyStopping`); `best_model_summary` says where it stopped the run and, with
+  --load_best_model_at_end, which checkpoint's weights the final save holds (the Trainer loads them back at the end
+  of training; the best checkpoint is never rotated away).
 - House rule: every file a sharded save writes and every file its resume reads is listed in `CHECKPOINT_FILES`,
   here and nowhere else; tests/test_sharding.py checks that list against what accelerate and DeepSpeed write.
 """

@@ -273,6 +273,19 @@ class TestZero3:
         ids = torch.arange(5, 29)[None]
         torch.testing.assert_close(got(input_ids=ids).logits, want(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
 
+    def test_early_stopping_keeps_the_best_checkpoint_under_zero3(self, zero3):
+        """Stopped at the second of 4 steps (patience 1), the final save holds the best checkpoint's weights, read
+        back from DeepSpeed's partitioned checkpoint by every rank and gathered, not the last step's."""
+        import safetensors.torch
+        import torch
+
+        with open(zero3 / "zero3" / "losses.json") as f:
+            assert json.load(f)["best_model_kept"] == {"step": 2, "best": "checkpoint-1"}
+        final, best, last = (safetensors.torch.load_file(zero3 / "zero3-best" / d / "model.safetensors")
+                             for d in ("final", "checkpoint-1", "checkpoint-2"))
+        assert final.keys() == best.keys() and all(torch.equal(final[k], best[k]) for k in best)
+        assert not all(torch.equal(final[k], last[k]) for k in last)
+
     def test_its_checkpoint_holds_the_files_reliability_lists_and_a_run_on_other_gpus_is_refused(self, zero3):
         """The Trainer's own ZeRO-3 checkpoint (every file DeepSpeed and the Trainer write, and the run record, which
         says what accelerate set up) meets a run of as many processes, and one of another number, which DeepSpeed
