@@ -137,6 +137,14 @@ class TestShardedCheckpoints:
         assert fsdp2["sharded_checkpoints"]["resharded"] == {"local_rows": [207, 414], "weights": 0.0,
                                                              "optimizer": 0.0}
 
+    def test_the_best_checkpoint_loads_back_at_the_end_of_training(self, fsdp2):
+        """--load_best_model_at_end under FSDP2: Trainer._load_best_model reads the best checkpoint into the sharded
+        model with load_fsdp_model (adapter_only=True, as it saved it), every rank its shards. Into a fresh model of
+        each kind (its weights before the checkpoint's step: they differ), it gives the saved weights exactly, the
+        LoRA adapters included."""
+        assert fsdp2["sharded_checkpoints"]["best_loaded"] == {name: [True, 0.0]
+                                                               for name in ("sft", "sft_lora", "scorer")}
+
     @pytest.mark.parametrize("name", ["sft", "sft_lora", "scorer"])
     def test_the_run_it_was_saved_by_resumes_from_it_on_any_number_of_gpus(self, fsdp2, name):
         """No crash on the missing config.json, and LoRA adapters are known as such."""
