@@ -233,6 +233,13 @@ class TrainingDefaults(TrainingArguments):
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
     save_total_limit: int = field(default=3, metadata={"help": "Keep this many checkpoints (plus the best)."})
     report_to: str = field(default="none", metadata={"help": "none, tensorboard, wandb, ..."})
+    metric_for_best_model: str | None = field(default=None, metadata={
+        "help": "The evaluation metric that picks the best checkpoint (--load_best_model_at_end, kept by "
+                "--save_total_limit) and that early stopping watches; default eval_loss where one is needed. Any "
+                "metric the script's evaluation logs (a name it does not log exits 2 listing them)."})
+    greater_is_better: bool | None = field(default=None, metadata={
+        "help": "Whether a higher --metric_for_best_model is better (default: as the metric says: lower for losses, "
+                "MAE, RMSE and calibration error, higher for the others)."})
     early_stopping_patience: int = field(default=None, metadata={
         "help": "Stop training after this many evaluations in a row without an improvement of "
                 "--metric_for_best_model (default eval_loss) by more than --early_stopping_threshold "

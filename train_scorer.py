@@ -854,7 +854,7 @@ def settle_flags(model_args, data_args, lora_args, args):
     if data_args.train_shards is None and data_args.eval_shards is None and not args.do_predict:
         fail("nothing to do: give --train_shards, --eval_shards, --predict_file or --do_predict (or --demo)")
     if args.eval_strategy != "no" and data_args.eval_shards is None:
-        fail(f"--eval_strategy {args.eval_strategy} needs --eval_shards")
+        fail(f"--eval_strategy {args.eval_strategy.value} needs --eval_shards")
     settle_best_metric(args, eval_metric_directions())
     if lora_args.use_peft and model_args.freeze_backbone:
         fail("--use_peft trains adapters in the backbone, --freeze_backbone only the heads: choose one")

@@ -495,14 +495,18 @@ def test_whether_higher_is_better_follows_the_metric(metric, given, greater):
     assert logged <= train_scorer.eval_metric_directions().keys()
 
 
-def test_an_unknown_metric_for_best_model_exits_2_naming_the_valid_ones(scorer_demo, tmp_path, capsys):
+@pytest.mark.parametrize("flags, message", [
+    (["--eval_shards", "EVAL", "--metric_for_best_model", "eval_score_r2"],
+     "--metric_for_best_model eval_score_r2: not a metric of this script's evaluation; one of: eval_loss, "
+     "eval_loss_score, eval_score_mae, eval_score_rmse, eval_score_pearson, eval_score_spearman, eval_loss_type, "
+     "eval_type_accuracy, eval_type_macro_f1, eval_type_roc_auc, eval_type_ece"),
+    ([], "--eval_strategy steps needs --eval_shards")])
+def test_early_stopping_on_an_unknown_metric_or_without_evaluation_data_exits_2(scorer_demo, tmp_path, capsys, flags,
+                                                                                message):
+    flags = [scorer_demo[2] if f == "EVAL" else f for f in flags]
     line = exit_2_line(capsys, train_scorer.main, scorer_args(
-        scorer_demo, tmp_path / "o", "--eval_shards", scorer_demo[2], "--eval_strategy", "steps",
-        "--early_stopping_patience", "2", "--metric_for_best_model", "eval_score_r2"))
-    assert line == ("error: --metric_for_best_model eval_score_r2: not a metric of this script's evaluation; one of: "
-                    "eval_loss, eval_loss_score, eval_score_mae, eval_score_rmse, eval_score_pearson, "
-                    "eval_score_spearman, eval_loss_type, eval_type_accuracy, eval_type_macro_f1, eval_type_roc_auc, "
-                    "eval_type_ece")
+        scorer_demo, tmp_path / "o", "--eval_strategy", "steps", "--early_stopping_patience", "2", *flags))
+    assert line == f"error: {message}"
 
 
 def test_lora_trains_adapters_and_heads_composes_with_freeze_vision_and_merges(scorer_demo, tmp_path, capsys):
