@@ -162,7 +162,9 @@ class EarlyStopping(EarlyStoppingCallback):
     only with --restore_callback_states_from_checkpoint, and then with the checkpoint's patience in place of the
     flag's; without it a resumed run would count from 0 again. And a run resumed from a checkpoint saved without
     early stopping would fail at its first save (the Trainer updates the state of each stateful callback it finds in
-    the checkpoint's record, and this one is not there): it is added."""
+    the checkpoint's record, and this one is not there): it is added.
+    An evaluation at a step already evaluated (--eval_on_start after a resume, the final evaluation) is of weights
+    already counted: counting it again would stop a resumed run earlier than an uninterrupted one."""
 
     def __init__(self, early_stopping_patience=1, early_stopping_threshold=0.0):
         super().__init__(early_stopping_patience, early_stopping_threshold)
@@ -175,6 +177,11 @@ class EarlyStopping(EarlyStoppingCallback):
         self.early_stopping_patience_counter = saved["attributes"]["early_stopping_patience_counter"]
 
     def on_evaluate(self, args, state, control, metrics, **kwargs):
+        metric = args.metric_for_best_model
+        metric = metric if metric.startswith("eval_") else f"eval_{metric}"
+        # the Trainer logs an evaluation (log_history[-1]) before it calls this
+        if any(h.get("step") == state.global_step and metric in h for h in state.log_history[:-1]):
+            return
         super().on_evaluate(args, state, control, metrics, **kwargs)
         if control.should_training_stop and self.stopped_step is None and state.global_step < state.max_steps \
                 and self.early_stopping_patience_counter >= self.early_stopping_patience:
@@ -200,9 +207,9 @@ def best_model_summary(trainer):
         if state.best_model_checkpoint:
             parts.append(f"final weights from the best checkpoint, {os.path.basename(state.best_model_checkpoint)} "
                          f"({metric} {state.best_metric:.4g})")
-        else:  # the best evaluation was eval_on_start's, before any step: no checkpoint holds those weights
-            parts.append(f"the best {metric} ({state.best_metric:.4g}) was at step {state.best_global_step}, which "
-                         f"no checkpoint holds: the final weights are the last step's")
+        else:  # its checkpoint was deleted before a resume (the Trainer said so)
+            parts.append(f"the best checkpoint ({metric} {state.best_metric:.4g} at step {state.best_global_step}) is "
+                         f"gone: the final weights are the last step's")
     return "; ".join(parts)
 
 

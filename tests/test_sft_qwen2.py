@@ -110,14 +110,15 @@ def test_early_stopping_stops_when_the_eval_loss_stops_improving_and_keeps_the_b
 
 def test_a_resumed_run_keeps_its_early_stopping_count(sft_demo, tmp_path):
     """Interrupted between the best evaluation and the stop, the run resumes with its count of evaluations without
-    improvement (transformers alone would start it from 0 again) and stops where the uninterrupted run stopped."""
+    improvement (transformers alone would start it from 0 again) and stops where the uninterrupted run stopped; the
+    resumed run's --eval_on_start evaluation, of weights already evaluated at that step, is not counted twice."""
     train = demo.write_jsonl(tmp_path / "four.jsonl", demo.make_sft_records(4, seed=5))
-    straight = sft_qwen2.main(overfit_args(sft_demo, tmp_path / "straight", train))
+    straight = sft_qwen2.main(overfit_args(sft_demo, tmp_path / "straight", train, "--eval_on_start", "true"))
     evals = evals_during_training(straight)
     best = min(evals, key=evals.get)
     out = tmp_path / "resumed"
-    sft_qwen2.main(overfit_args(sft_demo, out, train, "--max_steps", str(best + 2)))  # one evaluation after the best
-    resumed = sft_qwen2.main(overfit_args(sft_demo, out, train))
+    sft_qwen2.main(overfit_args(sft_demo, out, train, "--eval_on_start", "true", "--max_steps", str(best + 2)))
+    resumed = sft_qwen2.main(overfit_args(sft_demo, out, train, "--eval_on_start", "true"))
     assert resumed.state.global_step == straight.state.global_step == best + 4
     assert resumed.state.best_model_checkpoint == str(out / f"checkpoint-{best}")
 
