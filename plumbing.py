@@ -297,7 +297,8 @@ def settle_best_metric(args, metrics):
     if not args.greater_is_better_given:
         args.greater_is_better = metrics[full]
     if args.early_stopping_patience is not None:
-        log(f"early stopping: after {args.early_stopping_patience} evaluations in a row without {full} "
+        patience = args.early_stopping_patience
+        log(f"early stopping: after {patience} evaluation{'s' if patience > 1 else ''} in a row without {full} "
             f"{'rising above' if args.greater_is_better else 'falling below'} the best so far by more than "
             f"{args.early_stopping_threshold:g}")
 

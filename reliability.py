@@ -201,7 +201,7 @@ def best_model_summary(trainer):
     state, args = trainer.state, trainer.args
     metric = args.metric_for_best_model
     parts = [f"stopped early at step {cb.stopped_step} of {state.max_steps} planned ({metric}: no improvement in "
-             f"{cb.early_stopping_patience} evaluations)"
+             f"{cb.early_stopping_patience} evaluation{'s' if cb.early_stopping_patience > 1 else ''})"
              for cb in trainer.callback_handler.callbacks if isinstance(cb, EarlyStopping) and cb.stopped_step]
     if args.load_best_model_at_end and state.best_metric is not None:
         if state.best_model_checkpoint:
