@@ -283,6 +283,11 @@ def check_best_model_flags(args):
                          f"--eval_steps {eval_steps:g}; give e.g. --save_steps {eval_steps:g}")
 
 
+def eval_metric(name):
+    """The logged name of --metric_for_best_model `name`: the Trainer takes `score_rmse` for `eval_score_rmse`."""
+    return name if name.startswith("eval_") else f"eval_{name}"
+
+
 def settle_best_metric(args, metrics):
     """Check --metric_for_best_model against `metrics` ({name: greater is better}, the evaluation metrics this script
     logs) and set --greater_is_better from it unless the user gave it; exits 2 naming the valid ones. Call before
@@ -290,7 +295,7 @@ def settle_best_metric(args, metrics):
     name = args.metric_for_best_model
     if name is None:
         return
-    full = name if name.startswith("eval_") else f"eval_{name}"
+    full = args.metric_for_best_model = eval_metric(name)
     if full not in metrics:
         fail(f"--metric_for_best_model {name}: not a metric of this script's evaluation; one of: "
              f"{', '.join(metrics)}", every_rank=True)

@@ -38,7 +38,7 @@ import time
 import torch
 from transformers import EarlyStoppingCallback, TrainerCallback
 
-from plumbing import fail, leave_process_group, log
+from plumbing import eval_metric, fail, leave_process_group, log
 
 COMPLETE = "checkpoint-complete"
 RUN_RECORD = "checkpoint-run.json"
@@ -177,8 +177,7 @@ class EarlyStopping(EarlyStoppingCallback):
         self.early_stopping_patience_counter = saved["attributes"]["early_stopping_patience_counter"]
 
     def on_evaluate(self, args, state, control, metrics, **kwargs):
-        metric = args.metric_for_best_model
-        metric = metric if metric.startswith("eval_") else f"eval_{metric}"
+        metric = eval_metric(args.metric_for_best_model)
         # the Trainer logs an evaluation (log_history[-1]) before it calls this
         if any(h.get("step") == state.global_step and metric in h for h in state.log_history[:-1]):
             return
