@@ -245,7 +245,8 @@ class TrainingDefaults(TrainingArguments):
                 "--metric_for_best_model (default eval_loss) by more than --early_stopping_threshold "
                 "(transformers' EarlyStoppingCallback); needs --eval_strategy. Default: off."})
     early_stopping_threshold: float = field(default=0.0, metadata={
-        "help": "How much --metric_for_best_model must improve on the best so far to count as an improvement."})
+        "help": "How much better than the best so far (in the metric's units) --metric_for_best_model must be to count "
+                "as an improvement."})
 
     def __post_init__(self):
         resolve_mixed_precision(self)
@@ -263,6 +264,11 @@ def check_best_model_flags(args):
     patience = args.early_stopping_patience
     if patience is not None and patience < 1:
         raise ValueError(f"--early_stopping_patience {patience}: give a number of evaluations, at least 1")
+    threshold = args.early_stopping_threshold
+    if threshold < 0 or (threshold and patience is None):
+        raise ValueError(f"--early_stopping_threshold {threshold:g}: how much better than the best so far an "
+                         f"evaluation must be to count as an improvement, in the metric's units: give a number >= 0, "
+                         f"with --early_stopping_patience N")
     if patience is not None and args.eval_strategy == "no":
         raise ValueError(f"--early_stopping_patience {patience} stops on evaluations, and this run has none: add "
                          f"--eval_strategy steps --eval_steps N (or epoch), with evaluation data")

@@ -138,6 +138,9 @@ def test_early_stopping_resumes_a_checkpoint_saved_without_it(sft_demo, tmp_path
      "add --eval_strategy steps --eval_steps N (or epoch), with evaluation data"),
     (["--eval_file", "EVAL", "--eval_strategy", "steps", "--early_stopping_patience", "0"],
      "--early_stopping_patience 0: give a number of evaluations, at least 1"),
+    (["--eval_file", "EVAL", "--eval_strategy", "steps", "--early_stopping_threshold", "0.01"],
+     "--early_stopping_threshold 0.01: how much better than the best so far an evaluation must be to count as an "
+     "improvement, in the metric's units: give a number >= 0, with --early_stopping_patience N"),
     (["--eval_strategy", "steps", "--eval_steps", "2"],
      "--eval_strategy steps needs evaluation data: add --eval_file or --val_size"),
     (["--load_best_model_at_end", "--save_strategy", "steps"], "--load_best_model_at_end loads the checkpoint saved "
