@@ -233,10 +233,85 @@ class TrainingDefaults(TrainingArguments):
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
     save_total_limit: int = field(default=3, metadata={"help": "Keep this many checkpoints (plus the best)."})
     report_to: str = field(default="none", metadata={"help": "none, tensorboard, wandb, ..."})
+    metric_for_best_model: str | None = field(default=None, metadata={
+        "help": "The evaluation metric that picks the best checkpoint (--load_best_model_at_end, kept by "
+                "--save_total_limit) and that early stopping watches; default eval_loss where one is needed. Any "
+                "metric the script's evaluation logs (a name it does not log exits 2 listing them)."})
+    greater_is_better: bool | None = field(default=None, metadata={
+        "help": "Whether a higher --metric_for_best_model is better (default: as the metric says: lower for losses, "
+                "MAE, RMSE and calibration error, higher for the others)."})
+    early_stopping_patience: int = field(default=None, metadata={
+        "help": "Stop training after this many evaluations in a row without an improvement of "
+                "--metric_for_best_model (default eval_loss) by more than --early_stopping_threshold "
+                "(transformers' EarlyStoppingCallback); needs --eval_strategy. Default: off."})
+    early_stopping_threshold: float = field(default=0.0, metadata={
+        "help": "How much better than the best so far (in the metric's units) --metric_for_best_model must be to count "
+                "as an improvement."})
 
     def __post_init__(self):
         resolve_mixed_precision(self)
+        # Unset means "as the metric says" (settle_best_metric), which the script knows; TrainingArguments would
+        # guess from the name alone (only names ending in "loss" lower is better: eval_score_mae would be wrong).
+        self.greater_is_better_given = self.greater_is_better is not None
+        check_best_model_flags(self)
         super().__post_init__()
+
+
+def check_best_model_flags(args):
+    """Raise ValueError (parse_arguments: one line, exit 2) naming the flags and the fix where early stopping or
+    --load_best_model_at_end cannot work as given, before TrainingArguments' own checks (whose messages name no fix)
+    and the Trainer's (a traceback at the start of training); fill in what is implied."""
+    patience = args.early_stopping_patience
+    if patience is not None and patience < 1:
+        raise ValueError(f"--early_stopping_patience {patience}: give a number of evaluations, at least 1")
+    threshold = args.early_stopping_threshold
+    if threshold < 0 or (threshold and patience is None):
+        raise ValueError(f"--early_stopping_threshold {threshold:g}: how much better than the best so far an "
+                         f"evaluation must be to count as an improvement, in the metric's units: give a number >= 0, "
+                         f"with --early_stopping_patience N")
+    if patience is not None and args.eval_strategy == "no":
+        raise ValueError(f"--early_stopping_patience {patience} stops on evaluations, and this run has none: add "
+                         f"--eval_strategy steps --eval_steps N (or epoch), with evaluation data")
+    if patience is not None and args.metric_for_best_model is None:
+        args.metric_for_best_model = "eval_loss"
+        log("early stopping: on eval_loss (no --metric_for_best_model given)")
+    if not args.load_best_model_at_end or args.save_strategy == "best":
+        return
+    if args.save_strategy != args.eval_strategy:
+        save, evaluate = (getattr(s, "value", s) for s in (args.save_strategy, args.eval_strategy))  # str or enum
+        raise ValueError(f"--load_best_model_at_end loads the checkpoint saved at the best evaluation, so checkpoints "
+                         f"must be saved where evaluations run: --save_strategy {save} and --eval_strategy {evaluate} "
+                         f"differ; give both the same (or --save_strategy best)")
+    eval_steps = args.eval_steps or args.logging_steps  # TrainingArguments' own default for eval_steps
+    if args.eval_strategy == "steps" and eval_steps >= 1 and args.save_steps >= 1 and args.save_steps % eval_steps:
+        raise ValueError(f"--load_best_model_at_end loads the checkpoint saved at the best evaluation, so every save "
+                         f"must fall on an evaluation: --save_steps {args.save_steps:g} is not a multiple of "
+                         f"--eval_steps {eval_steps:g}; give e.g. --save_steps {eval_steps:g}")
+
+
+def eval_metric(name):
+    """The logged name of --metric_for_best_model `name`: the Trainer takes `score_rmse` for `eval_score_rmse`."""
+    return name if name.startswith("eval_") else f"eval_{name}"
+
+
+def settle_best_metric(args, metrics):
+    """Check --metric_for_best_model against `metrics` ({name: greater is better}, the evaluation metrics this script
+    logs) and set --greater_is_better from it unless the user gave it; exits 2 naming the valid ones. Call before
+    any model loads. A name without the `eval_` prefix means the same metric, as in the Trainer."""
+    name = args.metric_for_best_model
+    if name is None:
+        return
+    full = args.metric_for_best_model = eval_metric(name)
+    if full not in metrics:
+        fail(f"--metric_for_best_model {name}: not a metric of this script's evaluation; one of: "
+             f"{', '.join(metrics)}", every_rank=True)
+    if not args.greater_is_better_given:
+        args.greater_is_better = metrics[full]
+    if args.early_stopping_patience is not None:
+        patience = args.early_stopping_patience
+        log(f"early stopping: after {patience} evaluation{'s' if patience > 1 else ''} in a row without {full} "
+            f"{'rising above' if args.greater_is_better else 'falling below'} the best so far by more than "
+            f"{args.early_stopping_threshold:g}")
 
 
 def resolve_mixed_precision(args):

@@ -1,9 +1,9 @@
-"""What keeps a long run's work: a graceful stop on SIGTERM / SIGINT, checkpoints that resume can trust, and the
-choice of the checkpoint to resume from.
+"""What keeps a long run's work: a graceful stop on SIGTERM / SIGINT, checkpoints that resume can trust, the
+choice of the checkpoint to resume from, and early stopping that survives a resume.
 
-Both training scripts give their Trainer `callbacks=[stop, SkipNonFinite(args.max_bad_steps), MarkComplete()]`,
-find the checkpoint with `checkpoint_to_resume(args)` (refusing one that `resume_mismatch` names), and call
-`exit_if_stopped(stop, args)` and `exit_if_failed(skip, args)` right after `trainer.train()`.
+Both training scripts give their Trainer `callbacks=[stop, SkipNonFinite(args.max_bad_steps), MarkComplete(),
+*early_stopping(args)]`, find the checkpoint with `checkpoint_to_resume(args)` (refusing one that `resume_mismatch`
+names), and call `exit_if_stopped(stop, args)` and `exit_if_failed(skip, args)` right after `trainer.train()`.
 
 - SIGTERM (Slurm, Kubernetes) or SIGINT (Ctrl-C), to one process or to the whole group: the current optimizer step
   finishes, every rank learns at its end whether any rank was asked to stop (one all-reduce of a flag per step), so
@@ -19,6 +19,10 @@ find the checkpoint with `checkpoint_to_resume(args)` (refusing one that `resume
   the checkpoint's `config.json`, which a sharded FSDP2 save does not write, and refuses with one line a checkpoint
   this run cannot load: another model or mode, another sharding, another number of processes under ZeRO, a file
   missing. Rank 0 chooses the checkpoint, every rank checks its own view of it, and all agree on the verdict.
+- --early_stopping_patience: transformers' EarlyStoppingCallback, whose count of evaluations without improvement a
+  resume restores (`EarlyStopping`); `best_model_summary` says where it stopped the run and, with
+  --load_best_model_at_end, which checkpoint's weights the final save holds (the Trainer loads them back at the end
+  of training; the best checkpoint is never rotated away).
 - House rule: every file a sharded save writes and every file its resume reads is listed in `CHECKPOINT_FILES`,
   here and nowhere else; tests/test_sharding.py checks that list against what accelerate and DeepSpeed write.
 """
@@ -32,9 +36,9 @@ import sys
 import time
 
 import torch
-from transformers import TrainerCallback
+from transformers import EarlyStoppingCallback, TrainerCallback
 
-from plumbing import fail, leave_process_group, log
+from plumbing import eval_metric, fail, leave_process_group, log
 
 COMPLETE = "checkpoint-complete"
 RUN_RECORD = "checkpoint-run.json"
@@ -147,6 +151,65 @@ class SkipNonFinite(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is not None and "loss" in logs:  # a training log: printed after this, and kept in the history
             logs["skipped_steps"] = state.log_history[-1]["skipped_steps"] = self.skipped
+
+
+class EarlyStopping(EarlyStoppingCallback):
+    """transformers' EarlyStoppingCallback (stop after --early_stopping_patience evaluations in a row without an
+    improvement of --metric_for_best_model by more than --early_stopping_threshold) that keeps its count across a
+    resume and notes the step at which it stopped the run.
+
+    The Trainer writes the count into each checkpoint's trainer_state.json (`stateful_callbacks`) but reads it back
+    only with --restore_callback_states_from_checkpoint, and then with the checkpoint's patience in place of the
+    flag's; without it a resumed run would count from 0 again. And a run resumed from a checkpoint saved without
+    early stopping would fail at its first save (the Trainer updates the state of each stateful callback it finds in
+    the checkpoint's record, and this one is not there): it is added.
+    An evaluation at a step already evaluated (--eval_on_start after a resume, the final evaluation) is of weights
+    already counted: counting it again would stop a resumed run earlier than an uninterrupted one."""
+
+    def __init__(self, early_stopping_patience=1, early_stopping_threshold=0.0):
+        super().__init__(early_stopping_patience, early_stopping_threshold)
+        self.stopped_step = None  # the step at which this callback stopped training, before --max_steps
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        super().on_train_begin(args, state, control, **kwargs)
+        saved = state.stateful_callbacks.setdefault(type(self).__name__, self.state())  # resumed: the checkpoint's
+        saved = saved[0] if isinstance(saved, list) else saved
+        self.early_stopping_patience_counter = saved["attributes"]["early_stopping_patience_counter"]
+
+    def on_evaluate(self, args, state, control, metrics, **kwargs):
+        metric = eval_metric(args.metric_for_best_model)
+        # the Trainer logs an evaluation (log_history[-1]) before it calls this
+        if any(h.get("step") == state.global_step and metric in h for h in state.log_history[:-1]):
+            return
+        super().on_evaluate(args, state, control, metrics, **kwargs)
+        if control.should_training_stop and self.stopped_step is None and state.global_step < state.max_steps \
+                and self.early_stopping_patience_counter >= self.early_stopping_patience:
+            self.stopped_step = state.global_step
+
+
+def early_stopping(args):
+    """The callbacks --early_stopping_patience asks for: [EarlyStopping] or []."""
+    if args.early_stopping_patience is None:
+        return []
+    return [EarlyStopping(args.early_stopping_patience, args.early_stopping_threshold)]
+
+
+def best_model_summary(trainer):
+    """What the summary says about early stopping and --load_best_model_at_end: at which step of how many planned
+    the run stopped, and which checkpoint's weights the final model holds, with its metric ("" when neither)."""
+    state, args = trainer.state, trainer.args
+    metric = args.metric_for_best_model
+    parts = [f"stopped early at step {cb.stopped_step} of {state.max_steps} planned ({metric}: no improvement in "
+             f"{cb.early_stopping_patience} evaluation{'s' if cb.early_stopping_patience > 1 else ''})"
+             for cb in trainer.callback_handler.callbacks if isinstance(cb, EarlyStopping) and cb.stopped_step]
+    if args.load_best_model_at_end and state.best_metric is not None:
+        if state.best_model_checkpoint:
+            parts.append(f"final weights from the best checkpoint, {os.path.basename(state.best_model_checkpoint)} "
+                         f"({metric} {state.best_metric:.4g})")
+        else:  # its checkpoint was deleted before a resume (the Trainer said so)
+            parts.append(f"the best checkpoint ({metric} {state.best_metric:.4g} at step {state.best_global_step}) is "
+                         f"gone: the final weights are the last step's")
+    return "; ".join(parts)
 
 
 class MarkComplete(TrainerCallback):

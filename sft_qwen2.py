@@ -35,7 +35,8 @@ Precision: under bf16 the trained weights are fp32 masters (frozen ones stay bf1
 per-GPU memory plan at start (training_plan.py). Full fine-tuning with fp32 masters needs 16 bytes per parameter
 (122 GB for 7B): shard it over several GPUs, or use --use_peft or --pure_bf16.
 A run that finds `checkpoint-*` folders in --output_dir resumes from the newest one; the end of training writes
-training_curves.png there (loss, learning rate, evaluation loss).
+training_curves.png there (loss, learning rate, evaluation loss). With evaluation data, --early_stopping_patience N
+stops after N evaluations without a lower eval loss, and --load_best_model_at_end saves the best checkpoint's weights.
 """
 
 import functools
@@ -52,9 +53,9 @@ from curves import write_training_curves
 from data import SFTSource, load_sft_file, record_location, sft_sources
 from lean_loss import use_lean_causal_lm_loss
 from plumbing import (TrainingDefaults, check_output_dir, demo_dir, fail, final_evaluation, leave_process_group,
-                      local_main_first, log, parse_arguments, prepare_demo, weights_source)
-from reliability import (GracefulStop, MarkComplete, SkipNonFinite, checkpoint_to_resume, exit_if_failed,
-                         exit_if_stopped, resume_mismatch, run_record)
+                      local_main_first, log, parse_arguments, prepare_demo, settle_best_metric, weights_source)
+from reliability import (GracefulStop, MarkComplete, SkipNonFinite, best_model_summary, checkpoint_to_resume,
+                         early_stopping, exit_if_failed, exit_if_stopped, resume_mismatch, run_record)
 from training_plan import (LoraArguments, add_lora, build_without_weights, check_flags, check_loader_shm,
                            checkpoint_dtype, load_dtype, load_device, loader_sample_bytes, lora_parameter_count,
                            lora_settings, memory_plan, optimizer_steps, reads_weights, reduce_every_micro_batch,
@@ -219,6 +220,10 @@ def main(argv=None):
         fail("--train_file is required (or --demo)")
     if problem := check_flags(args, lora_args):
         fail(problem, every_rank=True)  # every rank meets it at the same point
+    if args.eval_strategy != "no" and not (data_args.eval_file or data_args.val_size > 0):
+        fail(f"--eval_strategy {args.eval_strategy.value} needs evaluation data: add --eval_file or --val_size",
+             every_rank=True)
+    settle_best_metric(args, {"eval_loss": False})  # the evaluation computes the loss only (prediction_loss_only)
     check_output_dir(args.output_dir)
     # DataLoader workers hand batches over in /dev/shm: too small for them, say so now, not at a bus error
     loader_shm = check_loader_shm(args, args.per_device_train_batch_size * loader_sample_bytes(data_args.max_len))
@@ -302,7 +307,7 @@ def main(argv=None):
     skip = SkipNonFinite(args.max_bad_steps)  # a NaN/inf gradient: no update; too many in a row: save, exit 2
     trainer = Trainer(model=model, args=args, data_collator=collator, train_dataset=train_ds, eval_dataset=eval_ds,
                       processing_class=tokenizer, optimizer_cls_and_kwargs=optimizer,
-                      callbacks=[stop, skip, MarkComplete()])
+                      callbacks=[stop, skip, MarkComplete(), *early_stopping(args)])
     use_fsdp_precision(trainer, args)  # with --fsdp: bf16 compute, fp32 gradient reduction
 
     # Run: train (resuming from the newest complete checkpoint in output_dir), save, evaluate
@@ -339,7 +344,8 @@ def main(argv=None):
         + (f", eval loss {metrics['eval_loss']:.4f}" if "eval_loss" in metrics else "")
         + f"; {'adapter' if lora_args.use_peft else 'model'} saved to {args.output_dir}"
         + (f" (merged model in {args.output_dir}/merged)" if lora_args.merge_lora else "")
-        + (f"; curves in {curves}" if curves else ""))
+        + (f"; curves in {curves}" if curves else "")
+        + (f"; {best}" if (best := best_model_summary(trainer)) else ""))
     leave_process_group()  # every rank is here: leave together
     return trainer
 

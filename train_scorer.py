@@ -60,6 +60,9 @@ without decoding the images of the steps before.
 The score head learns standardized scores (the training labels' mean and std, counted at start and kept in the saved
 config), so labels on any scale train alike; outputs, metrics and predictions are in the labels' units. Options:
 class weights for imbalanced types, a pairwise ranking loss (README "Targets and losses").
+Early stopping: --early_stopping_patience N stops after N evaluations without an improvement of
+--metric_for_best_model, any metric of the evaluation (eval_score_spearman, eval_type_macro_f1, ...; whether higher is
+better follows from it); --load_best_model_at_end then saves the best checkpoint's weights (any save format).
 Precision and memory as in sft_qwen2.py (training_plan.py): under bf16 what trains is fp32 master weights, frozen
 parts stay bf16, the heads are fp32; rank 0 prints the policy and a per-GPU memory plan at start.
 """
@@ -89,9 +92,11 @@ from data import (BadSample, ManifestSource, ShardStream, count_samples, expand_
 from feature_cache import open_feature_cache
 from feature_cache import settings as feature_settings
 from plumbing import (TrainingDefaults, check_output_dir, demo_dir, fail, final_evaluation, leave_process_group,
-                      log, parse_arguments, patient_group, prepare_demo, wait_for_every_rank, weights_source)
-from reliability import (GracefulStop, MarkComplete, SkipNonFinite, all_ranks_max, checkpoint_to_resume,
-                         exit_if_failed, exit_if_stopped, rank_0s, resume_mismatch, run_record)
+                      log, parse_arguments, patient_group, prepare_demo, settle_best_metric, wait_for_every_rank,
+                      weights_source)
+from reliability import (GracefulStop, MarkComplete, SkipNonFinite, all_ranks_max, best_model_summary,
+                         checkpoint_to_resume, early_stopping, exit_if_failed, exit_if_stopped, rank_0s,
+                         resume_mismatch, run_record)
 from training_plan import (LoraArguments, add_lora, check_flags, check_loader_shm, checkpoint_dtype,
                            keep_fp32_under_fsdp, load_dtype, load_device, loader_sample_bytes, loads_on_main_only,
                            lora_parameter_count, lora_settings, memory_plan, optimizer_steps, reduce_every_micro_batch,
@@ -536,6 +541,21 @@ def prediction(row):
     return out
 
 
+# Whether higher is better, for each metric scorer_metrics computes per kind of label (the losses: lower)
+METRIC_DIRECTIONS = {"value": {"mae": False, "rmse": False, "pearson": True, "spearman": True},
+                     "class": {"accuracy": True, "macro_f1": True, "roc_auc": True, "ece": False}}
+
+
+def eval_metric_directions(prefix="eval"):
+    """{metric name: greater is better} for every metric the evaluation logs for the labels of collate.LABELS: what
+    --metric_for_best_model accepts."""
+    directions = {f"{prefix}_loss": False}
+    for name, kind in LABELS.items():
+        directions[f"{prefix}_loss_{name}"] = False
+        directions.update({f"{prefix}_{name}_{metric}": up for metric, up in METRIC_DIRECTIONS[kind].items()})
+    return directions
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Trainer: the scorer's loaders, head learning rate, per-head loss logs, bad samples, exact evaluation/prediction
 # ---------------------------------------------------------------------------------------------------------------
@@ -952,7 +972,8 @@ def settle_flags(model_args, data_args, lora_args, args):
     if data_args.train_shards is None and data_args.eval_shards is None and not args.do_predict:
         fail("nothing to do: give --train_shards, --eval_shards, --predict_file or --do_predict (or --demo)")
     if args.eval_strategy != "no" and data_args.eval_shards is None:
-        fail(f"--eval_strategy {args.eval_strategy} needs --eval_shards")
+        fail(f"--eval_strategy {args.eval_strategy.value} needs --eval_shards")
+    settle_best_metric(args, eval_metric_directions())
     if lora_args.use_peft and model_args.freeze_backbone:
         fail("--use_peft trains adapters in the backbone, --freeze_backbone only the heads: choose one")
     if loads_on_main_only(args):  # measured under 2 gloo processes: load_state_dict then fails on a size mismatch
@@ -1089,9 +1110,11 @@ def train_and_save(trainer, model, args, stop, skip, save_dtype):
     per_rank, total = trainer.gathered_train_bad()
     last = next((h for h in reversed(trainer.state.log_history) if "loss" in h), {})
     heads = ", ".join(f"{name} {last.get(f'loss_{name}', 0):.4f}" for name in trainer.loss_names)
+    best = best_model_summary(trainer)
     return {**result.metrics, "train_bad_samples": total}, (
         f"trained {trainer.state.global_step} steps, last logged loss {last.get('loss', 0):.4f} ({heads}); bad "
-        f"samples skipped {total} (per rank {per_rank}); model saved to {args.output_dir}")
+        f"samples skipped {total} (per rank {per_rank}); model saved to {args.output_dir}"
+        + (f"; {best}" if best else ""))
 
 
 def predict_to_file(trainer, cache, shards, path, stream):
@@ -1168,7 +1191,7 @@ def main(argv=None):
     train_stream = eval_stream = None
     stop = GracefulStop()  # SIGTERM / SIGINT: a checkpoint at the step every rank agrees on, then exit 143 / 130
     skip = SkipNonFinite(args.max_bad_steps)  # a NaN/inf gradient: no update; too many in a row: save, exit 2
-    callbacks = [stop, skip, MarkComplete()]
+    callbacks = [stop, skip, MarkComplete(), *early_stopping(args)]
     if "train" in shards:
         accumulation = args.gradient_accumulation_steps
         steps, _ = optimizer_steps(epoch_samples, args)

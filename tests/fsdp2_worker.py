@@ -500,13 +500,15 @@ def one_shard_layout(model_of):
 
 def check_sharded_checkpoints(workdir, models):
     """FSDP2 checkpoints of the SFT model (full and LoRA) and the scorer, with the recipes' fsdp_config: their file
-    lists, and whether the full SFT one loads (accelerate's load_fsdp_model / load_fsdp_optimizer) into the layout of
-    another number of processes (one shard instead of two)."""
+    lists, whether each loads back into a fresh model of the same layout as Trainer._load_best_model loads the best
+    checkpoint at the end of a --load_best_model_at_end run (load_fsdp_model with the Trainer's adapter_only=True; a
+    LoRA model's adapters only), and whether the full SFT one loads (accelerate's load_fsdp_model /
+    load_fsdp_optimizer) into the layout of another number of processes (one shard instead of two)."""
     from accelerate import Accelerator
     from accelerate.utils import load_fsdp_model, load_fsdp_optimizer
 
     accelerator = Accelerator(cpu=True)
-    results = {"paths": {}, "files": {}}
+    results = {"paths": {}, "files": {}, "best_loaded": {}}
     sft_recipe, scorer_recipe = "sft-qwen2-7b-full-fsdp2-8gpu.yaml", "scorer-qwen3vl-8b-full-fsdp2-8gpu.yaml"
     for name, model_of, recipe in (
             ("sft", lambda: shard_like_accelerate(load_sft(models["untied"])), sft_recipe),
@@ -517,8 +519,13 @@ def check_sharded_checkpoints(workdir, models):
         results["paths"][name] = path
         results["files"][name] = sorted(os.path.relpath(os.path.join(d, f), path)
                                         for d, _, files in os.walk(path) for f in files)
+        plugin, _ = fsdp_plugin(recipe)
+        fresh = model_of()  # as loaded at the start of the run: the saved weights took an AdamW step since
+        moved = model_rel(list(zip(fresh.parameters(), [whole(p) for p in model.parameters()])))
+        load_fsdp_model(plugin, accelerator, fresh, path, adapter_only=True)
+        results["best_loaded"][name] = [moved > 0, model_rel(list(zip(fresh.parameters(),
+                                                                      [whole(p) for p in model.parameters()])))]
         if name == "sft":
-            plugin, _ = fsdp_plugin(recipe)
             other = one_shard_layout(lambda: load_sft(models["untied"]))
             other_optimizer = torch.optim.AdamW(other.parameters(), lr=1e-3)
             load_fsdp_model(plugin, accelerator, other, path, adapter_only=True)

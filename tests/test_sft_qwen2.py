@@ -59,6 +59,106 @@ def test_eval_and_load_best_model_at_end(sft_demo, tmp_path):
     assert len(evals) == 3 and trainer.metrics["eval_loss"] == pytest.approx(min(evals[:2]), rel=1e-6)
 
 
+def overfit_args(sft_demo, out, train, *extra):
+    """Four training examples at a high constant rate, evaluated on others every 2 steps: the eval loss falls, then
+    stops improving as the model learns the four by heart."""
+    return base_args(sft_demo, out, train, "--eval_file", sft_demo[2], "--per_device_train_batch_size", "4",
+                     "--learning_rate", "1e-2", "--lr_scheduler_type", "constant", "--warmup_steps", "0",
+                     "--max_steps", "40", "--eval_strategy", "steps", "--eval_steps", "2", "--save_strategy", "steps",
+                     "--save_steps", "2", "--save_total_limit", "2", "--early_stopping_patience", "2",
+                     "--load_best_model_at_end", *extra)
+
+
+def evals_during_training(trainer):
+    """{step: eval_loss} of the evaluations during training (not the final one, of the best model)."""
+    evals = {}
+    for h in trainer.state.log_history:
+        if "train_loss" in h:  # the end of training
+            break
+        if "eval_loss" in h:
+            evals[h["step"]] = h["eval_loss"]
+    return evals
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_early_stopping_stops_when_the_eval_loss_stops_improving_and_keeps_the_best(sft_demo, tmp_path, mode,
+                                                                                     capsys):
+    train = demo.write_jsonl(tmp_path / "four.jsonl", demo.make_sft_records(4, seed=5))
+    out = tmp_path / "o"
+    lora = ["--use_peft", "--learning_rate", "3e-2"] if mode == "lora" else []
+    trainer = sft_qwen2.main(overfit_args(sft_demo, out, train, *lora))
+    evals = evals_during_training(trainer)
+    best = min(evals, key=evals.get)
+    # stopped at the second evaluation after the best (patience 2), long before --max_steps 40
+    assert trainer.state.global_step == best + 2 * 2 < 40 and max(evals) == best + 4, evals
+    assert trainer.state.best_model_checkpoint == str(out / f"checkpoint-{best}")
+    # rotation (--save_total_limit 2) kept the best checkpoint and deleted the newer checkpoint-{best + 2}; the final
+    # save holds the best checkpoint's weights, not the last step's
+    kept_folders = sorted(p.name for p in out.glob("checkpoint-*"))
+    assert kept_folders == sorted([f"checkpoint-{best}", f"checkpoint-{best + 4}"])
+    weights = "adapter_model.safetensors" if mode == "lora" else "model.safetensors"
+    final, kept, last = (safetensors.torch.load_file(os.path.join(d, weights))
+                         for d in (out, out / f"checkpoint-{best}", out / f"checkpoint-{best + 4}"))
+    assert all(torch.equal(final[k], kept[k]) for k in kept) and final.keys() == kept.keys()
+    assert not all(torch.equal(final[k], last[k]) for k in last)
+    assert trainer.metrics["eval_loss"] == pytest.approx(evals[best], rel=1e-6)  # the final evaluation is the best's
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    assert summary.endswith(f"stopped early at step {best + 4} of 40 planned (eval_loss: no improvement in 2 "
+                            f"evaluations); final weights from the best checkpoint, checkpoint-{best} (eval_loss "
+                            f"{evals[best]:.4g})"), summary
+
+
+def test_a_resumed_run_keeps_its_early_stopping_count(sft_demo, tmp_path):
+    """Interrupted between the best evaluation and the stop, the run resumes with its count of evaluations without
+    improvement (transformers alone would start it from 0 again) and stops where the uninterrupted run stopped; the
+    resumed run's --eval_on_start evaluation, of weights already evaluated at that step, is not counted twice."""
+    train = demo.write_jsonl(tmp_path / "four.jsonl", demo.make_sft_records(4, seed=5))
+    straight = sft_qwen2.main(overfit_args(sft_demo, tmp_path / "straight", train, "--eval_on_start", "true"))
+    evals = evals_during_training(straight)
+    best = min(evals, key=evals.get)
+    out = tmp_path / "resumed"
+    sft_qwen2.main(overfit_args(sft_demo, out, train, "--eval_on_start", "true", "--max_steps", str(best + 2)))
+    resumed = sft_qwen2.main(overfit_args(sft_demo, out, train, "--eval_on_start", "true"))
+    assert resumed.state.global_step == straight.state.global_step == best + 4
+    assert resumed.state.best_model_checkpoint == str(out / f"checkpoint-{best}")
+
+
+def test_early_stopping_resumes_a_checkpoint_saved_without_it(sft_demo, tmp_path):
+    """transformers' Trainer fails at the first save of such a run (KeyError: its record of the checkpoint's stateful
+    callbacks has no entry for one added since)."""
+    args = base_args(sft_demo, tmp_path / "o", None, "--eval_file", sft_demo[2], "--per_device_train_batch_size", "4",
+                     "--eval_strategy", "steps", "--eval_steps", "2", "--save_strategy", "steps", "--save_steps", "2")
+    sft_qwen2.main(args + ["--max_steps", "2"])
+    trainer = sft_qwen2.main(args + ["--max_steps", "4", "--early_stopping_patience", "2"])
+    assert trainer.state.global_step == 4 and os.path.isdir(tmp_path / "o" / "checkpoint-4")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--early_stopping_patience", "2"], "--early_stopping_patience 2 stops on evaluations, and this run has none: "
+     "add --eval_strategy steps --eval_steps N (or epoch), with evaluation data"),
+    (["--eval_file", "EVAL", "--eval_strategy", "steps", "--early_stopping_patience", "0"],
+     "--early_stopping_patience 0: give a number of evaluations, at least 1"),
+    (["--eval_file", "EVAL", "--eval_strategy", "steps", "--early_stopping_threshold", "0.01"],
+     "--early_stopping_threshold 0.01: how much better than the best so far an evaluation must be to count as an "
+     "improvement, in the metric's units: give a number >= 0, with --early_stopping_patience N"),
+    (["--eval_strategy", "steps", "--eval_steps", "2"],
+     "--eval_strategy steps needs evaluation data: add --eval_file or --val_size"),
+    (["--load_best_model_at_end", "--save_strategy", "steps"], "--load_best_model_at_end loads the checkpoint saved "
+     "at the best evaluation, so checkpoints must be saved where evaluations run: --save_strategy steps and "
+     "--eval_strategy no differ; give both the same (or --save_strategy best)"),
+    (["--eval_file", "EVAL", "--load_best_model_at_end", "--save_strategy", "steps", "--eval_strategy", "steps",
+      "--eval_steps", "3", "--save_steps", "4"], "--load_best_model_at_end loads the checkpoint saved at the best "
+     "evaluation, so every save must fall on an evaluation: --save_steps 4 is not a multiple of --eval_steps 3; give "
+     "e.g. --save_steps 3"),
+    (["--eval_file", "EVAL", "--eval_strategy", "steps", "--metric_for_best_model", "accuracy"],
+     "--metric_for_best_model accuracy: not a metric of this script's evaluation; one of: eval_loss"),
+])
+def test_early_stopping_and_best_model_flag_errors_exit_2(sft_demo, tmp_path, capsys, flags, message):
+    flags = [sft_demo[2] if f == "EVAL" else f for f in flags]
+    line = exit_2_line(capsys, sft_qwen2.main, base_args(sft_demo, tmp_path / "o", None, "--max_steps", "1", *flags))
+    assert line == f"error: {message}"
+
+
 @pytest.mark.parametrize("extra", [["--padding_free"], ["--train_sampling_strategy", "group_by_length"],
                                    ["--val_size", "0.25"]])
 def test_options_train(sft_demo, tmp_path, extra):

@@ -137,6 +137,14 @@ class TestShardedCheckpoints:
         assert fsdp2["sharded_checkpoints"]["resharded"] == {"local_rows": [207, 414], "weights": 0.0,
                                                              "optimizer": 0.0}
 
+    def test_the_best_checkpoint_loads_back_at_the_end_of_training(self, fsdp2):
+        """--load_best_model_at_end under FSDP2: Trainer._load_best_model reads the best checkpoint into the sharded
+        model with load_fsdp_model (adapter_only=True, as it saved it), every rank its shards. Into a fresh model of
+        each kind (its weights before the checkpoint's step: they differ), it gives the saved weights exactly, the
+        LoRA adapters included."""
+        assert fsdp2["sharded_checkpoints"]["best_loaded"] == {name: [True, 0.0]
+                                                               for name in ("sft", "sft_lora", "scorer")}
+
     @pytest.mark.parametrize("name", ["sft", "sft_lora", "scorer"])
     def test_the_run_it_was_saved_by_resumes_from_it_on_any_number_of_gpus(self, fsdp2, name):
         """No crash on the missing config.json, and LoRA adapters are known as such."""
@@ -272,6 +280,19 @@ class TestZero3:
         assert diff <= REL, diff
         ids = torch.arange(5, 29)[None]
         torch.testing.assert_close(got(input_ids=ids).logits, want(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+    def test_early_stopping_keeps_the_best_checkpoint_under_zero3(self, zero3):
+        """Stopped at the second of 4 steps (patience 1), the final save holds the best checkpoint's weights, read
+        back from DeepSpeed's partitioned checkpoint by every rank and gathered, not the last step's."""
+        import safetensors.torch
+        import torch
+
+        with open(zero3 / "zero3" / "losses.json") as f:
+            assert json.load(f)["best_model_kept"] == {"step": 2, "best": "checkpoint-1"}
+        final, best, last = (safetensors.torch.load_file(zero3 / "zero3-best" / d / "model.safetensors")
+                             for d in ("final", "checkpoint-1", "checkpoint-2"))
+        assert final.keys() == best.keys() and all(torch.equal(final[k], best[k]) for k in best)
+        assert not all(torch.equal(final[k], last[k]) for k in last)
 
     def test_its_checkpoint_holds_the_files_reliability_lists_and_a_run_on_other_gpus_is_refused(self, zero3):
         """The Trainer's own ZeRO-3 checkpoint (every file DeepSpeed and the Trainer write, and the run record, which

@@ -451,6 +451,72 @@ def test_resume_refuses_a_checkpoint_of_another_mode(scorer_demo, tmp_path, caps
     assert err.startswith(f"error: {out / 'checkpoint-2'}: saved with scorer_trains = heads, this run has llm+heads")
 
 
+@pytest.mark.parametrize("mode, flags, metric", [("heads", ["--freeze_backbone"], "eval_score_rmse"),
+                                                 ("lora", ["--use_peft"], "eval_score_spearman")])
+def test_early_stopping_stops_when_the_metric_stops_improving_and_keeps_the_best(scorer_demo, tmp_path, capsys, mode,
+                                                                                 flags, metric):
+    """Heads only on a frozen backbone (through the feature cache: saves hold the heads) and LoRA (adapters and
+    heads): the final save is the best checkpoint's, by a metric where lower (RMSE) or higher (Spearman) is better."""
+    out = tmp_path / "o"
+    trainer = train_scorer.main(scorer_args(
+        scorer_demo, out, "--eval_shards", scorer_demo[2], "--per_device_eval_batch_size", "16", "--max_steps", "30",
+        "--learning_rate", "1e-2", "--lr_scheduler_type", "constant", "--warmup_steps", "0", "--eval_strategy",
+        "steps", "--eval_steps", "2", "--save_strategy", "steps", "--save_steps", "2", "--early_stopping_patience",
+        "2", "--load_best_model_at_end", "--metric_for_best_model", metric, *flags))
+    history = trainer.state.log_history
+    evals = {h["step"]: h[metric] for h in history[:next(i for i, h in enumerate(history) if "train_loss" in h)]
+             if metric in h}
+    best = (min if metric.endswith("rmse") else max)(evals, key=evals.get)
+    assert trainer.state.global_step == best + 2 * 2 < 30 and max(evals) == best + 4, evals
+    assert trainer.state.best_model_checkpoint == str(out / f"checkpoint-{best}")
+    final, kept, last = (safetensors.torch.load_file(os.path.join(d, "model.safetensors"))
+                         for d in (out, out / f"checkpoint-{best}", out / f"checkpoint-{best + 4}"))
+    if mode == "heads":
+        assert sorted(final) == ["score_head.bias", "score_head.weight", "type_head.bias", "type_head.weight"]
+    assert final.keys() == kept.keys() and all(torch.equal(final[k], kept[k]) for k in kept)
+    assert not all(torch.equal(final[k], last[k]) for k in last)
+    assert trainer.metrics[metric] == pytest.approx(evals[best], rel=1e-6)  # the final evaluation is the best's
+    summary = capsys.readouterr().out
+    assert (f"stopped early at step {best + 4} of 30 planned ({metric}: no improvement in 2 evaluations); final "
+            f"weights from the best checkpoint, checkpoint-{best} ({metric} {evals[best]:.4g})\n") in summary
+
+
+@pytest.mark.parametrize("metric, given, greater", [
+    ("eval_score_spearman", [], True), ("eval_score_pearson", [], True), ("eval_score_mae", [], False),
+    ("score_rmse", [], False), ("eval_loss_type", [], False), ("eval_type_macro_f1", [], True),
+    ("eval_type_roc_auc", [], True), ("eval_type_ece", [], False),
+    ("eval_score_mae", ["--greater_is_better", "true"], True)])
+def test_whether_higher_is_better_follows_the_metric(metric, given, greater):
+    from transformers import HfArgumentParser
+
+    from plumbing import parse_arguments
+
+    model_args, data_args, lora_args, args = parse_arguments(HfArgumentParser(train_scorer.ARGUMENTS), [
+        "--train_shards", "t.tar", "--eval_shards", "e.tar", "--num_types", "3", "--eval_strategy", "steps",
+        "--metric_for_best_model", metric, *given])
+    train_scorer.settle_flags(model_args, data_args, lora_args, args)
+    assert args.greater_is_better is greater
+    # every metric the evaluation logs can be chosen
+    rows = [{"heads": {"score": float(i), "type": [0.0, float(i), 1.0]}, "labels": {"score": i % 2, "type": i % 3}}
+            for i in range(4)]
+    logged = scorer_metrics(rows, {"score": 1.0, "type": 1.0})[0].keys() - {"eval_samples"}
+    assert logged == train_scorer.eval_metric_directions().keys()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--eval_shards", "EVAL", "--metric_for_best_model", "eval_score_r2"],
+     "--metric_for_best_model eval_score_r2: not a metric of this script's evaluation; one of: eval_loss, "
+     "eval_loss_score, eval_score_mae, eval_score_rmse, eval_score_pearson, eval_score_spearman, eval_loss_type, "
+     "eval_type_accuracy, eval_type_macro_f1, eval_type_roc_auc, eval_type_ece"),
+    ([], "--eval_strategy steps needs --eval_shards")])
+def test_early_stopping_on_an_unknown_metric_or_without_evaluation_data_exits_2(scorer_demo, tmp_path, capsys, flags,
+                                                                                message):
+    flags = [scorer_demo[2] if f == "EVAL" else f for f in flags]
+    line = exit_2_line(capsys, train_scorer.main, scorer_args(
+        scorer_demo, tmp_path / "o", "--eval_strategy", "steps", "--early_stopping_patience", "2", *flags))
+    assert line == f"error: {message}"
+
+
 def test_lora_trains_adapters_and_heads_composes_with_freeze_vision_and_merges(scorer_demo, tmp_path, capsys):
     """Adapters in the language model and, named, in the vision tower (frozen by --freeze_vision); the base never
     changes; the save holds heads + adapters; the merged folder is a plain full scorer with the same outputs."""

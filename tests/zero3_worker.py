@@ -8,7 +8,8 @@ Both train the same tiny Qwen2 with the scripts' lean loss (it reads lm_head.wei
 ZeRO-3 that weight is an empty partition unless gathered) on the same batches (each rank its half), write the
 logged losses to WORKDIR/<mode>/losses.json and the final model with `trainer.save_model` to WORKDIR/<mode>/final;
 the last step is also a checkpoint, which `resume` tries to continue with one process: WORKDIR/resume/error.txt.
-The ZeRO-3 run then takes one bf16 step with the same JSON and adds the gradient dtypes its engine reports.
+The ZeRO-3 run then takes one bf16 step with the same JSON and adds the gradient dtypes its engine reports, and
+runs once more with the scripts' early stopping and --load_best_model_at_end (`best_model_kept`).
 
 The scripts refuse --deepspeed on a machine without GPUs (accelerate counts one process there, so DeepSpeed's batch
 check fails); DeepSpeed itself runs on CPU with three adjustments made here, that GPU runs do not need: `use_cpu`,
@@ -32,7 +33,7 @@ import demo  # noqa: E402
 from collate import IGNORE_INDEX  # noqa: E402
 from lean_loss import use_lean_causal_lm_loss  # noqa: E402
 from plumbing import leave_process_group  # noqa: E402
-from reliability import MarkComplete  # noqa: E402
+from reliability import EarlyStopping, MarkComplete  # noqa: E402
 
 STEPS, BATCH = 4, 4  # global batch: 4 rows, 2 per rank under ZeRO-3
 
@@ -90,6 +91,25 @@ def bf16_gradient_dtypes(workdir, base, world):
             "partitions": str(engine.optimizer.grad_partitions_flat_buffer.dtype)}
 
 
+def best_model_kept(workdir, base, world):
+    """Early stopping (the scripts' reliability.EarlyStopping, patience 1) and --load_best_model_at_end under ZeRO-3,
+    evaluating and saving every step, the evaluation loss counted better when higher: it falls as the model learns
+    the rows, so the first checkpoint is the best and the second evaluation stops the run. The Trainer then reads the
+    best weights back from DeepSpeed's own checkpoint (deepspeed_load_checkpoint, every rank its partition), and the
+    final save gathers them into WORKDIR/zero3-best/final; returns the step it stopped at and the best checkpoint."""
+    out = os.path.join(workdir, "zero3-best")
+    args = arguments(out, world, True, eval_strategy="steps", eval_steps=1, save_strategy="steps", save_steps=1,
+                     per_device_eval_batch_size=BATCH // world, prediction_loss_only=True,
+                     load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=True)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    use_lean_causal_lm_loss(model)
+    rows = Rows(torch.load(os.path.join(workdir, "rows.pt")))
+    trainer = InOrder(model=model, args=args, train_dataset=rows, eval_dataset=rows, callbacks=[EarlyStopping(1)])
+    trainer.train()
+    trainer.save_model(os.path.join(out, "final"))
+    return {"step": trainer.state.global_step, "best": os.path.basename(trainer.state.best_model_checkpoint)}
+
+
 def main(workdir, mode):
     zero3 = mode in ("zero3", "resume")
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -130,9 +150,11 @@ def main(workdir, mode):
     trainer.train()
     trainer.save_model(os.path.join(out, "final"))  # ZeRO-3: every rank takes part in gathering the weights
     dtypes = bf16_gradient_dtypes(workdir, base, world) if zero3 else None
+    best = best_model_kept(workdir, base, world) if zero3 else None
     if args.process_index == 0:
         with open(os.path.join(out, "losses.json"), "w") as f:
-            json.dump({"losses": losses.losses, "partitioned": partitioned, "bf16_gradient_dtypes": dtypes}, f)
+            json.dump({"losses": losses.losses, "partitioned": partitioned, "bf16_gradient_dtypes": dtypes,
+                       "best_model_kept": best}, f)
     leave_process_group()  # the project's own exit: a collective's thread aborted a rank at interpreter exit (-6)
 
 
