@@ -255,6 +255,29 @@ def encode_sft_example(record, tokenizer, max_len, overflow="truncate", fmt=None
     return encode_sft_batch([record], tokenizer, max_len, overflow, fmt)[0][0]
 
 
+def prompt_messages(record, fmt=None):
+    """A record to answer, read as training reads it (`to_messages`): `(prompt, reference)`, the messages before
+    its final assistant answer and that answer's text. A record of a question alone (no answer key, or messages
+    ending on the user's turn) is read as if its answer were empty, and has no reference (None)."""
+    fmt = fmt or ChatFormat()
+    if isinstance(record, dict):
+        messages = record.get(fmt.messages_key)
+        if messages is None and record.get(fmt.answer_key) is None:
+            record = {**record, fmt.answer_key: ""}
+        elif isinstance(messages, list) and messages and isinstance(messages[-1], dict) \
+                and messages[-1].get("role") != "assistant":
+            record = {**record, fmt.messages_key: messages + [{"role": "assistant", "content": ""}]}
+    *prompt, answer = to_messages(record, fmt)
+    return prompt, answer["content"] or None
+
+
+def encode_prompts(prompts, tokenizer):
+    """Token ids of each prompt (a message list) followed by the chat template's generation prompt: exactly the
+    ids training gives the text before an answer (`encode_sft_batch` tokenizes that segment on its own)."""
+    render, token_ids = fast_encoding(tokenizer)
+    return token_ids([render(messages, True) for messages in prompts])
+
+
 def sft_collator(tokenizer, padding_free=False, pad_to_multiple_of=None, flash_attn_kwargs=False):
     """The SFT batch builder: padded to the longest example, or padding-free (one packed row).
 
