@@ -8,10 +8,11 @@ the same batches as an unsharded copy of it (each rank its half), and reports th
 losses, gradients and weights after AdamW steps, then saves with the scripts' `save_final_model` and reloads. One
 more runs gradient accumulation as the Trainer does and reports the gradient bytes each rank holds after each
 micro-batch, with the memory plan's figure for the same model and settings (`check_held_gradients`).
-Last, it writes checkpoints as the Trainer does under FSDP2 with the recipes' SHARDED_STATE_DICT (accelerate's own
+Then it writes checkpoints as the Trainer does under FSDP2 with the recipes' SHARDED_STATE_DICT (accelerate's own
 save functions, which run on CPU) and loads one back into the layout of another number of processes.
 Host memory: sft_qwen2.py's rank-0 loading through accelerate's own `fsdp2_prepare_model` (bytes each rank holds
-at each stage), and rank 0's peak resident memory while the final save gathers a larger model.
+at each stage), and rank 0's peak resident memory while the final save gathers a larger model. Last, prediction by
+generation on a sharded model, every rank in lockstep (`check_generation_lockstep`).
 """
 
 import gc
@@ -421,6 +422,31 @@ def check_exact_pass_uneven(workdir, path, processor):
             "scores": rel(torch.tensor([r["score"] for r in rows]), torch.tensor(expected))}
 
 
+def check_generation_lockstep(path, tokenizer):
+    """sft_qwen2.py --do_predict on a model sharded as the Trainer leaves it (generation.predict, lockstep): 5
+    prompts of different lengths over 2 ranks, batch 1, so rank 0 has 3 generate calls and rank 1 has 2 and one
+    stand-in, each generating until both ranks are done (synced_gpus). Reports each rank's forward passes (equal,
+    else the ranks' collectives mismatch), the keys in order, and whether every answer is the unsharded model's."""
+    from collate import encode_prompts
+    from generation import generate, generation_config, predict
+
+    sharded, reference = shard_like_accelerate(load_sft(path)), load_sft(path).eval()
+    rows = [{"key": i, "prompt": [{"role": "user", "content": "Please explain the ocean " * (i + 1)}]}
+            for i in range(5)]
+    config = generation_config(tokenizer, max_new_tokens=12)
+    forwards = []
+    sharded.register_forward_pre_hook(lambda module, args: forwards.append(1))
+    run = SimpleNamespace(process_index=dist.get_rank(), world_size=WORLD, per_device_eval_batch_size=1,
+                          device="cpu")
+    answered = predict(sharded, tokenizer, rows, config, run, lockstep=True)
+    expected = [tokenizer.decode(generate(reference, [ids], config, 1, "cpu")[0], skip_special_tokens=True)
+                for ids in encode_prompts([r["prompt"] for r in rows], tokenizer)]
+    every = [None] * WORLD
+    dist.all_gather_object(every, len(forwards))
+    return {"keys": [r["key"] for r in answered], "forwards": every,
+            "same": [r["completion"] for r in answered] == expected}
+
+
 INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
 
 
@@ -656,6 +682,8 @@ def main(workdir):
     results["sharded_checkpoints"] = check_sharded_checkpoints(workdir, models)
     results["streamed_save"] = check_streamed_save(workdir, models["big"], AutoTokenizer.from_pretrained(models["big"]))
     results["rank0_loading"] = check_rank0_loading(models["bf16"])
+    results["generation_lockstep"] = check_generation_lockstep(models["untied"],
+                                                                AutoTokenizer.from_pretrained(models["untied"]))
     if dist.get_rank() == 0:
         with open(os.path.join(workdir, "results.json"), "w") as f:
             json.dump(results, f, indent=1)

@@ -46,6 +46,13 @@ class TestFSDP2:
         assert r["rows"] == 5 and r["bad"] == 0 and r["scores"] <= REL, r
         assert r["forwards"] == [["batch"] * 3, ["batch"] * 2 + ["stand-in"]], r
 
+    def test_prediction_generates_in_lockstep_on_a_sharded_model(self, fsdp2):
+        """sft_qwen2.py --do_predict after FSDP2 training: 5 prompts over 2 ranks in batches of 1 (3 generate calls
+        and 2); each forward gathers layers from every rank, so both ranks run the same passes (synced_gpus and a
+        stand-in call; without them the run dies in mismatched collectives): every prompt once, in order, each
+        answer the unsharded model's."""
+        assert fsdp2["generation_lockstep"] == {"keys": [0, 1, 2, 3, 4], "forwards": [36, 36], "same": True}
+
     def test_final_save_is_gathered_into_a_loadable_folder(self, fsdp2):
         assert fsdp2["sft"]["saved_logits"] <= REL  # plain AutoModelForCausalLM.from_pretrained
         assert fsdp2["sft"]["saved_bf16_dtypes"] == ["torch.bfloat16"] and fsdp2["sft"]["saved_bf16_exact"]
