@@ -280,6 +280,25 @@ class TestZero3:
         ids = torch.arange(5, 29)[None]
         torch.testing.assert_close(got(input_ids=ids).logits, want(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
 
+    def test_prediction_generates_in_lockstep_on_the_partitioned_model(self, zero3):
+        """sft_qwen2.py --do_predict after ZeRO-3 training: 3 prompts over 2 ranks, batch 1 (2 generate calls and 1
+        plus a stand-in); every forward gathers each layer from both ranks, so both run the same passes, and each
+        answer is the saved model's own greedy answer to that prompt alone."""
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from generation import generation_config
+        from zero3_worker import GENERATION_PROMPTS
+
+        with open(zero3 / "zero3" / "losses.json") as f:
+            ranks = json.load(f)["generation"]
+        assert [r["forwards"] for r in ranks] == [16, 16]
+        saved = AutoModelForCausalLM.from_pretrained(zero3 / "zero3" / "final", dtype=torch.float32)
+        config = generation_config(AutoTokenizer.from_pretrained(zero3 / "base"), max_new_tokens=8)
+        alone = [saved.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                                generation_config=config)[0, len(p):].tolist() for p in GENERATION_PROMPTS]
+        assert ranks[0]["answers"] == alone[0::2] and ranks[1]["answers"] == alone[1::2]
+
     def test_its_checkpoint_holds_the_files_reliability_lists_and_a_run_on_other_gpus_is_refused(self, zero3):
         """The Trainer's own ZeRO-3 checkpoint (every file DeepSpeed and the Trainer write, and the run record, which
         says what accelerate set up) meets a run of as many processes, and one of another number, which DeepSpeed

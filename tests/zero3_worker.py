@@ -8,7 +8,8 @@ Both train the same tiny Qwen2 with the scripts' lean loss (it reads lm_head.wei
 ZeRO-3 that weight is an empty partition unless gathered) on the same batches (each rank its half), write the
 logged losses to WORKDIR/<mode>/losses.json and the final model with `trainer.save_model` to WORKDIR/<mode>/final;
 the last step is also a checkpoint, which `resume` tries to continue with one process: WORKDIR/resume/error.txt.
-The ZeRO-3 run then takes one bf16 step with the same JSON and adds the gradient dtypes its engine reports.
+The ZeRO-3 run then answers prompts with the trained, partitioned model (sft_qwen2.py --do_predict's generation,
+ranks in lockstep) and takes one bf16 step with the same JSON, adding the gradient dtypes its engine reports.
 
 The scripts refuse --deepspeed on a machine without GPUs (accelerate counts one process there, so DeepSpeed's batch
 check fails); DeepSpeed itself runs on CPU with three adjustments made here, that GPU runs do not need: `use_cpu`,
@@ -90,6 +91,29 @@ def bf16_gradient_dtypes(workdir, base, world):
             "partitions": str(engine.optimizer.grad_partitions_flat_buffer.dtype)}
 
 
+GENERATION_PROMPTS = [list(range(5, 5 + n)) for n in (9, 14, 20)]  # rank 0 answers 2, rank 1 one (+ a stand-in)
+
+
+def generation_lockstep(trainer, base, world):
+    """generation.generate on the ZeRO-3-partitioned model with uneven shares, batch 1, in lockstep: every rank's
+    forward passes (each gathers every layer from all ranks: equal counts, or the collectives mismatch) and its
+    answers, for the answers of the saved model to be compared with."""
+    import torch.distributed as dist
+    from transformers import AutoTokenizer
+
+    from generation import generate, generation_config
+
+    rank = dist.get_rank()
+    forwards = []
+    hook = trainer.model.register_forward_pre_hook(lambda module, args: forwards.append(1))
+    answers = generate(trainer.model, GENERATION_PROMPTS[rank::world], generation_config(
+        AutoTokenizer.from_pretrained(base), max_new_tokens=8), 1, "cpu", lockstep=True, calls=2)
+    hook.remove()
+    every = [None] * world
+    dist.all_gather_object(every, {"forwards": len(forwards), "answers": answers})
+    return every
+
+
 def main(workdir, mode):
     zero3 = mode in ("zero3", "resume")
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -129,10 +153,12 @@ def main(workdir, mode):
         os._exit(0)
     trainer.train()
     trainer.save_model(os.path.join(out, "final"))  # ZeRO-3: every rank takes part in gathering the weights
+    generation = generation_lockstep(trainer, base, world) if zero3 else None
     dtypes = bf16_gradient_dtypes(workdir, base, world) if zero3 else None
     if args.process_index == 0:
         with open(os.path.join(out, "losses.json"), "w") as f:
-            json.dump({"losses": losses.losses, "partitioned": partitioned, "bf16_gradient_dtypes": dtypes}, f)
+            json.dump({"losses": losses.losses, "partitioned": partitioned, "bf16_gradient_dtypes": dtypes,
+                       "generation": generation}, f)
     leave_process_group()  # the project's own exit: a collective's thread aborted a rank at interpreter exit (-6)
 
 
