@@ -4,7 +4,8 @@ Data: JSON Lines / JSON / Parquet / CSV files, or a `datasets.save_to_disk` fold
 `{"query": ..., "answer": ...}` or `{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}`.
 Every assistant answer (content + the closing <|im_end|>) is trained; system, user and role headers are masked.
 
-  # CPU demo: a tiny random model and generated data, no downloads (about a minute)
+  # CPU demo: a tiny random model and generated data, no downloads (about a minute); trains, evaluates (with the
+  # model's answers to two evaluation prompts each time), and answers the evaluation prompts into predictions.jsonl
   bash run.sh sft_qwen2.py --demo
 
   # before a long run: the same command with --dry_run encodes all of the data, builds the model without its
@@ -24,6 +25,11 @@ Every assistant answer (content + the closing <|im_end|>) is trained; system, us
   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 MASTER_PORT=29500 bash run.sh sft_qwen2.py --train_file data/train.jsonl \\
       --use_peft --learning_rate 2e-4
 
+  # the answers of a saved model (full, merged, or a LoRA adapter folder on its recorded base) to prompts, one JSON
+  # line each, {key, prompt, completion, reference}, in file order, every GPU answering its share
+  bash run.sh sft_qwen2.py --model_name_or_path outputs/sft-qwen2 --predict_file prompts.jsonl \\
+      --output_dir outputs/sft-qwen2 --max_new_tokens 512
+
   # every flag can come from one config file instead (keys = flag names); recipes in configs/, e.g. a full
   # fine-tune with fp32 master weights sharded by FSDP2 over 8 GPUs (15.2 GB a GPU)
   bash run.sh sft_qwen2.py configs/sft-qwen2-7b-full-fsdp2-8gpu.yaml
@@ -33,6 +39,9 @@ per-GPU memory plan at start (training_plan.py). Full fine-tuning with fp32 mast
 (122 GB for 7B): shard it over several GPUs, or use --use_peft or --pure_bf16.
 A run that finds `checkpoint-*` folders in --output_dir resumes from the newest one; the end of training writes
 training_curves.png there (loss, learning rate, evaluation loss).
+Prediction (--predict_file, after training or from a saved model) and --eval_generate answer by generation,
+greedy unless --do_sample (generation.py): prompts are records of any training format, a final assistant answer
+becoming the reference.
 """
 
 import functools
@@ -139,7 +148,8 @@ DEMO_ARGS = [
     "--eval_file", f"{DEMO_DIR}/eval.jsonl", "--output_dir", f"{DEMO_DIR}/output", "--max_len", "256",
     "--max_steps", "24", "--per_device_train_batch_size", "4", "--learning_rate", "3e-3", "--warmup_steps", "2",
     "--logging_steps", "4", "--eval_strategy", "steps", "--eval_steps", "12", "--eval_on_start", "true",
-    "--save_steps", "12", "--use_cpu", "--disable_tqdm", "true",
+    "--save_steps", "12", "--use_cpu", "--disable_tqdm", "true", "--eval_generate", "2",
+    "--predict_file", f"{DEMO_DIR}/eval.jsonl", "--max_new_tokens", "32",
 ]
 
 
