@@ -1,4 +1,5 @@
-"""Record -> example -> batch: chat encoding and answer mask, SFT collators, VL sample checks and encoding, collate_vl.
+"""Record -> example -> batch: chat encoding and answer mask, prompts to answer, SFT collators, VL sample checks and
+encoding, collate_vl.
 
 Pure functions and small classes only: no file reading, no argument parsing, no process exit, no Trainer, no streams.
 Errors in user data raise `DataError` naming the key and the problem; the callers add the file, line or shard.

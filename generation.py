@@ -113,7 +113,8 @@ def predict(model, tokenizer, rows, config, args, lockstep=False, dtype=None):
                        dtype, lockstep, calls=math.ceil(math.ceil(len(rows) / world) / batch) if lockstep else None)
     texts = tokenizer.batch_decode(answers, skip_special_tokens=True)
     done = [(rank + world * j, {"key": r["key"], "prompt": r["prompt"], "completion": t}
-             | ({"reference": r["reference"]} if "reference" in r else {})) for j, (r, t) in enumerate(zip(mine, texts))]
+             | ({"reference": r["reference"]} if "reference" in r else {}))
+            for j, (r, t) in enumerate(zip(mine, texts))]
     if world > 1:
         done = sorted(gather_object(done), key=lambda d: d[0])
     return [row for _, row in done]

@@ -349,7 +349,7 @@ def main(argv=None):
         fail(f"{', '.join(data_args.eval_file or data_args.train_file)}: no usable evaluation example (max_len "
              f"{data_args.max_len}, overflow {data_args.overflow})")
     log(show_example(train_ds[0], tokenizer))
-    prompts = read_predict_file(predict_args, data_args, args) if predictions else None  # bad: exit before training
+    prompts = read_predict_file(predict_args, data_args, args) if predictions else None  # a bad one: exit now
 
     # Model: loaded in the half dtype of the run; what trains becomes fp32 master weights (training_plan.py). A dry
     # run, and under --fsdp with cpu_ram_efficient_loading every rank but the first (accelerate broadcasts rank 0's
@@ -395,7 +395,8 @@ def main(argv=None):
                       callbacks=[stop, skip, MarkComplete()])
     use_fsdp_precision(trainer, args)  # with --fsdp: bf16 compute, fp32 gradient reduction
     # FSDP2 / ZeRO-3 gather each layer from every rank in every forward pass: every rank generates in lockstep
-    lockstep = args.world_size > 1 and "weights" in (sharding(args) or (None, None, ()))[2]
+    sharded = sharding(args)
+    lockstep = args.world_size > 1 and sharded is not None and "weights" in sharded[2]
     if predict_args.eval_generate:
         trainer.add_callback(EvalAnswers(
             eval_ds.select(range(min(predict_args.eval_generate, len(eval_ds)))), tokenizer,
