@@ -48,10 +48,11 @@ class TestFSDP2:
 
     def test_prediction_generates_in_lockstep_on_a_sharded_model(self, fsdp2):
         """sft_qwen2.py --do_predict after FSDP2 training: 5 prompts over 2 ranks in batches of 1 (3 generate calls
-        and 2); each forward gathers layers from every rank, so both ranks run the same passes (synced_gpus and a
-        stand-in call; without them the run dies in mismatched collectives): every prompt once, in order, each
-        answer the unsharded model's."""
-        assert fsdp2["generation_lockstep"] == {"keys": [0, 1, 2, 3, 4], "forwards": [36, 36], "same": True}
+        and 2), one rank's first call ending passes before the other's; each forward gathers layers from every
+        rank, so both ranks run the same passes (a stand-in call and synced_gpus; without either the run dies in
+        mismatched collectives): every prompt once, in order, each answer the unsharded model's."""
+        assert fsdp2["generation_lockstep"] == {"keys": [0, 1, 2, 3, 4], "forwards": [26, 26], "same": True,
+                                                "first_call_ended_early": True}
 
     def test_final_save_is_gathered_into_a_loadable_folder(self, fsdp2):
         assert fsdp2["sft"]["saved_logits"] <= REL  # plain AutoModelForCausalLM.from_pretrained
@@ -282,8 +283,9 @@ class TestZero3:
 
     def test_prediction_generates_in_lockstep_on_the_partitioned_model(self, zero3):
         """sft_qwen2.py --do_predict after ZeRO-3 training: 3 prompts over 2 ranks, batch 1 (2 generate calls and 1
-        plus a stand-in); every forward gathers each layer from both ranks, so both run the same passes, and each
-        answer is the saved model's own greedy answer to that prompt alone."""
+        plus a stand-in), rank 0's first answer ending passes before rank 1's; every forward gathers each layer from
+        both ranks, so both run the same passes, and each answer is the saved model's own greedy answer to that
+        prompt alone."""
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -295,9 +297,11 @@ class TestZero3:
         assert [r["forwards"] for r in ranks] == [16, 16]
         saved = AutoModelForCausalLM.from_pretrained(zero3 / "zero3" / "final", dtype=torch.float32)
         config = generation_config(AutoTokenizer.from_pretrained(zero3 / "base"), max_new_tokens=8)
+        config.eos_token_id = ranks[0]["eos"]
         alone = [saved.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
                                 generation_config=config)[0, len(p):].tolist() for p in GENERATION_PROMPTS]
         assert ranks[0]["answers"] == alone[0::2] and ranks[1]["answers"] == alone[1::2]
+        assert len(alone[2]) < 8 and len(alone[1]) == 8  # the ranks' first calls end at different passes
 
     def test_its_checkpoint_holds_the_files_reliability_lists_and_a_run_on_other_gpus_is_refused(self, zero3):
         """The Trainer's own ZeRO-3 checkpoint (every file DeepSpeed and the Trainer write, and the run record, which

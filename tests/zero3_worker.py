@@ -95,22 +95,32 @@ GENERATION_PROMPTS = [list(range(5, 5 + n)) for n in (9, 14, 20)]  # rank 0 answ
 
 
 def generation_lockstep(trainer, base, world):
-    """generation.generate on the ZeRO-3-partitioned model with uneven shares, batch 1, in lockstep: every rank's
-    forward passes (each gathers every layer from all ranks: equal counts, or the collectives mismatch) and its
-    answers, for the answers of the saved model to be compared with."""
+    """generation.generate on the ZeRO-3-partitioned model with uneven shares, batch 1, in lockstep, twice: then
+    again with an extra eos that ends rank 0's first call early (fsdp2_worker.an_end_token), so the ranks' calls end
+    at different passes. Every rank's forward passes in the second round (each gathers every layer from all ranks:
+    equal counts, or the collectives mismatch), its answers, and the eos ids, for the saved model's answers to be
+    compared with."""
     import torch.distributed as dist
     from transformers import AutoTokenizer
 
+    from fsdp2_worker import an_end_token
     from generation import generate, generation_config
 
     rank = dist.get_rank()
+    config = generation_config(AutoTokenizer.from_pretrained(base), max_new_tokens=8)
+
+    def answers():
+        return generate(trainer.model, GENERATION_PROMPTS[rank::world], config, 1, "cpu", lockstep=True, calls=2)
+
+    first = [None] * world
+    dist.all_gather_object(first, answers())
+    config.eos_token_id = [config.eos_token_id, an_end_token(first[0][1], first[1])]  # rank 0 starts with prompt 2
     forwards = []
     hook = trainer.model.register_forward_pre_hook(lambda module, args: forwards.append(1))
-    answers = generate(trainer.model, GENERATION_PROMPTS[rank::world], generation_config(
-        AutoTokenizer.from_pretrained(base), max_new_tokens=8), 1, "cpu", lockstep=True, calls=2)
+    second = answers()
     hook.remove()
     every = [None] * world
-    dist.all_gather_object(every, {"forwards": len(forwards), "answers": answers})
+    dist.all_gather_object(every, {"forwards": len(forwards), "answers": second, "eos": config.eos_token_id})
     return every
 
 
