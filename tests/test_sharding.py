@@ -428,7 +428,7 @@ class TestRecipes:
     def test_fsdp2_recipes_reduce_every_micro_batch(self, name):
         """The YAML carries accelerate's sync_each_batch to the Trainer through HfArgumentParser, and the comment
         beside it says what turning it off would add to the plan: FSDP2's unsharded fp32 gradients."""
-        script, (model_args, _, lora_args, args), _ = parse_recipe(name)
+        script, (model_args, _, lora_args, *_, args), _ = parse_recipe(name)
         assert args.gradient_accumulation_steps > 1
         assert args.accelerator_config.gradient_accumulation_kwargs == {"sync_each_batch": True}
         assert recipe_plan(script, model_args, lora_args, args, 8)["no_sync_gradients"] == 0
@@ -445,7 +445,7 @@ class TestRecipes:
 
     @pytest.mark.parametrize("name", RECIPES)
     def test_recipe_parses_and_its_header_says_hardware_command_and_plan(self, name):
-        script, (model_args, data_args, lora_args, args), zero3 = parse_recipe(name)  # unknown keys would exit 2
+        script, (model_args, data_args, lora_args, *_, args), zero3 = parse_recipe(name)  # unknown keys: exit 2
         for key, value in PLACEHOLDERS[script.__name__].items():
             assert (getattr(model_args, key, None) or getattr(data_args, key)) == value, key
         with open(os.path.join(ROOT, "configs", name)) as f:
