@@ -16,7 +16,7 @@ from transformers import GenerationConfig, TrainerCallback
 
 from collate import IGNORE_INDEX, DataError, encode_prompts, prompt_messages
 from data import load_sft_file, record_lines, record_location
-from plumbing import log
+from plumbing import log, wait_for_every_rank
 
 
 def generation_config(tokenizer, max_new_tokens=256, do_sample=False, temperature=1.0, top_p=1.0):
@@ -104,7 +104,9 @@ def generate(model, prompt_ids, config, batch_size, device, dtype=None, lockstep
 def predict(model, tokenizer, rows, config, args, lockstep=False, dtype=None):
     """`rows` (read_prompts) with their `completion` (decoded, special tokens skipped), in the same order, on every
     rank: row i is answered by rank i % world_size, in batches of --per_device_eval_batch_size, and the answers
-    are gathered. `lockstep`: see `generate`; every rank then makes as many calls as the rank with the most rows."""
+    are gathered. `lockstep`: see `generate`; every rank then makes as many calls as the rank with the most rows.
+    Unsharded, ranks finish at different times (answer lengths differ): at real sizes the last can come hours
+    after the first, far beyond a collective's timeout, so they meet in `wait_for_every_rank` before the gather."""
     from accelerate.utils import gather_object
 
     rank, world, batch = args.process_index, args.world_size, args.per_device_eval_batch_size
@@ -116,6 +118,7 @@ def predict(model, tokenizer, rows, config, args, lockstep=False, dtype=None):
              | ({"reference": r["reference"]} if "reference" in r else {}))
             for j, (r, t) in enumerate(zip(mine, texts))]
     if world > 1:
+        wait_for_every_rank()
         done = sorted(gather_object(done), key=lambda d: d[0])
     return [row for _, row in done]
 
