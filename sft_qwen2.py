@@ -50,7 +50,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer, set_seed
 
 from collate import (IGNORE_INDEX, ChatFormat, DataError, encode_sft_batch, missing_chat_template, sft_collator,
                      to_messages)
@@ -269,6 +269,7 @@ def answer_prompts(model, tokenizer, prompts, predict_args, args, path, lockstep
     """Every rank answers its share of `prompts`; process 0 writes them all to `path`. Returns the rows."""
     config = generation_config(tokenizer, predict_args.max_new_tokens, predict_args.do_sample,
                                predict_args.temperature, predict_args.top_p)
+    set_seed(args.seed + args.process_index)  # --do_sample: the same --seed and processes, the same answers
     rows = predict(model, tokenizer, prompts, config, args, lockstep, half_dtype(args))
     if args.process_index == 0:
         write_predictions(rows, path)
