@@ -1,5 +1,5 @@
-"""Record -> example -> batch: SFT record layouts -> chat messages, chat encoding and answer mask, SFT collators, VL
-sample checks and encoding, collate_vl.
+"""Record -> example -> batch: SFT record layouts -> chat messages, chat encoding and answer mask, prompts to answer,
+SFT collators, VL sample checks and encoding, collate_vl.
 
 Pure functions and small classes only: no file reading, no argument parsing, no process exit, no Trainer, no streams.
 Errors in user data raise `DataError` naming the key and the problem; the callers add the file, line or shard.
@@ -379,6 +379,23 @@ def encode_sft_example(record, tokenizer, max_len, overflow="truncate", fmt=None
     Loss is on every assistant answer plus the `<|im_end|>` closing it; system, user and role headers get -100.
     """
     return encode_sft_batch([record], tokenizer, max_len, overflow, fmt)[0][0]
+
+
+def prompt_messages(record, fmt=None):
+    """A record to answer, read as training reads it (`to_messages`, any layout, the answer optional): `(prompt,
+    reference)`, the messages before its final assistant answer and that answer's text; a record of a question alone
+    (no answer, or messages ending on the user's turn) has no reference (None)."""
+    messages = to_messages(record, fmt, require_answer=False)
+    if messages and messages[-1]["role"] == "assistant":
+        return messages[:-1], messages[-1]["content"] or None
+    return messages, None
+
+
+def encode_prompts(prompts, tokenizer):
+    """Token ids of each prompt (a message list) followed by the chat template's generation prompt: exactly the
+    ids training gives the text before an answer (`encode_sft_batch` tokenizes that segment on its own)."""
+    render, token_ids = fast_encoding(tokenizer)
+    return token_ids([render(messages, True) for messages in prompts])
 
 
 def sft_collator(tokenizer, padding_free=False, pad_to_multiple_of=None, flash_attn_kwargs=False):

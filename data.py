@@ -156,6 +156,15 @@ def _check_json_file(p, check_record):
             raise DataError(f"{p}: {where}: {e}") from None
 
 
+def record_lines(path):
+    """The line number (1-based) of each record of a JSON Lines file, or None for other sources."""
+    p = Path(path)
+    if p.suffix.lower() != ".jsonl" or not p.is_file():
+        return None
+    with open(p, "rb") as f:  # blank lines are skipped by the reader, so count the non-blank ones
+        return [lineno for lineno, line in enumerate(f, 1) if line.strip()]
+
+
 def record_location(path, index):
     """How to point a user at record `index` (0-based) of `path`: a line number for JSON Lines, else a row; in a
     folder, of the file holding that record (read again: this runs once, for an error)."""
@@ -166,14 +175,9 @@ def record_location(path, index):
             if index < size:
                 return record_location(name, index)
             index -= size
-    if p.suffix.lower() == ".jsonl":
-        with open(p, "rb") as f:  # blank lines are skipped by the reader, so count the non-blank ones
-            seen = -1
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    seen += 1
-                    if seen == index:
-                        return f"{path}: line {lineno}"
+    lines = record_lines(path)
+    if lines is not None and index < len(lines):
+        return f"{path}: line {lines[index]}"
     return f"{path}: record {index + 1}"
 
 

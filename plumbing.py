@@ -154,8 +154,9 @@ def final_evaluation(trainer):
     return trainer.evaluate()
 
 
-def check_output_dir(path):
-    """Exit 2 now if `path` cannot be created or written, not at the first checkpoint after an hour of training."""
+def check_output_dir(path, flag="--output_dir"):
+    """Exit 2 now if the folder `path` (of `flag`) cannot be created or written, not at the first checkpoint after
+    an hour of training."""
     import tempfile
 
     try:
@@ -163,7 +164,7 @@ def check_output_dir(path):
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as e:
-        fail(f"--output_dir {path}: cannot write there ({e.strerror or e})")
+        fail(f"{flag} {path}: cannot write there ({e.strerror or e})")
 
 
 PICKLE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt")

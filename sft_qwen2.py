@@ -7,7 +7,8 @@ id (--dataset_split, --dataset_config). Each record is detected as one of the la
 (--data_format forces one). Every assistant answer (content + the closing <|im_end|>) is trained; system, user and
 role headers are masked.
 
-  # CPU demo: a tiny random model and generated data, no downloads (about a minute)
+  # CPU demo: a tiny random model and generated data, no downloads (about a minute); trains, evaluates (with the
+  # model's answers to two evaluation prompts each time), and answers the evaluation prompts into predictions.jsonl
   bash run.sh sft_qwen2.py --demo
 
   # before a long run: the same command with --dry_run encodes all of the data, builds the model without its
@@ -27,6 +28,11 @@ role headers are masked.
   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 MASTER_PORT=29500 bash run.sh sft_qwen2.py --train_file data/train.jsonl \\
       --use_peft --learning_rate 2e-4
 
+  # the answers of a saved model (full, merged, or a LoRA adapter folder on its recorded base) to prompts, one JSON
+  # line each, {key, prompt, completion, reference}, in file order, every GPU answering its share
+  bash run.sh sft_qwen2.py --model_name_or_path outputs/sft-qwen2 --predict_file prompts.jsonl \\
+      --output_dir outputs/sft-qwen2 --max_new_tokens 512
+
   # every flag can come from one config file instead (keys = flag names); recipes in configs/, e.g. a full
   # fine-tune with fp32 master weights sharded by FSDP2 over 8 GPUs (15.2 GB a GPU)
   bash run.sh sft_qwen2.py configs/sft-qwen2-7b-full-fsdp2-8gpu.yaml
@@ -37,6 +43,9 @@ per-GPU memory plan at start (training_plan.py). Full fine-tuning with fp32 mast
 A run that finds `checkpoint-*` folders in --output_dir resumes from the newest one; the end of training writes
 training_curves.png there (loss, learning rate, evaluation loss). With evaluation data, --early_stopping_patience N
 stops after N evaluations without a lower eval loss, and --load_best_model_at_end saves the best checkpoint's weights.
+Prediction (--predict_file, after training or from a saved model) and --eval_generate answer by generation,
+greedy unless --do_sample (generation.py): prompts are records of any training format, a final assistant answer
+becoming the reference.
 """
 
 import functools
@@ -45,21 +54,23 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer, set_seed
 
 from collate import (IGNORE_INDEX, ChatFormat, DataError, encode_sft_batch, missing_chat_template, sft_collator,
                      to_messages)
 from curves import write_training_curves
 from data import SFTSource, load_sft_file, record_location, sft_sources
+from generation import EvalAnswers, generation_config, load_for_generation, predict, read_prompts, write_predictions
 from lean_loss import use_lean_causal_lm_loss
 from plumbing import (TrainingDefaults, check_output_dir, demo_dir, fail, final_evaluation, leave_process_group,
                       local_main_first, log, parse_arguments, prepare_demo, settle_best_metric, weights_source)
 from reliability import (GracefulStop, MarkComplete, SkipNonFinite, best_model_summary, checkpoint_to_resume,
                          early_stopping, exit_if_failed, exit_if_stopped, resume_mismatch, run_record)
 from training_plan import (LoraArguments, add_lora, build_without_weights, check_flags, check_loader_shm,
-                           checkpoint_dtype, load_dtype, load_device, loader_sample_bytes, lora_parameter_count,
-                           lora_settings, memory_plan, optimizer_steps, reads_weights, reduce_every_micro_batch,
-                           save_final_model, steps_line, to_base_dtype, use_fsdp_precision, use_precision_policy)
+                           checkpoint_dtype, half_dtype, load_dtype, load_device, loader_sample_bytes,
+                           lora_parameter_count, lora_settings, memory_plan, optimizer_steps, reads_weights,
+                           reduce_every_micro_batch, save_final_model, sharding, steps_line, to_base_dtype,
+                           use_fsdp_precision, use_precision_policy)
 
 
 @dataclass
@@ -103,6 +114,23 @@ class DataArguments(ChatFormat, SFTSource):  # --data_format, --system_prompt, k
 
 
 @dataclass
+class PredictArguments:
+    predict_file: str = field(default=None, metadata={
+        "help": "Prompts to answer (implies --do_predict): records in any training data format; a record's final "
+                "assistant answer, if it has one, is left out of the prompt and kept as the reference."})
+    predict_output: str = field(default=None, metadata={
+        "help": "Predictions file, JSON Lines, one {key, prompt, completion[, reference]} per record in file order "
+                "(default: OUTPUT_DIR/predictions.jsonl)."})
+    max_new_tokens: int = field(default=256, metadata={"help": "Longest answer in tokens."})
+    do_sample: bool = field(default=False, metadata={"help": "Sample the answers (default: greedy)."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (with --do_sample)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold (with --do_sample)."})
+    eval_generate: int = field(default=0, metadata={
+        "help": "At each evaluation, print greedy answers to the first N evaluation examples' last prompts (and "
+                "log them to TensorBoard as text with --report_to tensorboard)."})
+
+
+@dataclass
 class SFTArguments(TrainingDefaults):
     # Defaults a real full fine-tune wants; any flag overrides them.
     output_dir: str = field(default="outputs/sft-qwen2", metadata={"help": "Checkpoints and the final model."})
@@ -119,7 +147,7 @@ class SFTArguments(TrainingDefaults):
         "choices": ["non_padding", "all", "no"]})
 
 
-ARGUMENTS = (ModelArguments, DataArguments, LoraArguments, SFTArguments)  # flags and config-file keys
+ARGUMENTS = (ModelArguments, DataArguments, LoraArguments, PredictArguments, SFTArguments)  # flags and config-file keys
 
 DEMO_DIR = demo_dir("sft-qwen2")
 # Flags the demo puts before the user's own (so a user flag still wins): tiny model, a few fast steps on CPU.
@@ -128,7 +156,8 @@ DEMO_ARGS = [
     "--eval_file", f"{DEMO_DIR}/eval.jsonl", "--output_dir", f"{DEMO_DIR}/output", "--max_len", "256",
     "--max_steps", "24", "--per_device_train_batch_size", "4", "--learning_rate", "3e-3", "--warmup_steps", "2",
     "--logging_steps", "4", "--eval_strategy", "steps", "--eval_steps", "12", "--eval_on_start", "true",
-    "--save_steps", "12", "--use_cpu", "--disable_tqdm", "true",
+    "--save_steps", "12", "--use_cpu", "--disable_tqdm", "true", "--eval_generate", "2",
+    "--predict_file", f"{DEMO_DIR}/eval.jsonl", "--max_new_tokens", "32",
 ]
 
 
@@ -208,16 +237,84 @@ def dry_run_plan(train_ds, eval_ds, args):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Prediction: what the model answers (generation.py), after training or from a saved model
+# ---------------------------------------------------------------------------------------------------------------
+
+def settle_prediction(predict_args, data_args, args):
+    """Refuse prediction flags that cannot work (one line, exit 2, before any model loads); returns the predictions
+    file, checked writable now rather than after training, or None without --do_predict."""
+    if predict_args.predict_file is not None:
+        args.do_predict = True
+    elif args.do_predict:
+        fail("--do_predict needs --predict_file (the prompts to answer)")
+    if predict_args.eval_generate and (args.eval_strategy == "no"
+                                       or not (data_args.eval_file or data_args.val_size > 0)):
+        fail("--eval_generate answers evaluation examples at each evaluation: it needs --eval_strategy (steps or "
+             "epoch) and --eval_file or --val_size")
+    if not args.do_predict:
+        return None
+    path = predict_args.predict_output or os.path.join(args.output_dir, "predictions.jsonl")
+    if os.path.isdir(path):
+        fail(f"--predict_output {path}: a folder, not a file name")
+    check_output_dir(os.path.dirname(os.path.abspath(path)), "--predict_output")
+    return path
+
+
+def read_predict_file(predict_args, data_args, args):
+    """The prompts of --predict_file (generation.read_prompts), read by the local main process first (datasets
+    caches the file, the others then read that cache); a bad record exits 2 on every rank."""
+    error = None
+    with local_main_first(args):
+        try:
+            prompts = read_prompts(predict_args.predict_file, data_args)
+        except DataError as e:
+            error = e
+    if error is not None:
+        fail(error)
+    return prompts
+
+
+def answer_prompts(model, tokenizer, prompts, predict_args, args, path, lockstep=False):
+    """Every rank answers its share of `prompts`; process 0 writes them all to `path`. Returns the rows."""
+    config = generation_config(tokenizer, predict_args.max_new_tokens, predict_args.do_sample,
+                               predict_args.temperature, predict_args.top_p)
+    set_seed(args.seed + args.process_index)  # --do_sample: the same --seed and processes, the same answers
+    rows = predict(model, tokenizer, prompts, config, args, lockstep, half_dtype(args))
+    if args.process_index == 0:
+        write_predictions(rows, path)
+    shares = [len(prompts[r::args.world_size]) for r in range(args.world_size)]
+    log(f"predictions: {len(rows)} answers written to {path} (answered per rank: {shares})")
+    return rows
+
+
+def predict_saved_model(model_args, data_args, predict_args, args, tokenizer, path):
+    """--do_predict without --train_file: the model saved at --model_name_or_path (a full or merged save, or a LoRA
+    adapter folder on its recorded base) answers --predict_file, each rank its share. Returns the rows."""
+    prompts = read_predict_file(predict_args, data_args, args)
+    load = dict(dtype=load_dtype(args), attn_implementation=model_args.attn_implementation,
+                trust_remote_code=model_args.trust_remote_code)
+    try:
+        model = load_for_generation(model_args.model_name_or_path, **load,
+                                    **weights_source(model_args.model_name_or_path, model_args.allow_pickle))
+    except DataError as e:
+        fail(e)
+    rows = answer_prompts(model.to(args.device), tokenizer, prompts, predict_args, args, path)
+    leave_process_group()
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Main: data -> model -> trainer (the stock one; the collator and the loss hook are ours) -> run -> summary
 # ---------------------------------------------------------------------------------------------------------------
 
 def main(argv=None):
     start = time.time()
     parser = HfArgumentParser(ARGUMENTS)
-    model_args, data_args, lora_args, args = parse_arguments(parser, argv, demo_args=DEMO_ARGS)
+    model_args, data_args, lora_args, predict_args, args = parse_arguments(parser, argv, demo_args=DEMO_ARGS)
     reduce_every_micro_batch(args)  # with --fsdp: no unsharded gradients held across micro-batches
-    if not data_args.train_file:
-        fail("--train_file is required (or --demo)")
+    predictions = settle_prediction(predict_args, data_args, args)  # the predictions file, or None
+    if not data_args.train_file and predictions is None:
+        fail("--train_file is required (or --demo, or --predict_file to answer prompts with a saved model)")
     if problem := check_flags(args, lora_args):
         fail(problem, every_rank=True)  # every rank meets it at the same point
     if args.eval_strategy != "no" and not (data_args.eval_file or data_args.val_size > 0):
@@ -237,6 +334,8 @@ def main(argv=None):
                                               trust_remote_code=model_args.trust_remote_code)
     if problem := missing_chat_template(tokenizer, model_args.model_name_or_path):
         fail(problem)
+    if not data_args.train_file:  # prediction alone
+        return predict_saved_model(model_args, data_args, predict_args, args, tokenizer, predictions)
     error = None
     with local_main_first(args):  # the others wait as long as the encoding takes, whatever --ddp_timeout says
         try:
@@ -265,6 +364,7 @@ def main(argv=None):
         fail(f"{', '.join(data_args.eval_file or data_args.train_file)}: no usable evaluation example (max_len "
              f"{data_args.max_len}, overflow {data_args.overflow})")
     log(show_example(train_ds[0], tokenizer))
+    prompts = read_predict_file(predict_args, data_args, args) if predictions else None  # a bad one: exit now
 
     # Model: loaded in the half dtype of the run; what trains becomes fp32 master weights (training_plan.py). A dry
     # run, and under --fsdp with cpu_ram_efficient_loading every rank but the first (accelerate broadcasts rank 0's
@@ -309,6 +409,14 @@ def main(argv=None):
                       processing_class=tokenizer, optimizer_cls_and_kwargs=optimizer,
                       callbacks=[stop, skip, MarkComplete(), *early_stopping(args)])
     use_fsdp_precision(trainer, args)  # with --fsdp: bf16 compute, fp32 gradient reduction
+    # FSDP2 / ZeRO-3 gather each layer from every rank in every forward pass: every rank generates in lockstep
+    sharded = sharding(args)
+    lockstep = args.world_size > 1 and sharded is not None and "weights" in sharded[2]
+    if predict_args.eval_generate:
+        trainer.add_callback(EvalAnswers(
+            eval_ds.select(range(min(predict_args.eval_generate, len(eval_ds)))), tokenizer,
+            generation_config(tokenizer, predict_args.max_new_tokens), trainer.callback_handler.callbacks,
+            lockstep, half_dtype(args)))
 
     # Run: train (resuming from the newest complete checkpoint in output_dir), save, evaluate
     resume = checkpoint_to_resume(args)
@@ -323,6 +431,9 @@ def main(argv=None):
     metrics = dict(result.metrics)
     if eval_ds is not None:
         metrics.update(final_evaluation(trainer))
+    if prompts:
+        metrics["predict_samples"] = len(answer_prompts(trainer.model, tokenizer, prompts, predict_args, args,
+                                                        predictions, lockstep))
     curves = write_training_curves(trainer.state.log_history, args.output_dir) if args.should_save else None
     if lora_args.merge_lora:  # base weights + adapters in one model that plain from_pretrained loads
         merged = model.merge_and_unload()

@@ -8,10 +8,11 @@ the same batches as an unsharded copy of it (each rank its half), and reports th
 losses, gradients and weights after AdamW steps, then saves with the scripts' `save_final_model` and reloads. One
 more runs gradient accumulation as the Trainer does and reports the gradient bytes each rank holds after each
 micro-batch, with the memory plan's figure for the same model and settings (`check_held_gradients`).
-Last, it writes checkpoints as the Trainer does under FSDP2 with the recipes' SHARDED_STATE_DICT (accelerate's own
+Then it writes checkpoints as the Trainer does under FSDP2 with the recipes' SHARDED_STATE_DICT (accelerate's own
 save functions, which run on CPU) and loads one back into the layout of another number of processes.
 Host memory: sft_qwen2.py's rank-0 loading through accelerate's own `fsdp2_prepare_model` (bytes each rank holds
-at each stage), and rank 0's peak resident memory while the final save gathers a larger model.
+at each stage), and rank 0's peak resident memory while the final save gathers a larger model. Last, prediction by
+generation on a sharded model, every rank in lockstep (`check_generation_lockstep`).
 """
 
 import gc
@@ -421,6 +422,43 @@ def check_exact_pass_uneven(workdir, path, processor):
             "scores": rel(torch.tensor([r["score"] for r in rows]), torch.tensor(expected))}
 
 
+def an_end_token(first, others):
+    """A token of `first` (the answer ids of one rank's first generate call) before its last that is in none of
+    `others` (the other rank's answers): as an extra eos it ends that call early on one rank only, so the ranks'
+    calls end at different passes and only generate(synced_gpus=True) keeps them in step."""
+    return next(t for t in first[:-1] if all(t not in answer for answer in others))
+
+
+def check_generation_lockstep(path, tokenizer):
+    """sft_qwen2.py --do_predict on a model sharded as the Trainer leaves it (generation.predict, lockstep): 5
+    prompts of different lengths over 2 ranks, batch 1, so rank 0 has 3 generate calls and rank 1 has 2 and one
+    stand-in, and rank 0's first call (its longest prompt, 4) ends early (`an_end_token`). Reports each rank's
+    forward passes (equal, else the ranks' collectives mismatch), the keys in order, and whether every answer is
+    the unsharded model's own answer to that prompt alone."""
+    from collate import encode_prompts
+    from generation import generate, generation_config, predict
+
+    sharded, reference = shard_like_accelerate(load_sft(path)), load_sft(path).eval()
+    rows = [{"key": i, "prompt": [{"role": "user", "content": "Please explain the ocean " * (i + 1)}]}
+            for i in range(5)]
+    ids = encode_prompts([r["prompt"] for r in rows], tokenizer)
+    config = generation_config(tokenizer, max_new_tokens=12)
+    alone = [generate(reference, [i], config, 1, "cpu")[0] for i in ids]
+    config.eos_token_id = [tokenizer.eos_token_id, an_end_token(alone[4], alone[1::2])]
+    forwards = []
+    sharded.register_forward_pre_hook(lambda module, args: forwards.append(1))
+    run = SimpleNamespace(process_index=dist.get_rank(), world_size=WORLD, per_device_eval_batch_size=1,
+                          device="cpu")
+    answered = predict(sharded, tokenizer, rows, config, run, lockstep=True)
+    expected = [tokenizer.decode(generate(reference, [i], config, 1, "cpu")[0], skip_special_tokens=True)
+                for i in ids]
+    every = [None] * WORLD
+    dist.all_gather_object(every, len(forwards))
+    return {"keys": [r["key"] for r in answered], "forwards": every,
+            "same": [r["completion"] for r in answered] == expected,
+            "first_call_ended_early": len(generate(reference, [ids[4]], config, 1, "cpu")[0]) < 12}
+
+
 INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
 
 
@@ -663,6 +701,8 @@ def main(workdir):
     results["sharded_checkpoints"] = check_sharded_checkpoints(workdir, models)
     results["streamed_save"] = check_streamed_save(workdir, models["big"], AutoTokenizer.from_pretrained(models["big"]))
     results["rank0_loading"] = check_rank0_loading(models["bf16"])
+    results["generation_lockstep"] = check_generation_lockstep(models["untied"],
+                                                                AutoTokenizer.from_pretrained(models["untied"]))
     if dist.get_rank() == 0:
         with open(os.path.join(workdir, "results.json"), "w") as f:
             json.dump(results, f, indent=1)

@@ -1,6 +1,7 @@
-"""Run sft_qwen2.py or train_scorer.py (argv[1], the rest its flags) with a 5 s collective timeout and one slow
-phase whose wait grows with the data at real sizes, 10 s here: the SFT local main's encoding, or rank 1's share of
-the scorer's exact evaluation. Under run.sh with 2 processes (gloo).
+"""Run sft_qwen2.py or train_scorer.py (argv[1], the rest its flags) with a 5 s collective timeout and slow phases
+whose waits grow with the data at real sizes, 10 s here: the SFT local main's encoding and rank 1's share of the
+prediction (the demo answers its evaluation prompts), or rank 1's share of the scorer's exact evaluation. Under
+run.sh with 2 processes (gloo).
 
 On CPU, TrainingArguments creates the gloo group without --ddp_timeout (gloo's 30 min), so the group gets the short
 timeout here, where accelerate creates it."""
@@ -37,6 +38,14 @@ def run():
             return encode_files(*args, **kwargs)
 
         module.encode_files = slow_encoding
+        predict = module.predict
+
+        def slow_prediction(*args, **kwargs):
+            if int(os.environ["RANK"]) == 1:
+                time.sleep(SLOW)
+            return predict(*args, **kwargs)
+
+        module.predict = slow_prediction
     else:
         import train_scorer as module
 

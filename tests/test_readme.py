@@ -82,6 +82,9 @@ def test_command_runs_as_written(command):
     assert len({h["step"] for h in evals}) == len(evals), evals  # no model evaluated twice
     if script == "sft_qwen2.py":
         assert evals[0]["step"] == 0 and evals[-1]["eval_loss"] < 0.8 * evals[0]["eval_loss"], evals
+        assert out.count("eval_generate, step ") == len(evals)  # the answers to two prompts at each evaluation
+        with open(os.path.join(output, "predictions.jsonl"), encoding="utf-8") as f:
+            assert len(f.readlines()) == 16  # every prompt of the demo's evaluation file answered
     else:
         with open(os.path.join(output, "eval_results.json")) as f:
             results = json.load(f)

@@ -46,6 +46,14 @@ class TestFSDP2:
         assert r["rows"] == 5 and r["bad"] == 0 and r["scores"] <= REL, r
         assert r["forwards"] == [["batch"] * 3, ["batch"] * 2 + ["stand-in"]], r
 
+    def test_prediction_generates_in_lockstep_on_a_sharded_model(self, fsdp2):
+        """sft_qwen2.py --do_predict after FSDP2 training: 5 prompts over 2 ranks in batches of 1 (3 generate calls
+        and 2), one rank's first call ending passes before the other's; each forward gathers layers from every
+        rank, so both ranks run the same passes (a stand-in call and synced_gpus; without either the run dies in
+        mismatched collectives): every prompt once, in order, each answer the unsharded model's."""
+        assert fsdp2["generation_lockstep"] == {"keys": [0, 1, 2, 3, 4], "forwards": [26, 26], "same": True,
+                                                "first_call_ended_early": True}
+
     def test_final_save_is_gathered_into_a_loadable_folder(self, fsdp2):
         assert fsdp2["sft"]["saved_logits"] <= REL  # plain AutoModelForCausalLM.from_pretrained
         assert fsdp2["sft"]["saved_bf16_dtypes"] == ["torch.bfloat16"] and fsdp2["sft"]["saved_bf16_exact"]
@@ -294,6 +302,28 @@ class TestZero3:
         assert final.keys() == best.keys() and all(torch.equal(final[k], best[k]) for k in best)
         assert not all(torch.equal(final[k], last[k]) for k in last)
 
+    def test_prediction_generates_in_lockstep_on_the_partitioned_model(self, zero3):
+        """sft_qwen2.py --do_predict after ZeRO-3 training: 3 prompts over 2 ranks, batch 1 (2 generate calls and 1
+        plus a stand-in), rank 0's first answer ending passes before rank 1's; every forward gathers each layer from
+        both ranks, so both run the same passes, and each answer is the saved model's own greedy answer to that
+        prompt alone."""
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from generation import generation_config
+        from zero3_worker import GENERATION_PROMPTS
+
+        with open(zero3 / "zero3" / "losses.json") as f:
+            ranks = json.load(f)["generation"]
+        assert [r["forwards"] for r in ranks] == [16, 16]
+        saved = AutoModelForCausalLM.from_pretrained(zero3 / "zero3" / "final", dtype=torch.float32)
+        config = generation_config(AutoTokenizer.from_pretrained(zero3 / "base"), max_new_tokens=8)
+        config.eos_token_id = ranks[0]["eos"]
+        alone = [saved.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                                generation_config=config)[0, len(p):].tolist() for p in GENERATION_PROMPTS]
+        assert ranks[0]["answers"] == alone[0::2] and ranks[1]["answers"] == alone[1::2]
+        assert len(alone[2]) < 8 and len(alone[1]) == 8  # the ranks' first calls end at different passes
+
     def test_its_checkpoint_holds_the_files_reliability_lists_and_a_run_on_other_gpus_is_refused(self, zero3):
         """The Trainer's own ZeRO-3 checkpoint (every file DeepSpeed and the Trainer write, and the run record, which
         says what accelerate set up) meets a run of as many processes, and one of another number, which DeepSpeed
@@ -419,7 +449,7 @@ class TestRecipes:
     def test_fsdp2_recipes_reduce_every_micro_batch(self, name):
         """The YAML carries accelerate's sync_each_batch to the Trainer through HfArgumentParser, and the comment
         beside it says what turning it off would add to the plan: FSDP2's unsharded fp32 gradients."""
-        script, (model_args, _, lora_args, args), _ = parse_recipe(name)
+        script, (model_args, _, lora_args, *_, args), _ = parse_recipe(name)
         assert args.gradient_accumulation_steps > 1
         assert args.accelerator_config.gradient_accumulation_kwargs == {"sync_each_batch": True}
         assert recipe_plan(script, model_args, lora_args, args, 8)["no_sync_gradients"] == 0
@@ -436,7 +466,7 @@ class TestRecipes:
 
     @pytest.mark.parametrize("name", RECIPES)
     def test_recipe_parses_and_its_header_says_hardware_command_and_plan(self, name):
-        script, (model_args, data_args, lora_args, args), zero3 = parse_recipe(name)  # unknown keys would exit 2
+        script, (model_args, data_args, lora_args, *_, args), zero3 = parse_recipe(name)  # unknown keys: exit 2
         for key, value in PLACEHOLDERS[script.__name__].items():
             assert (getattr(model_args, key, None) or getattr(data_args, key)) == value, key
         with open(os.path.join(ROOT, "configs", name)) as f:

@@ -8,7 +8,8 @@ Both train the same tiny Qwen2 with the scripts' lean loss (it reads lm_head.wei
 ZeRO-3 that weight is an empty partition unless gathered) on the same batches (each rank its half), write the
 logged losses to WORKDIR/<mode>/losses.json and the final model with `trainer.save_model` to WORKDIR/<mode>/final;
 the last step is also a checkpoint, which `resume` tries to continue with one process: WORKDIR/resume/error.txt.
-The ZeRO-3 run then takes one bf16 step with the same JSON and adds the gradient dtypes its engine reports, and
+The ZeRO-3 run then answers prompts with the trained, partitioned model (sft_qwen2.py --do_predict's generation,
+ranks in lockstep), takes one bf16 step with the same JSON and adds the gradient dtypes its engine reports, and
 runs once more with the scripts' early stopping and --load_best_model_at_end (`best_model_kept`).
 
 The scripts refuse --deepspeed on a machine without GPUs (accelerate counts one process there, so DeepSpeed's batch
@@ -110,6 +111,39 @@ def best_model_kept(workdir, base, world):
     return {"step": trainer.state.global_step, "best": os.path.basename(trainer.state.best_model_checkpoint)}
 
 
+GENERATION_PROMPTS = [list(range(5, 5 + n)) for n in (9, 14, 20)]  # rank 0 answers 2, rank 1 one (+ a stand-in)
+
+
+def generation_lockstep(trainer, base, world):
+    """generation.generate on the ZeRO-3-partitioned model with uneven shares, batch 1, in lockstep, twice: then
+    again with an extra eos that ends rank 0's first call early (fsdp2_worker.an_end_token), so the ranks' calls end
+    at different passes. Every rank's forward passes in the second round (each gathers every layer from all ranks:
+    equal counts, or the collectives mismatch), its answers, and the eos ids, for the saved model's answers to be
+    compared with."""
+    import torch.distributed as dist
+    from transformers import AutoTokenizer
+
+    from fsdp2_worker import an_end_token
+    from generation import generate, generation_config
+
+    rank = dist.get_rank()
+    config = generation_config(AutoTokenizer.from_pretrained(base), max_new_tokens=8)
+
+    def answers():
+        return generate(trainer.model, GENERATION_PROMPTS[rank::world], config, 1, "cpu", lockstep=True, calls=2)
+
+    first = [None] * world
+    dist.all_gather_object(first, answers())
+    config.eos_token_id = [config.eos_token_id, an_end_token(first[0][1], first[1])]  # rank 0 starts with prompt 2
+    forwards = []
+    hook = trainer.model.register_forward_pre_hook(lambda module, args: forwards.append(1))
+    second = answers()
+    hook.remove()
+    every = [None] * world
+    dist.all_gather_object(every, {"forwards": len(forwards), "answers": second, "eos": config.eos_token_id})
+    return every
+
+
 def main(workdir, mode):
     zero3 = mode in ("zero3", "resume")
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -149,12 +183,13 @@ def main(workdir, mode):
         os._exit(0)
     trainer.train()
     trainer.save_model(os.path.join(out, "final"))  # ZeRO-3: every rank takes part in gathering the weights
+    generation = generation_lockstep(trainer, base, world) if zero3 else None
     dtypes = bf16_gradient_dtypes(workdir, base, world) if zero3 else None
     best = best_model_kept(workdir, base, world) if zero3 else None
     if args.process_index == 0:
         with open(os.path.join(out, "losses.json"), "w") as f:
             json.dump({"losses": losses.losses, "partitioned": partitioned, "bf16_gradient_dtypes": dtypes,
-                       "best_model_kept": best}, f)
+                       "best_model_kept": best, "generation": generation}, f)
     leave_process_group()  # the project's own exit: a collective's thread aborted a rank at interpreter exit (-6)
 
 
