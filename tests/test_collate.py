@@ -10,7 +10,7 @@ import torch
 import demo
 from collate import (IGNORE_INDEX, LABELS, VL_IMAGE_PATCH_SIZE, ChatFormat, DataError, VLEncoder, apply_overflow,
                      collate_vl, encode_sft_batch, encode_sft_example, fast_encoding, open_image, parse_vl_sample,
-                     resized_size, sft_collator, to_messages, vl_messages)
+                     prompt_messages, resized_size, sft_collator, to_messages, vl_messages)
 from conftest import VL_PIXELS, VL_SAMPLES, image
 
 
@@ -182,6 +182,20 @@ class TestRecordLayouts:
                     fmt = ChatFormat(system_prompt=system_prompt)
                     assert encode_sft_batch(records, tok, 512, fmt=fmt) == encode_sft_batch(equivalents, tok, 512,
                                                                                           fmt=fmt)
+
+    def test_a_prompt_to_answer_in_each_layout(self):
+        """What prediction answers: the messages before the final answer, which becomes the reference; the same
+        record without its answer is the same prompt, with no reference."""
+        def without_answer(layout, record):
+            if layout in ("messages", "sharegpt"):
+                key = "messages" if layout == "messages" else "conversations"
+                return {key: record[key][:-1]}
+            return {k: v for k, v in record.items() if k not in ("output", "completion")}
+
+        for layout, record, messages in LAYOUTS:
+            assert prompt_messages(record) == (messages[:-1], messages[-1]["content"]), layout
+            assert prompt_messages(without_answer(layout, record)) == (messages[:-1], None), layout
+        assert prompt_messages({"query": "请介绍大海。"}) == (ONE_TURN[:1], None)
 
     def test_detection_precedence_and_forcing(self):
         # Arrow gives every record of a file every column, None where a record had none: None is absent
