@@ -81,6 +81,21 @@ def evaluate(model, shards, out, cache, *extra):
 
 
 class TestInvalidation:
+    @pytest.fixture(scope="class")
+    def scored(self, scorer_demo, tmp_path_factory):
+        """The demo's checkpoint saved as a scorer whose score head is not zero (a new one is: every sample would
+        score the same, and compare alike whatever its features)."""
+        from transformers import AutoProcessor
+
+        folder = tmp_path_factory.mktemp("scored")
+        model = train_scorer.load_scorer(train_scorer.ModelArguments(model_name_or_path=scorer_demo[0], num_types=3),
+                                         torch.float32)
+        torch.manual_seed(0)
+        torch.nn.init.normal_(model.score_head.weight, std=0.1)
+        model.save_pretrained(folder)
+        AutoProcessor.from_pretrained(scorer_demo[0]).save_pretrained(folder)
+        return str(folder)
+
     @pytest.fixture
     def shards(self, scorer_demo, tmp_path):
         """The demo's eval shards, and a third with a bad sample (missing type) among good ones."""
@@ -90,14 +105,14 @@ class TestInvalidation:
         return f"{scorer_demo[2]},{extra}", extra
 
     def test_reused_mapped_rebuilt_on_change_or_damage_and_bad_samples_counted_alike(
-            self, scorer_demo, shards, tmp_path, capsys, backbone_calls, monkeypatch):
+            self, scored, shards, tmp_path, capsys, backbone_calls, monkeypatch):
         spec, extra = shards
         cache = tmp_path / "cache"
-        uncached = evaluate(scorer_demo[0], spec, tmp_path / "o", "none")
+        uncached = evaluate(scored, spec, tmp_path / "o", "none")
         assert uncached["eval_bad_samples"] == 1 and uncached["eval_samples"] == 53
         capsys.readouterr()
 
-        built = evaluate(scorer_demo[0], spec, tmp_path / "o", cache)
+        built = evaluate(scored, spec, tmp_path / "o", cache)
         assert "computing the backbone's features of 3 shard(s)" in capsys.readouterr().out
         assert built == pytest.approx(uncached, rel=1e-5)
         files = cache_files(cache)
@@ -107,11 +122,11 @@ class TestInvalidation:
             [None, None, "json: missing field 'type'", None, None, None]
 
         calls = len(backbone_calls)
-        assert evaluate(scorer_demo[0], spec, tmp_path / "o", cache) == built  # read, not computed
+        assert evaluate(scored, spec, tmp_path / "o", cache) == built  # read, not computed
         assert len(backbone_calls) == calls and "computing" not in capsys.readouterr().out
         with monkeypatch.context() as m:  # as if the cache did not fit in memory: rows read from the mapped files
             m.setattr(feature_cache, "memory_budget", lambda: 0)
-            assert evaluate(scorer_demo[0], spec, tmp_path / "o", cache, "--dataloader_num_workers", "1") == built
+            assert evaluate(scored, spec, tmp_path / "o", cache, "--dataloader_num_workers", "1") == built
         assert "features are read from the files as needed (memory-mapped" in capsys.readouterr().out
         assert len(backbone_calls) == calls
 
@@ -125,37 +140,37 @@ class TestInvalidation:
 
             m.setattr(feature_cache.FeatureCache, "_write_chunk", write_then_die)
             with pytest.raises(KeyboardInterrupt):
-                evaluate(scorer_demo[0], spec, tmp_path / "o", tmp_path / "killed")
+                evaluate(scored, spec, tmp_path / "o", tmp_path / "killed")
         assert len(cache_files(tmp_path / "killed")) == 1
         # the rest computed in other batches than `built`'s (padding differs): equal to rounding
-        assert evaluate(scorer_demo[0], spec, tmp_path / "o", tmp_path / "killed") == pytest.approx(built, rel=1e-5)
+        assert evaluate(scored, spec, tmp_path / "o", tmp_path / "killed") == pytest.approx(built, rel=1e-5)
         assert "computing the backbone's features of 2 shard(s)" in capsys.readouterr().out
 
         os.utime(extra, ns=(os.stat(extra).st_atime_ns, os.stat(extra).st_mtime_ns + 10**9))  # the shard changed
-        assert evaluate(scorer_demo[0], spec, tmp_path / "o", cache) == built
+        assert evaluate(scored, spec, tmp_path / "o", cache) == built
         out = capsys.readouterr().out
         assert f"feature cache: {extra_file}: its shard or the settings changed since it was written; not used" in out
         assert "computing the backbone's features of 1 shard(s)" in out
 
         extra_file.write_bytes(extra_file.read_bytes()[:100])  # damaged: cut short
-        assert evaluate(scorer_demo[0], spec, tmp_path / "o", cache) == built
+        assert evaluate(scored, spec, tmp_path / "o", cache) == built
         out = capsys.readouterr().out
         assert f"feature cache: {extra_file}: unreadable (" in out and "of 1 shard(s)" in out
 
-        other = evaluate(scorer_demo[0], spec, tmp_path / "o", cache, "--max_pixels", "2048")  # a setting changed
+        other = evaluate(scored, spec, tmp_path / "o", cache, "--max_pixels", "2048")  # a setting changed
         assert "computing the backbone's features of 3 shard(s)" in capsys.readouterr().out
-        assert other == pytest.approx(evaluate(scorer_demo[0], spec, tmp_path / "o", "none", "--max_pixels", "2048"),
+        assert other == pytest.approx(evaluate(scored, spec, tmp_path / "o", "none", "--max_pixels", "2048"),
                                       rel=1e-5)
 
-    def test_prediction_reads_the_shards_it_covers_and_computes_the_others(self, scorer_demo, shards, tmp_path,
-                                                                           capsys):
+    def test_prediction_reads_the_shards_it_covers_and_computes_the_others(self, scorer_demo, scored, shards,
+                                                                           tmp_path, capsys):
         spec, extra = shards
         cache = tmp_path / "cache"
-        evaluate(scorer_demo[0], scorer_demo[2], tmp_path / "o", cache)  # caches the demo's eval shards only
+        evaluate(scored, scorer_demo[2], tmp_path / "o", cache)  # caches the demo's eval shards only
         new = demo.write_shard(tmp_path / "new.tar", demo.make_vl_samples(5, seed=6, prefix="n"))
         predict = f"{scorer_demo[2]},{new}"
         for name, folder in (("cached", cache), ("plain", "none")):
-            train_scorer.main(["--model_name_or_path", scorer_demo[0], "--predict_shards", predict, "--do_predict",
+            train_scorer.main(["--model_name_or_path", scored, "--predict_shards", predict, "--do_predict",
                                "--output_dir", str(tmp_path / name), "--feature_cache", str(folder), *EVAL_ONLY])
         assert len(cache_files(cache)) == 2  # the new shard was computed for the predictions, not cached
         cached, plain = (read_jsonl(tmp_path / name / "predictions.jsonl") for name in ("cached", "plain"))
