@@ -451,8 +451,10 @@ def test_resume_refuses_a_checkpoint_of_another_mode(scorer_demo, tmp_path, caps
     assert err.startswith(f"error: {out / 'checkpoint-2'}: saved with scorer_trains = heads, this run has llm+heads")
 
 
-@pytest.mark.parametrize("mode, flags, metric", [("heads", ["--freeze_backbone"], "eval_score_rmse"),
-                                                 ("lora", ["--use_peft"], "eval_score_spearman")])
+# heads alone at 3e-2: the RMSE bounces after step 4 (at 1e-2 it still falls slowly at step 30)
+@pytest.mark.parametrize("mode, flags, metric", [
+    ("heads", ["--freeze_backbone", "--learning_rate", "3e-2"], "eval_score_rmse"),
+    ("lora", ["--use_peft"], "eval_score_spearman")])
 def test_early_stopping_stops_when_the_metric_stops_improving_and_keeps_the_best(scorer_demo, tmp_path, capsys, mode,
                                                                                  flags, metric):
     """Heads only on a frozen backbone (through the feature cache: saves hold the heads) and LoRA (adapters and
