@@ -276,13 +276,23 @@ def check_best_model_flags(args):
     if patience is not None and args.metric_for_best_model is None:
         args.metric_for_best_model = "eval_loss"
         log("early stopping: on eval_loss (no --metric_for_best_model given)")
-    if not args.load_best_model_at_end or args.save_strategy == "best":
+    # The checkpoint a stop signal (or a run of non-finite steps) asks for must be written and kept: "best" saves
+    # only new bests, and a limit of 1 makes the Trainer delete every checkpoint but the best at the end of train()
+    if args.save_strategy == "best":
+        raise ValueError("--save_strategy best writes only new bests, so the checkpoint a stop signal (SIGTERM, "
+                         "pre-emption) asks for would be skipped; use --save_strategy steps (or epoch), as "
+                         "--eval_strategy, with --load_best_model_at_end to end on the best weights")
+    if (args.metric_for_best_model or args.load_best_model_at_end) and args.save_total_limit == 1:
+        raise ValueError("--save_total_limit 1 with a best checkpoint (--metric_for_best_model, early stopping, "
+                         "--load_best_model_at_end): at the end of training the Trainer keeps the best alone, deleting "
+                         "the checkpoint a stop signal has just written; give 2 or more")
+    if not args.load_best_model_at_end:
         return
     if args.save_strategy != args.eval_strategy:
         save, evaluate = (getattr(s, "value", s) for s in (args.save_strategy, args.eval_strategy))  # str or enum
         raise ValueError(f"--load_best_model_at_end loads the checkpoint saved at the best evaluation, so checkpoints "
                          f"must be saved where evaluations run: --save_strategy {save} and --eval_strategy {evaluate} "
-                         f"differ; give both the same (or --save_strategy best)")
+                         f"differ; give both the same")
     eval_steps = args.eval_steps or args.logging_steps  # TrainingArguments' own default for eval_steps
     if args.eval_strategy == "steps" and eval_steps >= 1 and args.save_steps >= 1 and args.save_steps % eval_steps:
         raise ValueError(f"--load_best_model_at_end loads the checkpoint saved at the best evaluation, so every save "

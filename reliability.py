@@ -107,11 +107,19 @@ class GracefulStop(TrainerCallback):
         if agreed:
             self.stopped, self.stopped_step = signal.Signals(agreed), state.global_step
             control.should_save = control.should_training_stop = True
+            keep_the_stop(args)
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
+
+
+def keep_the_stop(args):
+    """A run stopped to be resumed ends as stopped: the Trainer would otherwise load the best checkpoint's weights
+    (--load_best_model_at_end: a sharded read at 7B, inside the scheduler's grace period) for a final save the stop
+    never makes."""
+    args.load_best_model_at_end = False
 
 
 class SkipNonFinite(TrainerCallback):
@@ -146,6 +154,7 @@ class SkipNonFinite(TrainerCallback):
         if self.in_a_row >= self.max_bad:
             self.failed_step = state.global_step + 1
             control.should_save = control.should_training_stop = True
+            keep_the_stop(args)
         return control
 
     def on_log(self, args, state, control, logs=None, **kwargs):

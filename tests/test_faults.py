@@ -87,6 +87,33 @@ class TestSignals:
         assert exits == [130]
 
 
+    def test_a_stopped_run_keeps_its_checkpoint_and_loads_no_best_weights(self, sft_demo, tmp_path, monkeypatch):
+        """A stop under --load_best_model_at_end: the Trainer's end of train() would load the best checkpoint (a
+        sharded read inside the grace period) for a final save the stop never makes; the stop's checkpoint is kept."""
+        import sft_qwen2
+        from transformers import Trainer
+
+        agree = GracefulStop.on_step_end
+
+        def signal_at_step_3(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                self._on_signal(signal.SIGTERM, None)
+            return agree(self, args, state, control, **kwargs)
+
+        loads = []
+        monkeypatch.setattr(GracefulStop, "on_step_end", signal_at_step_3)
+        monkeypatch.setattr(Trainer, "_load_best_model", lambda trainer: loads.append(trainer.state.global_step))
+        out = tmp_path / "o"
+        with pytest.raises(SystemExit) as stopped:
+            sft_qwen2.main(["--model_name_or_path", sft_demo[0], "--train_file", sft_demo[1], "--eval_file",
+                            sft_demo[2], "--output_dir", str(out), "--use_cpu", "--report_to", "none", "--max_len",
+                            "256", "--max_steps", "8", "--eval_strategy", "steps", "--eval_steps", "2",
+                            "--save_strategy", "steps", "--save_steps", "2", "--load_best_model_at_end",
+                            "--save_total_limit", "2", "--eval_generate", "0"])
+        assert stopped.value.code == 143 and loads == []
+        assert (out / "checkpoint-3" / COMPLETE).is_file() and (out / "checkpoint-2").is_dir()
+
+
 # Run the script named by argv[1] with torch.save patched to hang, announced, right after it has written a file of
 # checkpoint-40: the test then kills the process mid-save, as a crash or a pre-emption without warning would.
 KILLED_IN_SAVE = """

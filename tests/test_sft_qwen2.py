@@ -145,7 +145,15 @@ def test_early_stopping_resumes_a_checkpoint_saved_without_it(sft_demo, tmp_path
      "--eval_strategy steps needs evaluation data: add --eval_file or --val_size"),
     (["--load_best_model_at_end", "--save_strategy", "steps"], "--load_best_model_at_end loads the checkpoint saved "
      "at the best evaluation, so checkpoints must be saved where evaluations run: --save_strategy steps and "
-     "--eval_strategy no differ; give both the same (or --save_strategy best)"),
+     "--eval_strategy no differ; give both the same"),
+    (["--eval_file", "EVAL", "--eval_strategy", "steps", "--save_strategy", "best", "--load_best_model_at_end"],
+     "--save_strategy best writes only new bests, so the checkpoint a stop signal (SIGTERM, pre-emption) asks for "
+     "would be skipped; use --save_strategy steps (or epoch), as --eval_strategy, with --load_best_model_at_end to "
+     "end on the best weights"),
+    (["--eval_file", "EVAL", "--eval_strategy", "steps", "--early_stopping_patience", "2", "--save_total_limit", "1"],
+     "--save_total_limit 1 with a best checkpoint (--metric_for_best_model, early stopping, --load_best_model_at_end): "
+     "at the end of training the Trainer keeps the best alone, deleting the checkpoint a stop signal has just "
+     "written; give 2 or more"),
     (["--eval_file", "EVAL", "--load_best_model_at_end", "--save_strategy", "steps", "--eval_strategy", "steps",
       "--eval_steps", "3", "--save_steps", "4"], "--load_best_model_at_end loads the checkpoint saved at the best "
      "evaluation, so every save must fall on an evaluation: --save_steps 4 is not a multiple of --eval_steps 3; give "
