@@ -111,11 +111,13 @@ def use_lean_causal_lm_loss(model, chunk=None):
 
     original_forward = model.forward
 
+    # `logits_to_keep` named (generate passes it only to a forward whose signature has it): a generation step then
+    # computes the logits of the last position, not of every prompt position (8 prompts of 4k tokens: 5e9 logits)
     def forward(input_ids=None, attention_mask=None, position_ids=None, labels=None, num_items_in_batch=None,
-                **kwargs):
+                logits_to_keep=0, **kwargs):
         if labels is None:
             return original_forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                    **kwargs)
+                                    logits_to_keep=logits_to_keep, **kwargs)
         hidden = model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              **kwargs).last_hidden_state
         targets = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]  # position i predicts i+1

@@ -109,3 +109,14 @@ def test_every_matmul_runs_in_the_compute_dtype(setting):
     assert error(out, ref) <= 1e-3
     for ours, theirs, exact in zip(grads, stock_grads, ref_grads):
         assert error(ours, exact) <= 1.5 * error(theirs, exact) + 1e-4, (error(ours, exact), error(theirs, exact))
+
+
+def test_generation_computes_the_logits_of_the_last_position_only(sft_demo):
+    """generate passes `logits_to_keep=1` only to a forward that names it: the lean forward does, so a prompt's
+    prefill computes one position's logits, not every prompt position's (at 7B: batch x prompt x 152k)."""
+    lean = use_lean_causal_lm_loss(AutoModelForCausalLM.from_pretrained(sft_demo[0], dtype=torch.float32))
+    shapes = []
+    lean.lm_head.register_forward_hook(lambda module, args, out: shapes.append(tuple(out.shape)))
+    ids = torch.arange(5, 17).reshape(2, 6)
+    lean.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert shapes == [(2, 1, lean.config.vocab_size)] * 3
