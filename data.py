@@ -519,6 +519,7 @@ def label_statistics(shards, classes):
     mean, population standard deviation)} and {class label: counts of each of its `classes[label]` classes}. A
     sample training would refuse for its json (collate.parse_vl_sample) is left out, as training skips it."""
     import tarfile
+    import zlib
 
     import numpy as np
 
@@ -542,8 +543,8 @@ def label_statistics(shards, classes):
                             values[name].append(value)
                         else:
                             counts[name][value] += 1
-        except tarfile.TarError as e:
-            raise DataError(f"{shard}: cannot read as a tar shard ({e})") from None
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as e:  # unreadable, cut short, damaged
+            raise DataError(f"{shard}: cannot read as a tar shard ({type(e).__name__}: {e})") from None
     stats = {name: (len(v), float(np.mean(v)) if v else float("nan"), float(np.std(v)) if v else float("nan"))
              for name, v in values.items()}
     return stats, counts

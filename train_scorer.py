@@ -1033,6 +1033,7 @@ def settle_targets(model, model_args, train_shards, process_index):
             counted = label_statistics(train_shards, classes) if process_index == 0 else None
         except DataError as e:
             counted = str(e)
+        wait_for_every_rank()  # as long as process 0 reads: 1M samples on a network disk take minutes
         counted = rank_0s(counted)
         if isinstance(counted, str):
             raise AllRanksError(counted)

@@ -1,7 +1,7 @@
 """Run sft_qwen2.py or train_scorer.py (argv[1], the rest its flags) with a 5 s collective timeout and slow phases
 whose waits grow with the data at real sizes, 10 s here: the SFT local main's encoding and rank 1's share of the
-prediction (the demo answers its evaluation prompts), or rank 1's share of the scorer's exact evaluation. Under
-run.sh with 2 processes (gloo).
+prediction (the demo answers its evaluation prompts), or rank 1's share of the scorer's exact evaluation and process
+0's count of the training labels (standardized scores). Under run.sh with 2 processes (gloo).
 
 On CPU, TrainingArguments creates the gloo group without --ddp_timeout (gloo's 30 min), so the group gets the short
 timeout here, where accelerate creates it."""
@@ -62,6 +62,13 @@ def run():
             return exact_pass(stream, args, on_bad_sample, slow_rows, *rest, **kwargs)
 
         module.exact_pass = slow_share
+        label_statistics = module.label_statistics
+
+        def slow_count(*args, **kwargs):  # process 0 reads every training label while the others wait
+            time.sleep(SLOW)
+            return label_statistics(*args, **kwargs)
+
+        module.label_statistics = slow_count
     module.main()
 
 

@@ -271,7 +271,7 @@ def test_started_once_in_a_job_of_two_nodes_exits_2_unless_told_one_node(tmp_pat
 def test_a_wait_longer_than_the_collective_timeout_completes(tmp_path, script, flags):
     """2 processes whose collective timeout is 5 s, and phases that keep a rank waiting 10 s (at real sizes: the
     SFT local main encoding millions of examples, a rank with longer answers to predict, a rank with a larger share
-    of the exact evaluation): the run completes. The old waits (main_process_first's barrier, the prediction's and
+    of the exact evaluation, process 0 counting the scorer's training labels): the run completes. The old waits (main_process_first's barrier, the prediction's and
     the evaluation's gathers) timed out after 5 s."""
     res = run_cli(["bash", "run.sh", "tests/short_timeout_worker.py", script, "--demo", *flags,
                    "--output_dir", str(tmp_path / "out")], env={"NPROC_PER_NODE": "2"})
