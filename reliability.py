@@ -360,6 +360,31 @@ def first_problem(problem):
     return next(((r, p) for r, p in enumerate(every) if p is not None), (0, None))
 
 
+def shared_output_problem(args):
+    """Why some process cannot see --output_dir as process 0 does, where the run will read back at its end what
+    process 0 wrote there (--load_best_model_at_end: every rank loads the best checkpoint), or None; one verdict on
+    every rank. Found at start: after training it is a crash in the load under FSDP2 and ZeRO-3, and under DDP a
+    rank that keeps its last weights beside the others' best (a warning only). Process 0 writes a probe file, every
+    rank looks for it."""
+    import uuid
+
+    import torch.distributed as dist
+
+    if not (args.load_best_model_at_end and dist.is_available() and dist.is_initialized()
+            and dist.get_world_size() > 1):
+        return None
+    probe = os.path.join(args.output_dir, f".shared-probe-{rank_0s(uuid.uuid4().hex)}")
+    if dist.get_rank() == 0:
+        open(probe, "w").close()
+    dist.barrier()
+    rank, problem = first_problem(None if os.path.exists(probe) else "missing")
+    if dist.get_rank() == 0:
+        os.remove(probe)
+    return problem and (f"--load_best_model_at_end: every process reads the best checkpoint back at the end, and "
+                        f"process {rank} does not see what process 0 writes in --output_dir {args.output_dir} (a disk "
+                        f"of its own node); put --output_dir on a filesystem every node sees")
+
+
 def checkpoint_problem(path, run):
     """resume_mismatch's verdict from this process's view. The sharding must be the one the checkpoint was saved
     with (each writes other files; FSDP2 and DeepSpeed shard on GPUs only), with as many processes under ZeRO

@@ -65,7 +65,8 @@ from lean_loss import use_lean_causal_lm_loss
 from plumbing import (TrainingDefaults, check_output_dir, demo_dir, fail, final_evaluation, leave_process_group,
                       local_main_first, log, parse_arguments, prepare_demo, settle_best_metric, weights_source)
 from reliability import (GracefulStop, MarkComplete, SkipNonFinite, best_model_summary, checkpoint_to_resume,
-                         early_stopping, exit_if_failed, exit_if_stopped, resume_mismatch, run_record)
+                         early_stopping, exit_if_failed, exit_if_stopped, resume_mismatch, run_record,
+                         shared_output_problem)
 from training_plan import (LoraArguments, add_lora, build_without_weights, check_flags, check_loader_shm,
                            checkpoint_dtype, half_dtype, load_dtype, load_device, loader_sample_bytes,
                            lora_parameter_count, lora_settings, memory_plan, optimizer_steps, reads_weights,
@@ -322,6 +323,8 @@ def main(argv=None):
              every_rank=True)
     settle_best_metric(args, {"eval_loss": False})  # the evaluation computes the loss only (prediction_loss_only)
     check_output_dir(args.output_dir)
+    if problem := shared_output_problem(args):
+        fail(problem, every_rank=True)
     # DataLoader workers hand batches over in /dev/shm: too small for them, say so now, not at a bus error
     loader_shm = check_loader_shm(args, args.per_device_train_batch_size * loader_sample_bytes(data_args.max_len))
     if data_args.demo:

@@ -96,7 +96,7 @@ from plumbing import (TrainingDefaults, check_output_dir, demo_dir, fail, final_
                       weights_source)
 from reliability import (GracefulStop, MarkComplete, SkipNonFinite, all_ranks_max, best_model_summary,
                          checkpoint_to_resume, early_stopping, exit_if_failed, exit_if_stopped, rank_0s,
-                         resume_mismatch, run_record)
+                         resume_mismatch, run_record, shared_output_problem)
 from training_plan import (LoraArguments, add_lora, check_flags, check_loader_shm, checkpoint_dtype,
                            keep_fp32_under_fsdp, load_dtype, load_device, loader_sample_bytes, loads_on_main_only,
                            lora_parameter_count, lora_settings, memory_plan, optimizer_steps, reduce_every_micro_batch,
@@ -1147,6 +1147,8 @@ def main(argv=None):
     predict_shards, cache_folder = settle_flags(model_args, data_args, lora_args, args)
     check_output_dir(args.output_dir)
     patient_group()  # for exact_pass's wait: made while every rank is here together, before any loader forks
+    if problem := shared_output_problem(args):
+        fail(problem, every_rank=True)
 
     # Data: shard lists now; samples are read and encoded by the loaders. Then the processor and the model.
     try:

@@ -92,6 +92,31 @@ def test_two_nodes_with_node_local_output_folders_exit_together_on_resume(tmp_pa
     assert not os.path.exists(disks[0] / "checkpoint-4") and not os.path.exists(disks[1] / "checkpoint-4")
 
 
+def test_two_nodes_with_node_local_output_folders_refuse_a_best_checkpoint_at_start(tmp_path):
+    """--load_best_model_at_end reads the best checkpoint back on every rank after training; with a disk per node,
+    node 1 cannot see what node 0 saves (under FSDP2 or ZeRO-3 the load crashes, under DDP node 1 keeps its last
+    weights): both exit 2 at start with one line, before any step."""
+    import demo
+
+    model, train, evaluation = demo.build_sft_demo(tmp_path / "shared")
+    out = tmp_path / "outputs"
+    out.mkdir()
+    disks = [tmp_path / f"node{i}-disk" for i in range(2)]
+    for d in disks:
+        d.mkdir()
+    both = on_two_nodes_with_local_disks("sft_qwen2.py", [
+        "--model_name_or_path", str(model), "--train_file", str(train), "--eval_file", str(evaluation),
+        "--output_dir", str(out), "--max_len", "256", "--max_steps", "4", "--eval_strategy", "steps", "--eval_steps",
+        "2", "--save_steps", "2", "--load_best_model_at_end", "--use_cpu", "--disable_tqdm", "true"], out, disks)
+    assert [code for code, _, _ in both] == [2, 2], both
+    assert not any("Traceback" in stderr for _, _, stderr in both), both
+    errors = [line for _, _, stderr in both for line in stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: --load_best_model_at_end: every process reads the best checkpoint back at the end, "
+                      f"and process 1 does not see what process 0 writes in --output_dir {out} (a disk of its own "
+                      f"node); put --output_dir on a filesystem every node sees"], errors
+    assert os.listdir(disks[0]) == [] and os.listdir(disks[1]) == []  # no step, and the probe is gone
+
+
 BASH = shutil.which("bash")
 LAUNCH_VARIABLES = ("NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "NPROC_PER_NODE")
 
