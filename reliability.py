@@ -2,7 +2,8 @@
 choice of the checkpoint to resume from.
 
 Both training scripts give their Trainer `callbacks=[stop, SkipNonFinite(args.max_bad_steps), MarkComplete()]`,
-find the checkpoint with `checkpoint_to_resume(args)` (refusing one that `resume_mismatch` names), and call
+stop before any data is read when `finished_run(args)` says --output_dir holds the finished run the command asks
+for, find the checkpoint with `checkpoint_to_resume(args)` (refusing one that `resume_mismatch` names), and call
 `exit_if_stopped(stop, args)` and `exit_if_failed(skip, args)` right after `trainer.train()`.
 
 - SIGTERM (Slurm, Kubernetes) or SIGINT (Ctrl-C), to one process or to the whole group: the current optimizer step
@@ -34,7 +35,7 @@ import time
 import torch
 from transformers import TrainerCallback
 
-from plumbing import fail, leave_process_group, log
+from plumbing import fail, first_problem, leave_process_group, log
 
 COMPLETE = "checkpoint-complete"
 RUN_RECORD = "checkpoint-run.json"
@@ -219,6 +220,36 @@ def checkpoint_to_resume(args):
     return rank_0s(resume)
 
 
+FINAL_STATE = "trainer_state.json"  # Trainer.save_state() in --output_dir: after the final model, at a run's very end
+
+
+def finished_run(args):
+    """Before any data or model is read, on every rank: exit 2 if --resume_from_checkpoint names no folder; return
+    the line saying that --output_dir already holds the finished run this command asks for, so that running the
+    same command again (which otherwise resumes) changes nothing; else None. Finished: its final `trainer_state.json`
+    (written after the final model) says it trained all of its steps, and this command asks for no more steps
+    (--max_steps) or epochs (--num_train_epochs) than it did. Rank 0's view, on every rank (one broadcast)."""
+    resume, verdict = args.resume_from_checkpoint, None
+    if resume is not None and not os.path.isdir(resume):
+        verdict = ("error", f"--resume_from_checkpoint {resume}: no such folder (leave the flag out to resume from the "
+                            f"newest complete checkpoint in --output_dir)")
+    elif resume is None and args.process_index == 0 and os.path.isfile(path := os.path.join(args.output_dir,
+                                                                                            FINAL_STATE)):
+        with open(path) as f:
+            state = json.load(f)
+        done, steps = state.get("global_step", 0), state.get("max_steps", 0)
+        more = (args.max_steps > done if args.max_steps > 0
+                else args.num_train_epochs > state.get("epoch", 0) + 1e-6)
+        if 0 < steps <= done and not more:
+            verdict = ("done", f"{args.output_dir} holds this run, finished: {done} of {steps} steps trained and the "
+                               f"final model saved; nothing to do (train more with a higher --max_steps or "
+                               f"--num_train_epochs, or start anew with another --output_dir)")
+    kind, line = rank_0s(verdict) or (None, None)
+    if kind == "error":
+        fail(line, every_rank=True)
+    return line
+
+
 def rank_0s(value):
     """Rank 0's `value` on every rank (one broadcast; `value` itself without a process group)."""
     import torch.distributed as dist
@@ -274,18 +305,6 @@ def resume_mismatch(path, run):
     rank, problem = first_problem(problem)
     return problem if rank == 0 else (f"{problem} (met by process {rank}, not by process 0: every node must see the "
                                       f"same --output_dir, on a shared filesystem, or a copy of the whole checkpoint)")
-
-
-def first_problem(problem):
-    """The first of every rank's `problem` (None: none) in rank order, with its rank: (rank, problem), (0, None) when
-    no rank has one; one all-gather, so that every rank takes the same verdict (this rank's own without a group)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return 0, problem
-    every = [None] * dist.get_world_size()
-    dist.all_gather_object(every, problem)
-    return next(((r, p) for r, p in enumerate(every) if p is not None), (0, None))
 
 
 def checkpoint_problem(path, run):
