@@ -233,8 +233,8 @@ def finished_run(args):
     if resume is not None and not os.path.isdir(resume):
         verdict = ("error", f"--resume_from_checkpoint {resume}: no such folder (leave the flag out to resume from the "
                             f"newest complete checkpoint in --output_dir)")
-    elif resume is None and args.process_index == 0 and os.path.isfile(path := os.path.join(args.output_dir,
-                                                                                            FINAL_STATE)):
+    elif resume is None and not args.dry_run and args.process_index == 0 and os.path.isfile(
+            path := os.path.join(args.output_dir, FINAL_STATE)):  # a dry run still prints its plan
         with open(path) as f:
             state = json.load(f)
         done, steps = state.get("global_step", 0), state.get("max_steps", 0)

@@ -212,27 +212,33 @@ SFT_CASES = {
 
 # --- token_stats.py ---------------------------------------------------------------------------------------------
 
+def stats(*flags):
+    """token_stats.py argv: `flags`, measured in this process (its workers are forked: not from inside pytest)."""
+    return ["--num_proc", "1", *flags]
+
+
 TOKEN_STATS_CASES = {
     # 7: an output that cannot be written fails before the work, not after it
-    "plot-into-a-missing-folder": Case("token_stats.py", ["--demo", "--plot", "{tmp}/no/such/lengths.png"], 2,
+    "plot-into-a-missing-folder": Case("token_stats.py", stats("--demo", "--plot", "{tmp}/no/such/lengths.png"), 2,
                                        "--plot {tmp}/no/such/lengths.png: no folder {tmp}/no/such; create it first"),
-    "plot-format-unknown": Case("token_stats.py", ["--demo", "--plot", "{tmp}/lengths.txt"], 2,
+    "plot-format-unknown": Case("token_stats.py", stats("--demo", "--plot", "{tmp}/lengths.txt"), 2,
                                 "--plot {tmp}/lengths.txt: matplotlib cannot write .txt files"),
-    "output-is-a-folder": Case("token_stats.py", ["--demo", "--output", "{tmp}"], 2,
+    "output-is-a-folder": Case("token_stats.py", stats("--demo", "--output", "{tmp}"), 2,
                                "--output {tmp}: is a folder; give a file name"),
     # 13: --shards and --data together (--data was ignored); SFT data with scorer-only flags
-    "shards-and-data": Case("token_stats.py", ["--shards", "{tmp}/x-{000..003}.tar", "--data", "{train}"], 2,
+    "shards-and-data": Case("token_stats.py", stats("--shards", "{tmp}/x-{000..003}.tar", "--data", "{train}"), 2,
                             "--shards measures scorer shards, --data SFT files"),
-    "num-types-without-shards": Case("token_stats.py", ["--data", "{train}", "--num_types", "3"], 2,
+    "num-types-without-shards": Case("token_stats.py", stats("--data", "{train}", "--num_types", "3"), 2,
                                      "--num_types: only with --shards"),
     # 5: --min_pixels above --max_pixels asserted inside qwen_vl_utils
-    "min-pixels-above-max": Case("token_stats.py", ["--shards", "{tmp}/x.tar", "--min_pixels", "4096",
-                                                    "--max_pixels", "1024"], 2,
+    "min-pixels-above-max": Case("token_stats.py", stats("--shards", "{tmp}/x.tar", "--min_pixels", "4096",
+                                                         "--max_pixels", "1024"), 2,
                                  "--min_pixels 4096 is above --max_pixels 1024: no image size satisfies both"),
     # 3, 2
-    "gbk-data": Case("token_stats.py", ["--tokenizer", "{model}", "--data", "{gbk}", "--num_proc", "1"], 2,
+    "gbk-data": Case("token_stats.py", stats("--tokenizer", "{model}", "--data", "{gbk}"), 2,
                      "gbk.jsonl: line 3: not UTF-8"),
-    "missing-tokenizer-folder": Case("token_stats.py", ["--tokenizer", "{tmp}/no/tokenizer", "--data", "{train}"], 2,
+    "missing-tokenizer-folder": Case("token_stats.py", stats("--tokenizer", "{tmp}/no/tokenizer", "--data",
+                                                             "{train}"), 2,
                                      "cannot load the tokenizer '{tmp}/no/tokenizer' (no such folder)"),
 }
 
