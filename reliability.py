@@ -1,5 +1,5 @@
 """What keeps a long run's work: a graceful stop on SIGTERM / SIGINT, checkpoints that resume can trust, and the
-choice of the checkpoint to resume from.
+choice of the checkpoint to resume from (none for a run that has finished: it is left as it is).
 
 Both training scripts give their Trainer `callbacks=[stop, SkipNonFinite(args.max_bad_steps), MarkComplete()]`,
 stop before any data is read when `finished_run(args)` says --output_dir holds the finished run the command asks

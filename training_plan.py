@@ -1,7 +1,9 @@
-"""What trains, in which precision, and what that costs per GPU and per node: the precision policy, LoRA (peft),
-the memory plan (GPU and host memory), how the model is loaded under sharding, the final save.
+"""What trains, in which precision, and what that costs per GPU and per node: the checks of the training flags and
+of the warmup, the precision policy, LoRA (peft), the memory plan (GPU and host memory), how the model is loaded
+under sharding, the final save.
 
-Both training scripts call `reduce_every_micro_batch` once the arguments are parsed, load the model in
+Both training scripts call `check_flags` and `reduce_every_micro_batch` once the arguments are parsed (before any
+data or model is read), `fit_warmup` once the number of optimizer steps is known, load the model in
 `load_dtype` (weights read where `reads_weights`, else the architecture alone: `build_without_weights`),
 then call these in the same order:
   lora_settings -> add_lora (with --use_peft) -> use_precision_policy -> memory_plan -> Trainer(optimizer=...)
@@ -196,10 +198,12 @@ def check_flags(args, lora_args):
                 f"where it decays to: raise --learning_rate, or set a lower lr_end in --lr_scheduler_kwargs")
     if args.weight_decay < 0:
         return f"--weight_decay {args.weight_decay:g}: must not be negative"
-    for kind in ("save", "eval"):  # the Trainer would then never save / evaluate, without a word
+    for kind in ("save", "eval", "logging"):  # the Trainer would then never save / evaluate / log, without a word
         if getattr(args, f"{kind}_strategy") == "steps" and (steps := getattr(args, f"{kind}_steps")) is not None \
                 and steps <= 0:
             return f"--{kind}_steps {steps:g} with --{kind}_strategy steps: must be positive"
+    if args.save_strategy == "best" and not args.metric_for_best_model:  # else a Trainer traceback
+        return "--save_strategy best needs --metric_for_best_model (e.g. eval_loss) to say which checkpoint is best"
     for flag in ("seed", "data_seed"):  # numpy's and torch's seeds are 32-bit unsigned
         if (seed := getattr(args, flag)) is not None and not 0 <= seed < 2 ** 32:
             return f"--{flag} {seed}: must be in 0 .. 2**32 - 1"
