@@ -15,7 +15,8 @@ The harness (generic; each script's cases are a table below, all run by `test_ca
 - exit 0: `expect` in the output (a `warning: ` line, or the line saying what was done), no `Traceback`, and
   `check(tmp, state, output)` holds, `state` being what `setup(tmp, argv)` returned (it runs before the case).
 Tables: SFT_CASES, TOKEN_STATS_CASES, LAUNCHER_CASES (several processes through run.sh); SCORER_CASES for
-train_scorer.py belongs next to them and runs through the same `test_case`.
+train_scorer.py belongs next to them and runs through the same `test_case` once named in ALL_CASES (at the end).
+Every case was seen to fail before the fix it tests (a traceback, another line, or a run that did what it should not).
 """
 
 import importlib
