@@ -54,8 +54,8 @@ from lean_loss import use_lean_causal_lm_loss
 from plumbing import (TrainingDefaults, attention_problem, check_output_dir, demo_dir, fail, fail_together,
                       final_evaluation, leave_process_group, load_pretrained, local_main_first, log, parse_arguments,
                       prepare_demo, weights_source)
-from reliability import (GracefulStop, MarkComplete, SkipNonFinite, checkpoint_to_resume, exit_if_failed,
-                         exit_if_stopped, finished_run, resume_mismatch, run_record)
+from reliability import (GracefulStop, MarkComplete, SkipNonFinite, check_resume_flag, checkpoint_to_resume,
+                         exit_if_failed, exit_if_stopped, finished_run, resume_mismatch, run_record)
 from training_plan import (LoraArguments, add_lora, build_without_weights, check_flags, check_loader_shm,
                            checkpoint_dtype, fit_warmup, load_dtype, load_device, loader_sample_bytes,
                            lora_parameter_count, lora_settings, memory_plan, optimizer_steps, reads_weights,
@@ -246,10 +246,7 @@ def main(argv=None):
     if data_args.demo:
         import demo
         prepare_demo(DEMO_DIR, demo.build_sft_demo, args)
-    if done := finished_run(args):  # the same command again: nothing to train, nothing to overwrite
-        log(done)
-        leave_process_group()
-        return None
+    check_resume_flag(args)
 
     # Data: the local main process encodes first and caches, the others then load that cache. A data error is
     # raised on every rank (the others meet it too), so no rank is left waiting at a barrier.
@@ -337,6 +334,10 @@ def main(argv=None):
     resume = checkpoint_to_resume(args)
     if resume and (problem := resume_mismatch(resume, run_record(model, args.world_size))):
         fail(problem, every_rank=True)
+    if done := finished_run(args):  # the same command again: nothing to train, nothing to overwrite
+        log(done)
+        leave_process_group()
+        return None
     result = trainer.train(resume_from_checkpoint=resume)
     exit_if_stopped(stop, args)
     exit_if_failed(skip, args)
