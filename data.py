@@ -101,12 +101,17 @@ def load_sft_file(path, check_record=None, split="train", config=None):
             raise DataError(f"{path}: unknown data format {p.suffix!r} (use .jsonl, .json, .parquet, .csv or a folder)")
         if p.stat().st_size == 0:
             raise DataError(f"{path}: empty file")
+        if fmt == "csv":  # before pandas reads it: its error names no line (and datasets logs one more)
+            _check_utf8(p)
         try:
             ds = datasets.load_dataset(fmt, data_files=str(p), split="train")
         except Exception as e:  # noqa: BLE001 - Arrow raises many types; the message is what the user needs
             if fmt == "json":
+                _check_utf8(p)
                 _check_json_file(p, check_record)
             raise DataError(f"{path}: cannot read as {fmt}: {str(e).splitlines()[0]}") from None
+        if fmt == "json" and not _valid_strings(ds):  # Arrow's JSON reader keeps bytes that are not UTF-8
+            _check_utf8(p)
     if len(ds) == 0:
         raise DataError(f"{path}: no records")
     return ds
@@ -125,6 +130,37 @@ def _join(folder, parts):
             raise DataError(f"{folder}: {name} holds column '{column}' in another type than the files before it, "
                             f"so they cannot be read as one dataset; pass the files one by one") from None
     return joined
+
+
+def _valid_strings(ds):
+    """Whether every string of `ds` is UTF-8: Arrow's full validation (fast, in C++, on the memory-mapped table);
+    otherwise reading such a string fails later, on every rank, with an error naming neither file nor line."""
+    import pyarrow as pa
+
+    try:
+        ds.data.validate(full=True)
+    except pa.ArrowInvalid:
+        return False
+    return True
+
+
+def _check_utf8(p):
+    """Raise a DataError naming the line of the first byte of text file `p` that is not UTF-8 (Arrow's and pandas'
+    readers say neither the file nor the line), with the fix: re-save it as UTF-8. Reads blocks of whole lines."""
+    with open(p, "rb") as f:
+        lines = 0
+        while block := f.read(1 << 20) + f.readline():
+            try:
+                block.decode("utf-8")
+            except UnicodeDecodeError as e:
+                column = e.start - block.rfind(b"\n", 0, e.start)  # 1-based, in bytes
+                line = lines + block.count(b"\n", 0, e.start) + 1
+                utf16 = line == 1 and block[:2] in (b"\xff\xfe", b"\xfe\xff")  # a UTF-16 byte-order mark
+                raise DataError(f"{p}: line {line}: not UTF-8 (byte 0x{block[e.start]:02x} at byte {column} of the "
+                                f"line); save it as UTF-8, e.g. iconv -f {'UTF-16' if utf16 else 'GBK'} -t "
+                                f"UTF-8 {p.name} > utf8-{p.name} (-f: the encoding it is in, e.g. GBK or GB18030 for "
+                                f"Chinese, LATIN1 or CP1252 for Western European text)") from None
+            lines += block.count(b"\n")
 
 
 def _check_json_file(p, check_record):

@@ -1,5 +1,5 @@
-"""What every script does the same way: config files, exit 2 and the early checks, training defaults, precision,
-demo, rank-0 logs.
+"""What every script does the same way: config files, exit 2 and the early checks (model paths, output files),
+warnings, training defaults, precision, demo, rank-0 logs.
 
 Kept out of the scripts so that each of them reads as its own story (arguments -> data -> model -> trainer -> run)
 and out of `collate.py`, whose functions stay pure.
@@ -36,6 +36,33 @@ def fail(error, every_rank=False):
     if shared:
         leave_process_group(exit_code=2)
     sys.exit(2)
+
+
+def warn(message):
+    """One `warning: ` line on stderr, on the global main process only: legal but surprising input, said once."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def first_problem(problem):
+    """The first of every rank's `problem` (None: none) in rank order, with its rank: (rank, problem), (0, None) when
+    no rank has one; one all-gather, so that every rank takes the same verdict (this rank's own without a group)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, problem
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, problem)
+    return next(((r, p) for r, p in enumerate(every) if p is not None), (0, None))
+
+
+def fail_together(problem):
+    """Every rank calls this at the same point with its own verdict (a problem line, or None): if any rank has one,
+    all exit 2 together and rank 0 says the first in rank order (naming the process that met it, when not rank 0),
+    so N processes print one line, not N, and none is left waiting for the others; one all-gather."""
+    rank, problem = first_problem(problem)
+    if problem is not None:
+        fail(f"{problem}" + (f" (met by process {rank})" if rank else ""), every_rank=True)
 
 
 _exit_code = None  # set by leave_process_group: the process then ends with it, skipping interpreter finalization
@@ -167,6 +194,57 @@ def check_output_dir(path, flag="--output_dir"):
         fail(f"{flag} {path}: cannot write there ({e.strerror or e})")
 
 
+def check_output_file(path, flag):
+    """Exit 2 now if the file `path` (--plot, --output, --predict_output) cannot be written: its folder missing or
+    not writable, or a folder in its place. Checked before the work, not after it (the file itself is not made)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        fail(f"{flag} {path}: is a folder; give a file name")
+    if not os.path.isdir(folder):
+        fail(f"{flag} {path}: no folder {folder}; create it first (mkdir -p {folder}) or give another path")
+    if not os.access(folder, os.W_OK):
+        fail(f"{flag} {path}: cannot write in {folder}")
+
+
+def looks_local(name):
+    """Whether `name` can only be a local path, not a hub id ("org/name"): absolute, relative with ./ or ../, ~,
+    or more than one slash."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+
+
+def load_pretrained(kind, name, flag, hint="", **kwargs):
+    """`transformers.<kind>.from_pretrained(name, **kwargs)` (AutoTokenizer, AutoProcessor, AutoConfig), or exit 2
+    with one line naming `flag` and why: a local path that does not exist (a typo would otherwise be taken for a hub
+    repo id: a long huggingface_hub traceback), or the first line of the library's reason (not found, offline, no
+    access); `hint` ends the line. Every rank calls it at the same point (`fail_together`: one line from N
+    processes). The first thing each script loads from a model goes through here."""
+    import transformers
+
+    what, loaded, problem = kind[4:].lower(), None, None
+    if looks_local(name) and not os.path.exists(os.path.expanduser(name)):
+        problem = f"cannot load the {what} {name!r} (no such folder); pass a local copy with {flag} PATH{hint}"
+    else:
+        try:
+            loaded = getattr(transformers, kind).from_pretrained(name, **kwargs)
+        except Exception as e:  # noqa: BLE001 - not found, offline, no access: the user needs the same advice
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            problem = f"cannot load the {what} {name!r} ({reason}); pass a local copy with {flag} PATH{hint}"
+    fail_together(problem)
+    return loaded
+
+
+def attention_problem(name):
+    """Why --attn_implementation `name` cannot load (found before the data, not inside from_pretrained), or None:
+    eager, an implementation transformers registers (sdpa, flash_attention_2, ...; `paged|` ones too), or a kernel
+    from the hub ("org/repo")."""
+    from transformers import AttentionInterface
+
+    known = ["eager", *AttentionInterface().valid_keys()]
+    if name in known or name.split("|")[-1] in known or "/" in name:
+        return None
+    return f"--attn_implementation {name}: not one transformers knows ({', '.join(known)}, or a hub kernel org/repo)"
+
+
 PICKLE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt")
 
 
@@ -250,6 +328,7 @@ class TrainingDefaults(TrainingArguments):
                 "as an improvement."})
 
     def __post_init__(self):
+        distribute_on_cpu(self)
         resolve_mixed_precision(self)
         # Unset means "as the metric says" (settle_best_metric), which the script knows; TrainingArguments would
         # guess from the name alone (only names ending in "loss" lower is better: eval_score_mae would be wrong).
@@ -323,6 +402,16 @@ def settle_best_metric(args, metrics):
         log(f"early stopping: after {patience} evaluation{'s' if patience > 1 else ''} in a row without {full} "
             f"{'rising above' if args.greater_is_better else 'falling below'} the best so far by more than "
             f"{args.early_stopping_threshold:g}")
+
+
+def distribute_on_cpu(args):
+    """Several processes (torchrun's WORLD_SIZE) on a machine without an accelerator train distributed on the CPU,
+    as with --use_cpu, said in one line. Without it accelerate sets up no distributed training there: every process
+    would train alone on all of the data, each writing the same --output_dir (transformers only warns)."""
+    if not args.use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():
+        args.use_cpu = True
+        log(f"no GPU here: the {os.environ['WORLD_SIZE']} processes train distributed on the CPU (gloo), as with "
+            f"--use_cpu")
 
 
 def resolve_mixed_precision(args):

@@ -1,9 +1,13 @@
 """What keeps a long run's work: a graceful stop on SIGTERM / SIGINT, checkpoints that resume can trust, the
-choice of the checkpoint to resume from, and early stopping that survives a resume.
+choice of the checkpoint to resume from (none for a run that has finished: it is left as it is), and early stopping
+that survives a resume.
 
 Both training scripts give their Trainer `callbacks=[stop, SkipNonFinite(args.max_bad_steps), MarkComplete(),
-*early_stopping(args)]`, find the checkpoint with `checkpoint_to_resume(args)` (refusing one that `resume_mismatch`
-names), and call `exit_if_stopped(stop, args)` and `exit_if_failed(skip, args)` right after `trainer.train()`.
+*early_stopping(args)]`, refuse a missing --resume_from_checkpoint before any data is read
+(`check_resume_flag(args)`), find the checkpoint with `checkpoint_to_resume(args)` (refusing one that
+`resume_mismatch` names), train only when `finished_run(args)` does not say --output_dir holds the finished run the
+command asks for, and call `exit_if_stopped(stop, args)` and `exit_if_failed(skip, args)` right after
+`trainer.train()`.
 
 - SIGTERM (Slurm, Kubernetes) or SIGINT (Ctrl-C), to one process or to the whole group: the current optimizer step
   finishes, every rank learns at its end whether any rank was asked to stop (one all-reduce of a flag per step), so
@@ -38,7 +42,7 @@ import time
 import torch
 from transformers import EarlyStoppingCallback, TrainerCallback
 
-from plumbing import eval_metric, fail, leave_process_group, log
+from plumbing import eval_metric, fail, first_problem, leave_process_group, log
 
 COMPLETE = "checkpoint-complete"
 RUN_RECORD = "checkpoint-run.json"
@@ -291,6 +295,41 @@ def checkpoint_to_resume(args):
     return rank_0s(resume)
 
 
+FINAL_STATE = "trainer_state.json"  # Trainer.save_state() in --output_dir: after the final model, at a run's very end
+
+
+def check_resume_flag(args):
+    """Before any data or model is read: exit 2 on every rank if --resume_from_checkpoint names no folder (rank 0's
+    view, as `checkpoint_to_resume`'s choice; `resume_mismatch` later checks every rank's view of the files)."""
+    resume = args.resume_from_checkpoint
+    missing = resume is not None and not os.path.isdir(resume)
+    if rank_0s(missing):
+        fail(f"--resume_from_checkpoint {resume}: no such folder (leave the flag out to resume from the newest "
+             f"complete checkpoint in --output_dir)", every_rank=True)
+
+
+def finished_run(args):
+    """The line saying that --output_dir already holds the finished run this command asks for, or None (train, or
+    resume). Called where the run would resume (after `resume_mismatch`, so a command with other model flags is
+    refused as a resume would be): running the same command again, which otherwise resumes, then changes nothing.
+    Finished: its final `trainer_state.json` (written after the final model) says it trained all of its steps, and
+    this command asks for no more steps (--max_steps) or epochs (--num_train_epochs) than it did; an explicit
+    --resume_from_checkpoint is always resumed. Rank 0's view, on every rank (one broadcast)."""
+    line = None
+    path = os.path.join(args.output_dir, FINAL_STATE)
+    if args.resume_from_checkpoint is None and args.process_index == 0 and os.path.isfile(path):
+        with open(path) as f:
+            state = json.load(f)
+        done, steps = state.get("global_step", 0), state.get("max_steps", 0)
+        more = (args.max_steps > done if args.max_steps > 0
+                else args.num_train_epochs > state.get("epoch", 0) + 1e-6)
+        if 0 < steps <= done and not more:
+            line = (f"{args.output_dir} holds this run, finished: {done} of {steps} steps trained and the final model "
+                    f"saved; nothing to do (train more with a higher --max_steps or --num_train_epochs, or start anew "
+                    f"with another --output_dir)")
+    return rank_0s(line)
+
+
 def rank_0s(value):
     """Rank 0's `value` on every rank (one broadcast; `value` itself without a process group)."""
     import torch.distributed as dist
@@ -346,18 +385,6 @@ def resume_mismatch(path, run):
     rank, problem = first_problem(problem)
     return problem if rank == 0 else (f"{problem} (met by process {rank}, not by process 0: every node must see the "
                                       f"same --output_dir, on a shared filesystem, or a copy of the whole checkpoint)")
-
-
-def first_problem(problem):
-    """The first of every rank's `problem` (None: none) in rank order, with its rank: (rank, problem), (0, None) when
-    no rank has one; one all-gather, so that every rank takes the same verdict (this rank's own without a group)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return 0, problem
-    every = [None] * dist.get_world_size()
-    dist.all_gather_object(every, problem)
-    return next(((r, p) for r, p in enumerate(every) if p is not None), (0, None))
 
 
 def shared_output_problem(args):

@@ -54,7 +54,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer, set_seed
+from transformers import AutoConfig, AutoModelForCausalLM, HfArgumentParser, Trainer, set_seed
 
 from collate import (IGNORE_INDEX, ChatFormat, DataError, encode_sft_batch, missing_chat_template, sft_collator,
                      to_messages)
@@ -62,13 +62,14 @@ from curves import write_training_curves
 from data import SFTSource, load_sft_file, record_location, sft_sources
 from generation import EvalAnswers, generation_config, load_for_generation, predict, read_prompts, write_predictions
 from lean_loss import use_lean_causal_lm_loss
-from plumbing import (TrainingDefaults, check_output_dir, demo_dir, fail, final_evaluation, leave_process_group,
-                      local_main_first, log, parse_arguments, prepare_demo, settle_best_metric, weights_source)
-from reliability import (GracefulStop, MarkComplete, SkipNonFinite, best_model_summary, checkpoint_to_resume,
-                         early_stopping, exit_if_failed, exit_if_stopped, resume_mismatch, run_record,
-                         shared_output_problem)
+from plumbing import (TrainingDefaults, attention_problem, check_output_dir, demo_dir, fail, fail_together,
+                      final_evaluation, leave_process_group, load_pretrained, local_main_first, log, parse_arguments,
+                      prepare_demo, settle_best_metric, weights_source)
+from reliability import (GracefulStop, MarkComplete, SkipNonFinite, best_model_summary, check_resume_flag,
+                         checkpoint_to_resume, early_stopping, exit_if_failed, exit_if_stopped, finished_run,
+                         resume_mismatch, run_record, shared_output_problem)
 from training_plan import (LoraArguments, add_lora, build_without_weights, check_flags, check_loader_shm,
-                           checkpoint_dtype, half_dtype, load_dtype, load_device, loader_sample_bytes,
+                           checkpoint_dtype, fit_warmup, half_dtype, load_dtype, load_device, loader_sample_bytes,
                            lora_parameter_count, lora_settings, memory_plan, optimizer_steps, reads_weights,
                            reduce_every_micro_batch, save_final_model, sharding, steps_line, to_base_dtype,
                            use_fsdp_precision, use_precision_policy)
@@ -202,6 +203,24 @@ def encode_files(paths, tokenizer, data_args, num_proc, split):
     return datasets.concatenate_datasets(parts), counts
 
 
+def check_data_flags(data_args, args):
+    """The one-line reason the data flags cannot run, or None: checked with `check_flags`, before any data is read."""
+    for flag, least in (("max_len", 1), ("pad_to_multiple_of", 1), ("preprocessing_num_workers", 0)):
+        if (value := getattr(data_args, flag)) is not None and value < least:
+            return f"--{flag} {value}: must be at least {least}"
+    val = data_args.val_size
+    if val < 0 or val >= 1 and val != int(val):
+        return f"--val_size {val:g}: a share of the training examples (< 1) or a whole number of them"
+    if val > 0 and data_args.eval_file:
+        return "--val_size and --eval_file: evaluation data comes from one of them; give one"
+    asked = [flag for flag, on in (("--eval_strategy " + args.eval_strategy.value, args.eval_strategy != "no"),
+                                   ("--eval_on_start", args.eval_on_start),
+                                   ("--load_best_model_at_end", args.load_best_model_at_end)) if on]
+    if asked and not (data_args.eval_file or val > 0):  # the Trainer's own error is a traceback, or silence
+        return f"{asked[0]} needs evaluation data: --eval_file, or --val_size to hold out training examples"
+    return None
+
+
 def show_example(example, tokenizer):
     """One encoded example with the trained part inside ⟪ ⟫, so users can check their template's mask."""
     ids, labels = example["input_ids"], example["labels"]
@@ -316,11 +335,9 @@ def main(argv=None):
     predictions = settle_prediction(predict_args, data_args, args)  # the predictions file, or None
     if not data_args.train_file and predictions is None:
         fail("--train_file is required (or --demo, or --predict_file to answer prompts with a saved model)")
-    if problem := check_flags(args, lora_args):
+    if problem := (check_flags(args, lora_args) or check_data_flags(data_args, args)
+                   or attention_problem(model_args.attn_implementation)):
         fail(problem, every_rank=True)  # every rank meets it at the same point
-    if args.eval_strategy != "no" and not (data_args.eval_file or data_args.val_size > 0):
-        fail(f"--eval_strategy {args.eval_strategy.value} needs evaluation data: add --eval_file or --val_size",
-             every_rank=True)
     settle_best_metric(args, {"eval_loss": False})  # the evaluation computes the loss only (prediction_loss_only)
     check_output_dir(args.output_dir)
     if problem := shared_output_problem(args):
@@ -330,11 +347,12 @@ def main(argv=None):
     if data_args.demo:
         import demo
         prepare_demo(DEMO_DIR, demo.build_sft_demo, args)
+    check_resume_flag(args)
 
     # Data: the local main process encodes first and caches, the others then load that cache. A data error is
     # raised on every rank (the others meet it too), so no rank is left waiting at a barrier.
-    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path,
-                                              trust_remote_code=model_args.trust_remote_code)
+    tokenizer = load_pretrained("AutoTokenizer", model_args.model_name_or_path, "--model_name_or_path",
+                                trust_remote_code=model_args.trust_remote_code)
     if problem := missing_chat_template(tokenizer, model_args.model_name_or_path):
         fail(problem)
     if not data_args.train_file:  # prediction alone
@@ -351,23 +369,26 @@ def main(argv=None):
                                           data_args.eval_split or data_args.dataset_split)
             elif data_args.val_size > 0:
                 n = data_args.val_size if data_args.val_size >= 1 else data_args.val_size * len(train_ds)
+                if max(1, int(n)) >= len(train_ds):
+                    raise DataError(f"--val_size {data_args.val_size:g}: holds out {max(1, int(n))} of the "
+                                    f"{len(train_ds)} training examples, leaving none to train on; hold out fewer")
                 split = train_ds.train_test_split(test_size=max(1, int(n)), seed=args.seed)
                 train_ds, eval_ds = split["train"], split["test"]
         except DataError as e:
             error = e
-    if error is not None:
-        fail(error)
+    fail_together(str(error) if error is not None else None)  # every rank met it: one line, all exit together
     log(f"data: {counts['examples']} examples read, {len(train_ds)} for training, {counts['truncated']} truncated, "
         f"{counts['dropped']} dropped (max_len {data_args.max_len}, overflow {data_args.overflow})"
         + (f"; {len(eval_ds)} for evaluation" if eval_ds is not None else ""))
     if len(train_ds) == 0:
         fail(f"{', '.join(data_args.train_file)}: every example was dropped (max_len {data_args.max_len}: no answer "
-             f"token fits after the prompt and the chat template; token_stats.py shows the lengths)")
+             f"token fits after the prompt and the chat template; token_stats.py shows the lengths)", every_rank=True)
     if eval_ds is not None and len(eval_ds) == 0:
         fail(f"{', '.join(data_args.eval_file or data_args.train_file)}: no usable evaluation example (max_len "
-             f"{data_args.max_len}, overflow {data_args.overflow})")
+             f"{data_args.max_len}, overflow {data_args.overflow})", every_rank=True)
     log(show_example(train_ds[0], tokenizer))
     prompts = read_predict_file(predict_args, data_args, args) if predictions else None  # a bad one: exit now
+    fit_warmup(args, optimizer_steps(len(train_ds), args)[1])
 
     # Model: loaded in the half dtype of the run; what trains becomes fp32 master weights (training_plan.py). A dry
     # run, and under --fsdp with cpu_ram_efficient_loading every rank but the first (accelerate broadcasts rank 0's
@@ -425,6 +446,10 @@ def main(argv=None):
     resume = checkpoint_to_resume(args)
     if resume and (problem := resume_mismatch(resume, run_record(model, args.world_size))):
         fail(problem, every_rank=True)
+    if done := finished_run(args):  # the same command again: nothing to train, nothing to overwrite
+        log(done)
+        leave_process_group()
+        return None
     result = trainer.train(resume_from_checkpoint=resume)
     exit_if_stopped(stop, args)
     exit_if_failed(skip, args)

@@ -41,9 +41,9 @@ import numpy as np
 from transformers import HfArgumentParser
 
 from collate import (IGNORE_INDEX, ChatFormat, DataError, apply_overflow, encode_sft_batch, image_tokens,
-                     missing_chat_template, parse_vl_sample, to_messages, vl_text)
+                     missing_chat_template, parse_vl_sample, pixel_bounds_problem, to_messages, vl_text)
 from data import BadSample, SFTSource, expand_shards, load_sft_file, record_location, sft_sources, shard_samples
-from plumbing import demo_dir, fail, parse_arguments, prepare_demo
+from plumbing import check_output_file, demo_dir, fail, load_pretrained, parse_arguments, prepare_demo
 
 SAMPLE_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "sample_sft.jsonl")
 PERCENTILES = (50, 90, 95, 99, 99.9)
@@ -356,22 +356,6 @@ def write_plot(path, lengths, report):
 # Main
 # ---------------------------------------------------------------------------------------------------------------
 
-def load_pretrained(kind, name, trust_remote_code, flag):
-    """AutoTokenizer/AutoProcessor.from_pretrained, or exit 2 with one line saying how to point at a local copy."""
-    import transformers
-
-    loader = getattr(transformers, kind)
-    try:
-        loaded = loader.from_pretrained(name, trust_remote_code=trust_remote_code)
-    except Exception as e:  # noqa: BLE001 - not found, offline, no access: the user needs the same advice
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        fail(f"cannot load the {kind[4:].lower()} {name!r} ({reason}); pass a local copy with {flag} PATH"
-             + (" (or run --demo)" if flag == "--tokenizer" else ""))
-    if problem := missing_chat_template(loaded, name):
-        fail(problem)
-    return loaded
-
-
 def measure_sft(args, num_proc):
     """Lengths of every SFT example (rows of _sft_job), written to --output as they come."""
     check, paths = functools.partial(to_messages, fmt=args), sft_sources(args.data)
@@ -410,6 +394,27 @@ def measure_scorer(args, num_proc):
     return report, lengths
 
 
+def check_flags(args):
+    """Exit 2 before any work on flags that contradict each other or outputs that could not be written at the end."""
+    if args.shards and args.data != [SAMPLE_DATA]:
+        fail("--shards measures scorer shards, --data SFT files (--demo gives demo SFT data): give one of them")
+    if not args.shards and (given := [f"--{name}" for name in ("num_types", "min_pixels", "max_pixels")
+                                      if getattr(args, name) is not None]):
+        fail(f"{', '.join(given)}: only with --shards (scorer shards); SFT data has no images or types")
+    if args.shards and (problem := pixel_bounds_problem(args.min_pixels, args.max_pixels)):
+        fail(problem)
+    for flag, path in (("--plot", args.plot), ("--output", args.output)):
+        if path:
+            check_output_file(path, flag)
+    if args.plot and (suffix := os.path.splitext(args.plot)[1].lstrip(".").lower()):
+        from matplotlib.figure import Figure
+
+        if suffix not in (kinds := Figure().canvas.get_supported_filetypes()):
+            fail(f"--plot {args.plot}: matplotlib cannot write .{suffix} files; use one of .{', .'.join(kinds)}")
+    if args.plot and args.output and os.path.abspath(args.plot) == os.path.abspath(args.output):
+        fail(f"--plot and --output are the same file {args.plot}: give two names")
+
+
 def main(argv=None):
     start = time.time()
     parser = HfArgumentParser(StatsArguments)
@@ -418,6 +423,7 @@ def main(argv=None):
         fail("--max_len, --batch_size and --num_proc must be positive")
     if not 0 < args.coverage <= 1:
         fail(f"--coverage must be in (0, 1], not {args.coverage}")
+    check_flags(args)
     num_proc = args.num_proc or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     # Everything but the report goes to stderr: libraries print on stdout too (DeepSpeed announces its accelerator
     # when a model is saved, as the demo does), and `--format json` promises one JSON object there.
@@ -427,11 +433,14 @@ def main(argv=None):
             prepare_demo(DEMO_DIR, functools.partial(demo.build_sft_demo, n_train=2000))
 
         if args.shards:
-            _STATE.update(args=args, processor=load_pretrained("AutoProcessor", args.processor, args.trust_remote_code,
-                                                               "--processor"))
+            loaded = load_pretrained("AutoProcessor", args.processor, "--processor",
+                                     trust_remote_code=args.trust_remote_code)
         else:
-            _STATE.update(args=args, tokenizer=load_pretrained("AutoTokenizer", args.tokenizer, args.trust_remote_code,
-                                                               "--tokenizer"))
+            loaded = load_pretrained("AutoTokenizer", args.tokenizer, "--tokenizer", " (or run --demo)",
+                                     trust_remote_code=args.trust_remote_code)
+        if problem := missing_chat_template(loaded, args.processor if args.shards else args.tokenizer):
+            fail(problem)
+        _STATE.update(args=args, **{"processor" if args.shards else "tokenizer": loaded})
         t0 = time.time()
         try:
             report, lengths = (measure_scorer if args.shards else measure_sft)(args, num_proc)

@@ -1,7 +1,9 @@
-"""What trains, in which precision, and what that costs per GPU and per node: the precision policy, LoRA (peft),
-the memory plan (GPU and host memory), how the model is loaded under sharding, the final save.
+"""What trains, in which precision, and what that costs per GPU and per node: the checks of the training flags and
+of the warmup, the precision policy, LoRA (peft), the memory plan (GPU and host memory), how the model is loaded
+under sharding, the final save.
 
-Both training scripts call `reduce_every_micro_batch` once the arguments are parsed, load the model in
+Both training scripts call `check_flags` and `reduce_every_micro_batch` once the arguments are parsed (before any
+data or model is read), `fit_warmup` once the number of optimizer steps is known, load the model in
 `load_dtype` (weights read where `reads_weights`, else the architecture alone: `build_without_weights`),
 then call these in the same order:
   lora_settings -> add_lora (with --use_peft) -> use_precision_policy -> memory_plan -> Trainer(optimizer=...)
@@ -41,7 +43,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from plumbing import log
+from plumbing import fail, log, warn
 
 GB = 1e9
 
@@ -88,7 +90,10 @@ def add_lora(module, settings):
     """`module` wrapped by peft with fresh adapters: the base frozen, the adapters trainable (fp32)."""
     from peft import LoraConfig, get_peft_model
 
-    return get_peft_model(module, LoraConfig(**settings))
+    try:
+        return get_peft_model(module, LoraConfig(**settings))
+    except ValueError as e:  # peft's own error for targets that name no module (a typo): one line, every rank
+        fail(f"--lora_target_modules: {' '.join(str(e).split())}", every_rank=True)
 
 
 def lora_parameter_count(module, settings):
@@ -171,8 +176,54 @@ def checkpoint_dtype(path, **kwargs):
     return AutoConfig.from_pretrained(path, **kwargs).dtype or torch.float32
 
 
+POLYNOMIAL_LR_END = 1e-7  # transformers' get_polynomial_decay_schedule_with_warmup default
+
+
 def check_flags(args, lora_args):
-    """The one-line reason these flags cannot train together here, or None."""
+    """The one-line reason these flags cannot train together here, or None. Both training scripts call it once the
+    flags are parsed, before any data or model is read: a value out of range, a combination that cannot run."""
+    for flag in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        if getattr(args, flag) < 1:
+            return f"--{flag} {getattr(args, flag)}: must be at least 1"
+    if args.max_steps == 0:  # the Trainer would read 0 as "no limit" and train by epochs after all
+        return ("--max_steps 0 trains nothing: give the number of optimizer steps, or leave it out (-1) to train "
+                "--num_train_epochs")
+    if args.max_steps < 0 and args.num_train_epochs <= 0:
+        return f"--num_train_epochs {args.num_train_epochs:g} trains nothing: give a positive number (or --max_steps)"
+    if args.learning_rate < 0:
+        return f"--learning_rate {args.learning_rate:g}: must not be negative"
+    if args.lr_scheduler_type == "polynomial" and args.learning_rate <= (
+            lr_end := (args.lr_scheduler_kwargs or {}).get("lr_end", POLYNOMIAL_LR_END)):
+        return (f"--learning_rate {args.learning_rate:g} is not above the polynomial schedule's lr_end {lr_end:g}, "
+                f"where it decays to: raise --learning_rate, or set a lower lr_end in --lr_scheduler_kwargs")
+    if args.weight_decay < 0:
+        return f"--weight_decay {args.weight_decay:g}: must not be negative"
+    for kind in ("save", "eval", "logging"):  # the Trainer would then never save / evaluate / log, without a word
+        if getattr(args, f"{kind}_strategy") == "steps" and (steps := getattr(args, f"{kind}_steps")) is not None \
+                and steps <= 0:
+            return f"--{kind}_steps {steps:g} with --{kind}_strategy steps: must be positive"
+    for flag in ("seed", "data_seed"):  # numpy's and torch's seeds are 32-bit unsigned
+        if (seed := getattr(args, flag)) is not None and not 0 <= seed < 2 ** 32:
+            return f"--{flag} {seed}: must be in 0 .. 2**32 - 1"
+    if args.dataloader_prefetch_factor is not None and args.dataloader_prefetch_factor < 1:
+        return f"--dataloader_prefetch_factor {args.dataloader_prefetch_factor}: must be at least 1"
+    if args.warmup_steps < 0:
+        return f"--warmup_steps {args.warmup_steps:g}: must not be negative (steps, or a share of all steps if < 1)"
+    if args.save_total_limit is not None and args.save_total_limit < 1:  # the Trainer would keep every checkpoint
+        return (f"--save_total_limit {args.save_total_limit}: keep at least 1 checkpoint (the newest is what a "
+                f"stopped run resumes from); to keep none use --save_strategy no, to keep all a number above their "
+                f"count")
+    if args.max_bad_steps < 1:
+        return f"--max_bad_steps {args.max_bad_steps}: must be at least 1 (non-finite steps in a row before stopping)"
+    if args.dataloader_num_workers < 0:
+        return f"--dataloader_num_workers {args.dataloader_num_workers}: must not be negative (0 loads in process)"
+    if args.fp16 and args.device.type == "cpu":  # accelerate turns autocast on for fp16 on accelerators only
+        return ("--fp16 on CPU: there is no fp16 autocast there, so the run would train in fp32 while saying fp16; "
+                "use --bf16 true (autocast runs on CPU) or leave --fp16 out")
+    if lora_args.use_peft and (lora_args.lora_r < 1 or lora_args.lora_alpha <= 0):
+        return f"--lora_r {lora_args.lora_r} / --lora_alpha {lora_args.lora_alpha}: both must be positive"
+    if lora_args.use_peft and not 0 <= lora_args.lora_dropout < 1:
+        return f"--lora_dropout {lora_args.lora_dropout:g}: must be in [0, 1)"
     if lora_args.merge_lora and not lora_args.use_peft:
         return "--merge_lora needs --use_peft"
     sharded = "--fsdp" if args.fsdp else "--deepspeed" if args.deepspeed else None
@@ -538,6 +589,22 @@ def optimizer_steps(samples, args):
     per_epoch = max(1, math.ceil(samples / (args.world_size * args.per_device_train_batch_size
                                             * args.gradient_accumulation_steps)))
     return per_epoch, args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * per_epoch)
+
+
+def fit_warmup(args, steps):
+    """Check the warmup against the run's `steps` optimizer steps once they are known (both scripts, before training
+    and in a dry run): a warmup of every step, which the polynomial schedule cannot run (it divides by the steps after
+    the warmup: ZeroDivisionError at the last step), is cut to one step less, said in one line; a warmup at least as
+    long as the run, where the learning rate never reaches its peak, is one warning line."""
+    warmup = args.get_warmup_steps(steps)
+    if warmup == steps and args.lr_scheduler_type == "polynomial":
+        args.warmup_steps = steps - 1
+        warn(f"--warmup_steps: a warmup of all {steps} steps leaves the polynomial schedule no step to decay over; "
+             f"warmup cut to {steps - 1} steps")
+    elif warmup >= steps:
+        warn(f"--warmup_steps: a warmup of {warmup} steps is not shorter than the run's {steps} steps, so the learning "
+             f"rate never reaches --learning_rate {args.learning_rate:g} (at most {(steps - 1) / warmup:.0%} of it); "
+             f"give fewer warmup steps, or a share of all steps (< 1)")
 
 
 def steps_line(samples, args, unit):

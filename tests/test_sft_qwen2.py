@@ -142,7 +142,7 @@ def test_early_stopping_resumes_a_checkpoint_saved_without_it(sft_demo, tmp_path
      "--early_stopping_threshold 0.01: how much better than the best so far an evaluation must be to count as an "
      "improvement, in the metric's units: give a number >= 0, with --early_stopping_patience N"),
     (["--eval_strategy", "steps", "--eval_steps", "2"],
-     "--eval_strategy steps needs evaluation data: add --eval_file or --val_size"),
+     "--eval_strategy steps needs evaluation data: --eval_file, or --val_size to hold out training examples"),
     (["--load_best_model_at_end", "--save_strategy", "steps"], "--load_best_model_at_end loads the checkpoint saved "
      "at the best evaluation, so checkpoints must be saved where evaluations run: --save_strategy steps and "
      "--eval_strategy no differ; give both the same"),
