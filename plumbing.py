@@ -1,5 +1,5 @@
-"""What every script does the same way: config files, exit 2 and the early checks, training defaults, precision,
-demo, rank-0 logs.
+"""What every script does the same way: config files, exit 2 and the early checks (model paths, output files),
+warnings, training defaults, precision, demo, rank-0 logs.
 
 Kept out of the scripts so that each of them reads as its own story (arguments -> data -> model -> trainer -> run)
 and out of `collate.py`, whose functions stay pure.
@@ -36,6 +36,12 @@ def fail(error, every_rank=False):
     if shared:
         leave_process_group(exit_code=2)
     sys.exit(2)
+
+
+def warn(message):
+    """One `warning: ` line on stderr, on the global main process only: legal but surprising input, said once."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 _exit_code = None  # set by leave_process_group: the process then ends with it, skipping interpreter finalization
@@ -164,6 +170,41 @@ def check_output_dir(path):
             pass
     except OSError as e:
         fail(f"--output_dir {path}: cannot write there ({e.strerror or e})")
+
+
+def check_output_file(path, flag):
+    """Exit 2 now if the file `path` (--plot, --output, --predict_output) cannot be written: its folder missing or
+    not writable, or a folder in its place. Checked before the work, not after it (the file itself is not made)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        fail(f"{flag} {path}: is a folder; give a file name")
+    if not os.path.isdir(folder):
+        fail(f"{flag} {path}: no folder {folder}; create it first (mkdir -p {folder}) or give another path")
+    if not os.access(folder, os.W_OK):
+        fail(f"{flag} {path}: cannot write in {folder}")
+
+
+def looks_local(name):
+    """Whether `name` can only be a local path, not a hub id ("org/name"): absolute, relative with ./ or ../, ~,
+    or more than one slash."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+
+
+def load_pretrained(kind, name, flag, hint="", **kwargs):
+    """`transformers.<kind>.from_pretrained(name, **kwargs)` (AutoTokenizer, AutoProcessor, AutoConfig), or exit 2
+    with one line naming `flag` and why: a local path that does not exist (a typo would otherwise be taken for a hub
+    repo id: a long huggingface_hub traceback), or the first line of the library's reason (not found, offline, no
+    access); `hint` ends the line. The first thing each script loads from a model goes through here."""
+    import transformers
+
+    what = kind[4:].lower()
+    if looks_local(name) and not os.path.exists(os.path.expanduser(name)):
+        fail(f"cannot load the {what} {name!r} (no such folder); pass a local copy with {flag} PATH{hint}")
+    try:
+        return getattr(transformers, kind).from_pretrained(name, **kwargs)
+    except Exception as e:  # noqa: BLE001 - not found, offline, no access: the user needs the same advice
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        fail(f"cannot load the {what} {name!r} ({reason}); pass a local copy with {flag} PATH{hint}")
 
 
 PICKLE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt")

@@ -54,17 +54,20 @@ epoch. Training batches group samples of similar token length within each shuffl
 rank draws its batch from the same length band, so no step waits for one rank's long batch (--bucket_by_length).
 Evaluation and prediction read every sample exactly once, whatever the number of ranks and shards.
 Bad samples (undecodable image, missing image, bad json field, type out of range, NaN score) are skipped and
-counted (`--on_bad_sample skip`) or stop the run with exit code 2 (`error`).
+counted (`--on_bad_sample skip`) or stop the run with exit code 2 (`error`). More than 10% of a split skipped is a
+warning naming the most common problem; an evaluation or prediction without one good sample is an error.
 A run that finds `checkpoint-*` folders in --output_dir resumes from the newest one, its stream positioned at that step
 without decoding the images of the steps before.
 Precision and memory as in sft_qwen2.py (training_plan.py): under bf16 what trains is fp32 master weights, frozen
 parts stay bf16, the heads are fp32; rank 0 prints the policy and a per-GPU memory plan at start.
 """
 
+import collections
 import functools
 import json
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -85,8 +88,9 @@ from data import (BadSample, ManifestSource, ShardStream, count_samples, expand_
                   manifest_rows)
 from feature_cache import open_feature_cache
 from feature_cache import settings as feature_settings
-from plumbing import (TrainingDefaults, check_output_dir, demo_dir, fail, final_evaluation, leave_process_group,
-                      log, parse_arguments, patient_group, prepare_demo, wait_for_every_rank, weights_source)
+from plumbing import (TrainingDefaults, check_output_dir, check_output_file, demo_dir, fail, final_evaluation,
+                      leave_process_group, load_pretrained, log, parse_arguments, patient_group, prepare_demo,
+                      wait_for_every_rank, warn, weights_source)
 from reliability import (GracefulStop, MarkComplete, SkipNonFinite, all_ranks_max, checkpoint_to_resume,
                          exit_if_failed, exit_if_stopped, rank_0s, resume_mismatch, run_record)
 from training_plan import (LoraArguments, add_lora, check_flags, check_loader_shm, checkpoint_dtype,
@@ -109,6 +113,9 @@ class ModelArguments:
     freeze_vision: bool = field(default=False, metadata={"help": "Freeze the vision tower; train LLM + heads."})
     allow_pickle: bool = field(default=False, metadata={
         "help": "Also load pickle weights (.bin), which can run arbitrary code; by default only safetensors."})
+    allow_untrained_heads: bool = field(default=False, metadata={
+        "help": "Predict (--do_predict without training) from a checkpoint that is not a trained scorer, with heads "
+                "as new ones start (an untrained baseline); without it that is refused."})
     score_weight: float = field(default=1.0, metadata={"help": "Weight of the score loss (MSE) in the total."})
     type_weight: float = field(default=1.0, metadata={"help": "Weight of the type loss (cross-entropy) in the total."})
     score_norm: str = field(default="standardize", metadata={
@@ -514,6 +521,34 @@ def scorer_metrics(rows, weights, prefix="eval", std=None, class_weights=None):
     return metrics, details
 
 
+MANY_BAD = 0.1  # more than this share of a split's samples skipped as bad: a warning says what they had
+
+
+def warn_if_many_bad(split, bad, samples, warned=None):
+    """One warning line when more than MANY_BAD of a split's `samples` (good and bad) were skipped as `bad`
+    (data.BadSample list): how many, the most common problem (its numbers aside) with an example, and a hint: so many
+    usually means a flag that does not fit the data (--num_types below the labels, --max_len below the samples).
+    Once per split in a run when `warned` (a set) keeps count."""
+    if len(bad) <= MANY_BAD * samples or split in (warned if warned is not None else ()):
+        return
+    kinds = collections.Counter(re.sub(r"\d+", "#", b.problem) for b in bad)
+    kind, count = kinds.most_common(1)[0]
+    example = next(b for b in bad if re.sub(r"\d+", "#", b.problem) == kind)
+    warn(f"{len(bad)} of {samples} {split} samples ({len(bad) / samples:.0%}) were skipped as bad, {count} of them "
+         f"like {example}; if the data is right, a flag does not fit it (e.g. --num_types, --max_len, --max_pixels)")
+    if warned is not None:
+        warned.add(split)
+
+
+def check_bad_share(split, rows, bad, warned=None):
+    """After an exact pass (evaluation, prediction; `rows` and `bad` the same on every rank): no good sample at all is
+    an error of every rank (exit 0 with no metrics or an empty file would hide it), many bad ones a warning."""
+    if not rows:
+        raise AllRanksError(f"{split}: all {len(bad)} samples are bad, the first: {bad[0]}" if bad
+                            else f"{split}: no sample to read")
+    warn_if_many_bad(split, bad, len(rows) + len(bad), warned)
+
+
 def per_sample(heads):
     """A batch's head outputs ({label: tensor}) as one {label: float or list of logits} per sample: one
     device-to-host copy per head and batch, not one sync per sample."""
@@ -663,13 +698,14 @@ class ScorerTrainer(Trainer):
         self.resumed_bad = None  # bad_positions as the checkpoint resumed from recorded them
         super().__init__(*args, callbacks=[_KeepBadPositions(self.bad_positions), *(callbacks or [])], **kwargs)
         self.head_lr, self.on_bad_sample = head_lr, on_bad_sample
-        self.train_bad = set()  # (shard, key) skipped on this rank while training
+        self.train_bad = {}  # {(shard, key): problem} skipped on this rank while training
         self.last_keys = []  # the sample keys of this rank's latest training batch
-        self._train_error = None  # the first bad training sample in `error` mode
+        self._train_error = None  # the first bad training sample in `error` mode, or the first fatal one
         self.loss_names = list(self.model.loss_weights())  # each label's, and "rank" with the ranking loss
         self._head_sums, self._head_steps = torch.zeros(len(self.loss_names), device=self.args.device), 0
         self.eval_details = {}  # the latest evaluation's per-class ROC-AUCs, confusion matrices, reliability bins
         self.eval_rows = []  # the latest evaluation's samples (heads and labels), for eval_report.png where it is drawn
+        self.warned = set()  # splits warn_if_many_bad has warned about (once per run, not at every evaluation)
 
     def get_train_dataloader(self):
         return make_loader(self.train_dataset, self.args)
@@ -714,15 +750,21 @@ class ScorerTrainer(Trainer):
 
     def _note_train_bad(self, found):
         """Bad samples met in a training batch: counted, or in `error` mode kept until every rank stops together at
-        the next logging step (a rank that stopped alone would leave the others waiting in a collective)."""
+        the next logging step (a rank that stopped alone would leave the others waiting in a collective). So is a
+        fatal one (this rank's stream cannot go on), whatever the mode: the stream then gives stand-in batches."""
         for bad in found:
-            if bad.fatal:  # this rank's stream cannot go on
-                raise DataError(str(bad))
-            self.bad_positions.add((bad.shard, bad.index))
-            if self.on_bad_sample == "error":
+            if bad.fatal or self.on_bad_sample == "error":
                 self._train_error = self._train_error or bad
             else:
-                self.train_bad.add((bad.shard, bad.key))
+                self.train_bad[(bad.shard, bad.key)] = bad.problem
+            if not bad.fatal:
+                self.bad_positions.add((bad.shard, bad.index))
+
+    def one_token(self):
+        """The inputs of a stand-in forward, one pad token: the same collectives as a real batch (FSDP's per-layer
+        gathers, DDP's buffer broadcast and gradient reduction; the vision tower's too, on a blank image)."""
+        pad = torch.tensor([[self.processing_class.tokenizer.pad_token_id]], device=self.args.device)
+        return {"input_ids": pad, "attention_mask": torch.ones_like(pad)}
 
     def last_batches(self):
         """Every rank's latest training batch, as sample keys (a collective: every rank calls it together)."""
@@ -736,6 +778,10 @@ class ScorerTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self._note_train_bad(inputs.get("bad_samples", []))
+        if "keys" not in inputs:  # a stand-in batch after a fatal error (data.ShardStream): a step that changes
+            heads = model(**self.one_token()).heads  # nothing, with a real step's collectives, until the next log
+            loss = sum(out.sum() for out in heads.values()) * 0.0
+            return (loss, None) if return_outputs else loss
         self.last_keys = inputs["keys"]  # named if non-finite losses stop the run
         outputs = model(**{k: v for k, v in inputs.items() if k not in self.META})
         if model.training:  # window sums of the per-head losses, logged as means across ranks by log()
@@ -771,10 +817,9 @@ class ScorerTrainer(Trainer):
                             for i in range(len(labels))]
                 heads = per_sample(model(**inputs).heads)
             return [{"heads": h, "labels": label} for h, label in zip(heads, labels)]
-        def one_token():  # the same per-layer gathers as a real batch (the vision tower's too, on a blank image)
-            pad = torch.tensor([[self.processing_class.tokenizer.pad_token_id]], device=self.args.device)
+        def one_token():
             with torch.no_grad(), self.accelerator.autocast():
-                model(input_ids=pad, attention_mask=torch.ones_like(pad))
+                model(**self.one_token())
         try:
             return exact_pass(stream, self.args, self.on_bad_sample, rows_of, unique=not features,
                               lockstep=one_token if self.args.fsdp else None, rows_to=0 if features else None,
@@ -785,6 +830,7 @@ class ScorerTrainer(Trainer):
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         start = time.time()
         rows, bad = self.exact_pass(eval_dataset or self.eval_dataset)
+        check_bad_share("evaluation", rows, bad, warned=self.warned)
         model = self.model
         metrics, self.eval_details = scorer_metrics(
             rows, model.loss_weights(), metric_key_prefix, std={n: model.standardization(n)[1] for n in LABELS
@@ -806,17 +852,19 @@ class ScorerTrainer(Trainer):
             r, b = self.exact_pass(stream, desc="prediction")
             rows += [((position[stream.shards[x["order"][0]]], x["order"][1]), x) for x in r]
             bad += b
+        check_bad_share("prediction", rows, bad)
         rows = [x for _, x in sorted(rows, key=lambda t: t[0])]
-        if self.args.process_index == 0:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        if self.args.process_index == 0:  # its folder was checked before any work (settle_prediction)
             with open(path, "w", encoding="utf-8") as f:
                 f.writelines(json.dumps(prediction(r)) + "\n" for r in rows)
         return len(rows), len(bad)
 
     def gathered_train_bad(self):
-        """Bad training samples skipped on each rank, and their union over ranks (a sample met twice counts once)."""
-        per_rank = gather_object([sorted(self.train_bad)])
-        return [len(r) for r in per_rank], len({b for r in per_rank for b in r})
+        """Bad training samples skipped on each rank (how many), and their union over ranks (data.BadSample list; a
+        sample met twice counts once)."""
+        per_rank = gather_object([sorted(self.train_bad.items())])
+        union = {where: problem for part in per_rank for where, problem in part}
+        return [len(part) for part in per_rank], [BadSample(*where, problem) for where, problem in union.items()]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -897,17 +945,26 @@ def dry_run_plan(streams, epoch_samples, image_token_id, on_bad_sample, args):
 def settle_prediction(data_args, args):
     """What --do_predict predicts: the spec of its shards (--predict_shards, else --eval_shards), or None where it
     predicts the rows of --predict_file (which turns --do_predict on)."""
+    predict_shards = None
     if data_args.predict_file is None:
         if data_args.image_root is not None:
             fail("--image_root is where the image paths of --predict_file start: it needs --predict_file")
         predict_shards = data_args.predict_shards if data_args.predict_shards is not None else data_args.eval_shards
         if args.do_predict and predict_shards is None:
             fail("--do_predict needs --predict_shards, --eval_shards or --predict_file")
-        return predict_shards
-    if data_args.predict_shards is not None:
+    elif data_args.predict_shards is not None:
         fail("--predict_file and --predict_shards: one predictions file holds one set of items, give one of them")
-    args.do_predict = True
-    return None
+    else:
+        args.do_predict = True
+        if data_args.image_root is not None and not os.path.isdir(data_args.image_root):
+            fail(f"--image_root {data_args.image_root}: no such folder")
+    if data_args.predict_shards is not None and not args.do_predict:
+        fail("--predict_shards are read with --do_predict: add it", every_rank=True)
+    if data_args.predict_output is not None:  # (the default, in --output_dir, is checked with it)
+        if not args.do_predict:
+            fail("--predict_output is where --do_predict or --predict_file writes: add one of them", every_rank=True)
+        check_output_file(data_args.predict_output, "--predict_output")  # before the work, not after it
+    return predict_shards
 
 
 def target_flags_problem(model_args):
@@ -940,12 +997,51 @@ def target_flags_problem(model_args):
     return None
 
 
+def value_flags_problem(model_args, data_args, trains):
+    """What is wrong with the range of a scorer flag (the shared ones: training_plan.check_flags), or None. `trains`:
+    this run trains (then some loss must count)."""
+    weights = {name: getattr(model_args, f"{name}_weight", 1.0) for name in LABELS}
+    for name, weight in weights.items():
+        if not (math.isfinite(weight) and weight >= 0):  # a negative weight trains its head to be wrong
+            return f"--{name}_weight {weight:g}: give a weight of 0 (its head learns nothing) or more"
+    if trains and not any(weights.values()) and not model_args.rank_weight:
+        return (f"every loss has weight 0 ({', '.join(f'--{name}_weight' for name in LABELS)}, --rank_weight): "
+                f"nothing would train")
+    if not 0 <= data_args.min_pixels <= data_args.max_pixels:  # qwen-vl-utils asserts it in every image it resizes
+        return (f"--min_pixels {data_args.min_pixels} --max_pixels {data_args.max_pixels}: need 0 <= --min_pixels "
+                f"<= --max_pixels")
+    if data_args.max_len < 1:
+        return f"--max_len {data_args.max_len}: give the longest sample in tokens (at least 1)"
+    if data_args.epoch_samples is not None and data_args.epoch_samples < 1:
+        return (f"--epoch_samples {data_args.epoch_samples}: give at least 1, or leave it out (an epoch is then the "
+                f"training shards' samples)")
+    if data_args.shuffle_buffer < 0:
+        return f"--shuffle_buffer {data_args.shuffle_buffer}: give 0 (no shuffling) or more"
+    return None
+
+
+def check_model(model_args, data_args, args):
+    """Exit 2 now if --model_name_or_path cannot be loaded (a typo is one line, not the hub client's traceback), or if
+    this run would predict with heads that nothing trained: from a checkpoint that is not a scorer, without training
+    here (unless --allow_untrained_heads)."""
+    path = model_args.model_name_or_path
+    config = load_pretrained("AutoConfig", path, "--model_name_or_path")
+    if args.do_predict and data_args.train_shards is None and getattr(config, "scorer_trains", None) is None \
+            and not model_args.allow_untrained_heads:
+        fail(f"--model_name_or_path {path} is not a scorer saved by this script: its heads would predict as they "
+             f"start, untrained; give a trained scorer, train one here (--train_shards), or pass "
+             f"--allow_untrained_heads for an untrained baseline", every_rank=True)
+
+
 def settle_flags(model_args, data_args, lora_args, args):
     """Refuse what cannot run (one line, exit 2, before any model loads) and settle what follows from the flags;
     returns (the predict shards' spec or None, the feature cache folder or None)."""
     predict_shards = settle_prediction(data_args, args)
     if problem := target_flags_problem(model_args):
         fail(problem)
+    if problem := value_flags_problem(model_args, data_args, trains=data_args.train_shards is not None):
+        fail(problem, every_rank=True)  # flags alone: every rank meets it at the same point, rank 0 says it
+    check_model(model_args, data_args, args)
     if data_args.train_shards is None and data_args.eval_shards is None and not args.do_predict:
         fail("nothing to do: give --train_shards, --eval_shards, --predict_file or --do_predict (or --demo)")
     if args.eval_strategy != "no" and data_args.eval_shards is None:
@@ -1069,7 +1165,7 @@ def shard_lists(data_args, predict_shards, do_predict):
     return shards, epoch_samples, most_images, eval_images
 
 
-def train_and_save(trainer, model, args, stop, skip, save_dtype):
+def train_and_save(trainer, model, args, stop, skip, save_dtype, epoch_samples):
     """Train (resuming the last complete checkpoint), stop or fail as the callbacks decided, save the model;
     returns (metrics, summary line)."""
     resume = checkpoint_to_resume(args)
@@ -1083,7 +1179,11 @@ def train_and_save(trainer, model, args, stop, skip, save_dtype):
     # (+ adapters) when the backbone is frozen (has adapters), else everything.
     save_final_model(trainer, model, args.output_dir, save_dtype, keep=SAVED_WITH_BASE)
     trainer.save_state()
-    per_rank, total = trainer.gathered_train_bad()
+    per_rank, bad = trainer.gathered_train_bad()
+    total = len(bad)
+    trained = trainer.state.global_step * args.world_size * args.per_device_train_batch_size \
+        * args.gradient_accumulation_steps  # good samples: batches are filled with them
+    warn_if_many_bad("training", bad, max(total, min(epoch_samples, trained + total)))  # each sample met once
     last = next((h for h in reversed(trainer.state.log_history) if "loss" in h), {})
     heads = ", ".join(f"{name} {last.get(f'loss_{name}', 0):.4f}" for name in trainer.loss_names)
     return {**result.metrics, "train_bad_samples": total}, (
@@ -1125,7 +1225,7 @@ def main(argv=None):
     try:
         shards, epoch_samples, most_images, eval_images = shard_lists(data_args, predict_shards, args.do_predict)
         manifest = data_args.predict_file and ManifestSource.from_file(data_args.predict_file, data_args.image_root)
-        processor = AutoProcessor.from_pretrained(model_args.model_name_or_path)
+        processor = load_pretrained("AutoProcessor", model_args.model_name_or_path, "--model_name_or_path")
         if problem := missing_chat_template(processor, model_args.model_name_or_path):
             raise DataError(problem)
         # The DataLoader workers hand their pixel batches over in /dev/shm: too small, say so now, not hours in. An
@@ -1214,7 +1314,7 @@ def main(argv=None):
     metrics, summary = {}, []
     try:
         if train_stream is not None:
-            trained, line = train_and_save(trainer, model, args, stop, skip, save_dtype)
+            trained, line = train_and_save(trainer, model, args, stop, skip, save_dtype, epoch_samples)
             metrics.update(trained)
             summary.append(line)
         if eval_stream is not None:

@@ -374,9 +374,10 @@ class TestShardStream:
 
     def test_training_stream_without_usable_samples_is_fatal(self, tmp_path):
         paths, _ = key_shards(tmp_path, [2], bad={(0, 0), (0, 1)})
-        _, bad, _ = run_rank(ShardStream(paths, KeyOnly(), 2, 0, batches_per_epoch=3), 0)
-        assert [b.fatal for b in bad] == [False, False, True]  # the two bad samples, then the verdict
+        _, bad, batches = run_rank(ShardStream(paths, KeyOnly(), 2, 0, batches_per_epoch=3), 0)
+        assert [b.fatal for b in bad] == [False, False, True, True, True]  # the two bad samples, then the verdict
         assert "no usable sample for rank 0" in bad[-1].problem
+        assert batches == [0, 0, 0]  # still as many batches as the other ranks make: they stop together
 
     def test_unreadable_shard_is_fatal(self, tmp_path):
         broken = tmp_path / "broken.tar"

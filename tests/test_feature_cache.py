@@ -156,7 +156,8 @@ class TestInvalidation:
         predict = f"{scorer_demo[2]},{new}"
         for name, folder in (("cached", cache), ("plain", "none")):
             train_scorer.main(["--model_name_or_path", scorer_demo[0], "--predict_shards", predict, "--do_predict",
-                               "--output_dir", str(tmp_path / name), "--feature_cache", str(folder), *EVAL_ONLY])
+                               "--allow_untrained_heads", "--output_dir", str(tmp_path / name), "--feature_cache",
+                               str(folder), *EVAL_ONLY])
         assert len(cache_files(cache)) == 2  # the new shard was computed for the predictions, not cached
         cached, plain = (read_jsonl(tmp_path / name / "predictions.jsonl") for name in ("cached", "plain"))
         assert len(plain) == 53 and plain[-1]["key"] == "n00004"

@@ -1,0 +1,120 @@
+"""Bad input, swept: every command line is a sensible run or one clear error, on every rank.
+
+Each case is a command line of a script and what must come of it: exit 2 with exactly one `error: ` line, holding the
+expected text (it names the flag or the file), and no `Traceback` in any rank's output; or exit 0 with the expected
+text in the output (the warning or summary line that says what happened). One-process cases run the script's main()
+in this process (most are refused before any model loads); two-process cases run `bash run.sh` as users do.
+"""
+
+import pytest
+
+import demo
+import train_scorer
+from conftest import run_cli
+
+# --- train_scorer.py --------------------------------------------------------------------------------------------
+# (id, argv, processes, exit code, expected text). Placeholders: {model} {train} {eval} (the scorer demo), {out} (a
+# fresh folder), {file} (a plain file), {half_bad} (two shards, the second one's samples all bad).
+SCORER_BASE = ["--model_name_or_path", "{model}", "--output_dir", "{out}", "--num_types", "3", "--min_pixels", "1024",
+               "--max_pixels", "4096", "--use_cpu", "--disable_tqdm", "true", "--logging_steps", "1",
+               "--save_strategy", "no", "--dataloader_num_workers", "0", "--per_device_train_batch_size", "4"]
+SCORER_TRAIN = [*SCORER_BASE, "--train_shards", "{train}"]
+SCORER_PREDICT = [*SCORER_BASE, "--predict_shards", "{eval}", "--do_predict"]
+SCORER_CASES = [
+    # a schedule that covers every step, or a learning rate the polynomial decay cannot reach (issue item 1)
+    ("max_steps_1", [*SCORER_TRAIN, "--max_steps", "1"], 1, 0, "trained 1 steps"),
+    ("warmup_all_steps", [*SCORER_TRAIN, "--max_steps", "2", "--warmup_steps", "2"], 1, 0, "trained 2 steps"),
+    ("one_epoch_of_one_step", [*SCORER_TRAIN, "--epoch_samples", "4", "--num_train_epochs", "1"], 1, 0,
+     "trained 1 steps"),
+    ("lr_below_lr_end", [*SCORER_TRAIN, "--max_steps", "2", "--learning_rate", "1e-8"], 1, 2, "--learning_rate"),
+    # paths that do not exist (2), pixel bounds (5), outputs (7)
+    ("model_path_missing", [*SCORER_TRAIN, "--model_name_or_path", "{out}/no-such-model"], 1, 2,
+     "--model_name_or_path"),
+    ("model_path_typo", [*SCORER_TRAIN, "--model_name_or_path", "Qwen/Qwen3-VL-8B-Instruct/"], 1, 2,
+     "--model_name_or_path"),
+    ("resume_missing", [*SCORER_TRAIN, "--max_steps", "2", "--resume_from_checkpoint", "{out}/checkpoint-9"], 1, 2,
+     "--resume_from_checkpoint"),
+    ("min_pixels_above_max", [*SCORER_TRAIN, "--min_pixels", "8192", "--max_pixels", "4096"], 1, 2,
+     "--min_pixels 8192 --max_pixels 4096"),
+    ("predict_output_under_a_file", [*SCORER_PREDICT, "--predict_output", "{file}/predictions.jsonl"], 1, 2,
+     "--predict_output {file}/predictions.jsonl"),
+    ("predict_output_without_predicting", [*SCORER_TRAIN, "--predict_output", "{out}/p.jsonl"], 1, 2,
+     "--predict_output"),
+    ("predict_shards_without_do_predict", [*SCORER_TRAIN, "--predict_shards", "{eval}"], 1, 2, "--do_predict"),
+    ("image_root_missing", [*SCORER_BASE, "--predict_file", "{file}", "--image_root", "{out}/photos"], 1, 2,
+     "--image_root {out}/photos"),
+    # a shard whose samples are all bad, under two processes: one rank's verdict, every rank stops cleanly (6)
+    ("rank_without_usable_samples", [*SCORER_BASE, "--train_shards", "{half_bad}", "--max_steps", "4",
+                                     "--per_device_train_batch_size", "2"], 2, 2,
+     "half-bad-000001.tar: no usable sample for rank 1"),
+    # prediction from heads nothing trained (12)
+    ("predict_untrained_heads", SCORER_PREDICT, 1, 2, "--allow_untrained_heads"),
+    ("predict_untrained_heads_on_purpose", [*SCORER_PREDICT, "--allow_untrained_heads"], 1, 0,
+     "predictions for 48 samples"),
+    # an evaluation of bad samples only: an error, on one process and on two; many bad ones: a warning (12)
+    ("eval_all_bad", [*SCORER_BASE, "--eval_shards", "{eval}", "--max_len", "8"], 1, 2,
+     "evaluation: all 48 samples are bad, the first: "),
+    ("eval_all_bad_two_processes", [*SCORER_BASE, "--eval_shards", "{eval}", "--max_len", "8"], 2, 2,
+     "evaluation: all 48 samples are bad, the first: "),
+    ("eval_num_types_below_labels", [*SCORER_BASE, "--eval_shards", "{eval}", "--num_types", "2"], 1, 0,
+     "warning: 18 of 48 evaluation samples (38%) were skipped as bad"),
+    ("train_num_types_below_labels", [*SCORER_TRAIN, "--max_steps", "2", "--num_types", "2"], 1, 0,
+     "warning: 8 of 16 training samples (50%) were skipped as bad"),
+    # legal-looking values that cannot mean what they say (13, and beyond)
+    ("max_len_negative", [*SCORER_TRAIN, "--max_len", "-1"], 1, 2, "--max_len -1"),
+    ("type_weight_negative", [*SCORER_TRAIN, "--type_weight", "-1"], 1, 2, "--type_weight -1"),
+    ("score_weight_nan", [*SCORER_TRAIN, "--score_weight", "nan"], 1, 2, "--score_weight nan"),
+    ("every_loss_weight_0", [*SCORER_TRAIN, "--score_weight", "0", "--type_weight", "0"], 1, 2, "weight 0"),
+    ("epoch_samples_0", [*SCORER_TRAIN, "--epoch_samples", "0"], 1, 2, "--epoch_samples 0"),
+    ("epoch_samples_0_two_processes", [*SCORER_TRAIN, "--epoch_samples", "0"], 2, 2, "--epoch_samples 0"),
+    ("shuffle_buffer_negative", [*SCORER_TRAIN, "--shuffle_buffer", "-1"], 1, 2, "--shuffle_buffer -1"),
+]
+
+
+@pytest.fixture(scope="module")
+def scorer_places(scorer_demo, tmp_path_factory):
+    """The placeholders' values, but {out}: the demo, a plain file, two shards of which the second is all bad."""
+    root = tmp_path_factory.mktemp("bad-input")
+    (root / "a-file").write_text("not a folder\n")
+    bad = demo.make_vl_samples(6, seed=8, prefix="bad")
+    for sample in bad:
+        sample["json"] = b'{"prompt": "p", "score": 1.0, "type": 9}'  # --num_types 3: out of range
+    demo.write_shard(root / "half-bad-000000.tar", demo.make_vl_samples(8, seed=9, prefix="fine"))
+    demo.write_shard(root / "half-bad-000001.tar", bad)
+    return {"model": scorer_demo[0], "train": scorer_demo[1], "eval": scorer_demo[2], "file": str(root / "a-file"),
+            "half_bad": f"{root}/half-bad-{{000000..000001}}.tar"}
+
+
+def outcome(main, script, argv, processes, capsys):
+    """(exit code, output) of a command line: main(argv) in this process, or `bash run.sh` with N processes."""
+    if processes > 1:
+        result = run_cli(["bash", "run.sh", script, *argv], env={"NPROC_PER_NODE": str(processes),
+                                                                 "OMP_NUM_THREADS": "1"}, timeout=180)
+        return result.returncode, result.stdout + result.stderr
+    capsys.readouterr()
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def check_outcome(code, output, expected_code, expected):
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert "Traceback" not in output, output[-3000:]
+    assert code == expected_code, output[-3000:]
+    if expected_code == 2:
+        assert len(errors) == 1 and expected in errors[0], errors or output[-3000:]
+    else:
+        assert not errors and expected in output, output[-3000:]
+
+
+@pytest.mark.parametrize("argv, processes, code, expected", [case[1:] for case in SCORER_CASES],
+                         ids=[case[0] for case in SCORER_CASES])
+def test_scorer_bad_input(scorer_places, tmp_path, capsys, argv, processes, code, expected):
+    places = {**scorer_places, "out": str(tmp_path / "out")}
+    argv = [arg.format(**places) for arg in argv]
+    check_outcome(*outcome(train_scorer.main, "train_scorer.py", argv, processes, capsys), code,
+                  expected.format(**places))
