@@ -174,14 +174,17 @@ class DataArguments:
         "help": "Build a tiny random Qwen3-VL and synthetic shards in a temporary folder; train, evaluate, predict."})
 
 
+CUBIC = {"power": 3.0}  # the default schedule's options: a polynomial decay of power 3
+
+
 @dataclass
 class ScorerArguments(TrainingDefaults):
     output_dir: str = field(default="outputs/scorer-qwen3-vl", metadata={"help": "Checkpoints and the final model."})
     learning_rate: float = field(default=1e-5, metadata={"help": "Peak learning rate (backbone)."})
     head_lr: float = field(default=None, metadata={"help": "Peak learning rate of the heads (default: learning_rate)."})
     lr_scheduler_type: str = field(default="polynomial", metadata={"help": "Learning-rate schedule."})
-    lr_scheduler_kwargs: dict | str | None = field(default_factory=lambda: {"power": 3.0}, metadata={
-        "help": "Schedule options (JSON), default a cubic decay."})
+    lr_scheduler_kwargs: dict | str | None = field(default_factory=lambda: dict(CUBIC), metadata={
+        "help": "Schedule options (JSON), default a cubic decay (for another --lr_scheduler_type: none)."})
     warmup_steps: float = field(default=0.03, metadata={"help": "Warmup: steps, or a share of all steps if < 1."})
     weight_decay: float = field(default=0.02, metadata={"help": "AdamW weight decay (not on biases and norms)."})
     activation_checkpointing: bool = field(default=None, metadata={
@@ -195,6 +198,8 @@ class ScorerArguments(TrainingDefaults):
         unset = self.activation_checkpointing is None and self.gradient_checkpointing is None
         self.activation_checkpointing_auto = unset
         super().__post_init__()
+        if self.lr_scheduler_type != "polynomial" and self.lr_scheduler_kwargs == CUBIC:
+            self.lr_scheduler_kwargs = {}  # the default's `power` is the polynomial schedule's option alone
 
 
 ARGUMENTS = (ModelArguments, DataArguments, LoraArguments, ScorerArguments)  # flags and config-file keys
@@ -997,9 +1002,10 @@ def target_flags_problem(model_args):
     return None
 
 
-def value_flags_problem(model_args, data_args, trains):
-    """What is wrong with the range of a scorer flag (the shared ones: training_plan.check_flags), or None. `trains`:
-    this run trains (then some loss must count)."""
+def value_flags_problem(model_args, data_args, args):
+    """What is wrong with the value of a flag of the scorer's own (the shared ones: training_plan.check_flags), or
+    None."""
+    trains = data_args.train_shards is not None  # then some loss must count
     weights = {name: getattr(model_args, f"{name}_weight", 1.0) for name in LABELS}
     for name, weight in weights.items():
         if not (math.isfinite(weight) and weight >= 0):  # a negative weight trains its head to be wrong
@@ -1007,9 +1013,16 @@ def value_flags_problem(model_args, data_args, trains):
     if trains and not any(weights.values()) and not model_args.rank_weight:
         return (f"every loss has weight 0 ({', '.join(f'--{name}_weight' for name in LABELS)}, --rank_weight): "
                 f"nothing would train")
+    if args.head_lr is not None and not (math.isfinite(args.head_lr) and args.head_lr >= 0):
+        return f"--head_lr {args.head_lr:g}: give a learning rate of 0 or more (or leave it out: --learning_rate)"
+    if not isinstance(args.lr_scheduler_kwargs, dict | None):
+        return (f"--lr_scheduler_kwargs {args.lr_scheduler_kwargs}: give the schedule's options as a JSON object, "
+                f"e.g. '{{\"power\": 2.0}}'")
     if not 0 <= data_args.min_pixels <= data_args.max_pixels:  # qwen-vl-utils asserts it in every image it resizes
         return (f"--min_pixels {data_args.min_pixels} --max_pixels {data_args.max_pixels}: need 0 <= --min_pixels "
                 f"<= --max_pixels")
+    if data_args.max_pixels < 32 * 32:  # qwen-vl-utils would divide by 0, or make every image 0 pixels wide
+        return f"--max_pixels {data_args.max_pixels}: less than one visual token (32x32 = 1024 pixels)"
     if data_args.max_len < 1:
         return f"--max_len {data_args.max_len}: give the longest sample in tokens (at least 1)"
     if data_args.epoch_samples is not None and data_args.epoch_samples < 1:
@@ -1039,7 +1052,7 @@ def settle_flags(model_args, data_args, lora_args, args):
     predict_shards = settle_prediction(data_args, args)
     if problem := target_flags_problem(model_args):
         fail(problem)
-    if problem := value_flags_problem(model_args, data_args, trains=data_args.train_shards is not None):
+    if problem := value_flags_problem(model_args, data_args, args):
         fail(problem, every_rank=True)  # flags alone: every rank meets it at the same point, rank 0 says it
     check_model(model_args, data_args, args)
     if data_args.train_shards is None and data_args.eval_shards is None and not args.do_predict:
@@ -1066,6 +1079,8 @@ def settle_flags(model_args, data_args, lora_args, args):
              "per-layer gathers cannot do; a frozen backbone needs no --fsdp")
     if data_args.feature_cache is None and model_args.freeze_backbone and not args.fsdp and not args.dry_run:
         cache_folder = os.path.join(args.output_dir, "feature_cache")
+    if cache_folder and os.path.exists(cache_folder) and not os.path.isdir(cache_folder):
+        fail(f"--feature_cache {cache_folder}: not a folder; give a folder (or none)")
     if model_args.freeze_backbone:
         args.activation_checkpointing = False  # nothing to recompute: the backbone runs without autograd
     elif args.activation_checkpointing_auto:  # under FSDP its own checkpointing (fsdp_config) replaces the Trainer's

@@ -68,6 +68,14 @@ SCORER_CASES = [
     ("epoch_samples_0", [*SCORER_TRAIN, "--epoch_samples", "0"], 1, 2, "--epoch_samples 0"),
     ("epoch_samples_0_two_processes", [*SCORER_TRAIN, "--epoch_samples", "0"], 2, 2, "--epoch_samples 0"),
     ("shuffle_buffer_negative", [*SCORER_TRAIN, "--shuffle_buffer", "-1"], 1, 2, "--shuffle_buffer -1"),
+    ("head_lr_negative", [*SCORER_TRAIN, "--head_lr", "-1"], 1, 2, "--head_lr -1"),
+    ("max_pixels_0", [*SCORER_TRAIN, "--min_pixels", "0", "--max_pixels", "0"], 1, 2, "--max_pixels 0"),
+    ("schedule_options_not_json", [*SCORER_TRAIN, "--lr_scheduler_kwargs", "power=2"], 1, 2,
+     "--lr_scheduler_kwargs power=2"),
+    ("cosine_schedule_with_the_default_options", [*SCORER_TRAIN, "--max_steps", "2", "--lr_scheduler_type", "cosine"],
+     1, 0, "trained 2 steps"),
+    ("feature_cache_a_file", [*SCORER_TRAIN, "--freeze_backbone", "--feature_cache", "{file}"], 1, 2,
+     "--feature_cache {file}"),
 ]
 
 
