@@ -491,15 +491,37 @@ def open_image(member, data, decode=True):
         raise DataError(f"image .{member}: cannot decode ({type(e).__name__}: {e})") from None
 
 
+def pixel_bounds(min_pixels=None, max_pixels=None, patch_size=VL_IMAGE_PATCH_SIZE):
+    """(min_pixels, max_pixels) as `resized_size` applies them: None is qwen_vl_utils' own bound."""
+    from qwen_vl_utils.vision_process import IMAGE_MAX_TOKEN_NUM, IMAGE_MIN_TOKEN_NUM, SPATIAL_MERGE_SIZE
+
+    factor = patch_size * SPATIAL_MERGE_SIZE
+    return (IMAGE_MIN_TOKEN_NUM * factor ** 2 if min_pixels is None else min_pixels,
+            IMAGE_MAX_TOKEN_NUM * factor ** 2 if max_pixels is None else max_pixels)
+
+
+def pixel_bounds_problem(min_pixels=None, max_pixels=None):
+    """Why --min_pixels / --max_pixels cannot resize any image (qwen_vl_utils asserts on it inside the data
+    stream), or None: the flags checked before any data is read."""
+    low, high = pixel_bounds(min_pixels, max_pixels)
+    if low < 1 or high < 1:
+        return f"--min_pixels {low} / --max_pixels {high}: both must be positive"
+    if low > high:
+        return (f"--min_pixels {low} is above --max_pixels {high}"
+                + ("" if min_pixels is not None and max_pixels is not None else " (qwen_vl_utils' default for the "
+                                                                                 "other one)")
+                + ": no image size satisfies both; lower --min_pixels or raise --max_pixels")
+    return None
+
+
 def resized_size(member, width, height, min_pixels=None, max_pixels=None, patch_size=VL_IMAGE_PATCH_SIZE):
     """(height, width) that `qwen_vl_utils.process_vision_info` resizes an image to (multiples of patch x merge
     size within the pixel bounds; None: qwen_vl_utils' own bounds). DataError where it cannot (aspect ratio over
     200, a side that would become 0): training checks this before encoding, token_stats counts tokens from it."""
-    from qwen_vl_utils.vision_process import IMAGE_MAX_TOKEN_NUM, IMAGE_MIN_TOKEN_NUM, SPATIAL_MERGE_SIZE, smart_resize
+    from qwen_vl_utils.vision_process import SPATIAL_MERGE_SIZE, smart_resize
 
     factor = patch_size * SPATIAL_MERGE_SIZE
-    min_pixels = IMAGE_MIN_TOKEN_NUM * factor ** 2 if min_pixels is None else min_pixels
-    max_pixels = IMAGE_MAX_TOKEN_NUM * factor ** 2 if max_pixels is None else max_pixels
+    min_pixels, max_pixels = pixel_bounds(min_pixels, max_pixels, patch_size)
     try:
         h, w = smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
     except ValueError as e:

@@ -82,7 +82,7 @@ from transformers import initialization as init
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLModel, Qwen3VLPreTrainedModel
 
-from collate import LABELS, DataError, VLEncoder, missing_chat_template
+from collate import LABELS, DataError, VLEncoder, missing_chat_template, pixel_bounds_problem
 from curves import calibration, write_eval_report, write_training_curves
 from data import (BadSample, ManifestSource, ShardStream, count_samples, expand_shards, label_statistics, make_loader,
                   manifest_rows)
@@ -1018,11 +1018,8 @@ def value_flags_problem(model_args, data_args, args):
     if not isinstance(args.lr_scheduler_kwargs, dict | None):
         return (f"--lr_scheduler_kwargs {args.lr_scheduler_kwargs}: give the schedule's options as a JSON object, "
                 f"e.g. '{{\"power\": 2.0}}'")
-    if not 0 <= data_args.min_pixels <= data_args.max_pixels:  # qwen-vl-utils asserts it in every image it resizes
-        return (f"--min_pixels {data_args.min_pixels} --max_pixels {data_args.max_pixels}: need 0 <= --min_pixels "
-                f"<= --max_pixels")
-    if data_args.max_pixels < 32 * 32:  # qwen-vl-utils would divide by 0, or make every image 0 pixels wide
-        return f"--max_pixels {data_args.max_pixels}: less than one visual token (32x32 = 1024 pixels)"
+    if problem := pixel_bounds_problem(data_args.min_pixels, data_args.max_pixels):
+        return problem
     if data_args.max_len < 1:
         return f"--max_len {data_args.max_len}: give the longest sample in tokens (at least 1)"
     if data_args.epoch_samples is not None and data_args.epoch_samples < 1:

@@ -7,8 +7,10 @@ in this process (most are refused before any model loads); two-process cases run
 """
 
 import pytest
+from PIL import Image
 
 import demo
+import make_shards
 import train_scorer
 from conftest import run_cli
 
@@ -35,7 +37,7 @@ SCORER_CASES = [
     ("resume_missing", [*SCORER_TRAIN, "--max_steps", "2", "--resume_from_checkpoint", "{out}/checkpoint-9"], 1, 2,
      "--resume_from_checkpoint"),
     ("min_pixels_above_max", [*SCORER_TRAIN, "--min_pixels", "8192", "--max_pixels", "4096"], 1, 2,
-     "--min_pixels 8192 --max_pixels 4096"),
+     "--min_pixels 8192 is above --max_pixels 4096"),
     ("predict_output_under_a_file", [*SCORER_PREDICT, "--predict_output", "{file}/predictions.jsonl"], 1, 2,
      "--predict_output {file}/predictions.jsonl"),
     ("predict_output_without_predicting", [*SCORER_TRAIN, "--predict_output", "{out}/p.jsonl"], 1, 2,
@@ -79,6 +81,16 @@ SCORER_CASES = [
 ]
 
 
+# --- make_shards.py -----------------------------------------------------------------------------------------------
+# (id, argv, processes, exit code, expected text). Placeholders: {manifest} (a JSON Lines manifest of 2 rows), {out}.
+SHARDS_CASES = [
+    ("pixel_bounds_inverted", ["--manifest", "{manifest}", "--output_dir", "{out}", "--min_pixels", "8192",
+                               "--max_pixels", "4096"], 1, 2, "--min_pixels 8192 is above --max_pixels 4096"),
+    ("max_pixels_0", ["--manifest", "{manifest}", "--output_dir", "{out}", "--min_pixels", "0", "--max_pixels", "0"],
+     1, 2, "--max_pixels 0"),
+]
+
+
 @pytest.fixture(scope="module")
 def scorer_places(scorer_demo, tmp_path_factory):
     """The placeholders' values, but {out}: the demo, a plain file, two shards of which the second is all bad."""
@@ -91,6 +103,15 @@ def scorer_places(scorer_demo, tmp_path_factory):
     demo.write_shard(root / "half-bad-000001.tar", bad)
     return {"model": scorer_demo[0], "train": scorer_demo[1], "eval": scorer_demo[2], "file": str(root / "a-file"),
             "half_bad": f"{root}/half-bad-{{000000..000001}}.tar"}
+
+
+@pytest.fixture(scope="module")
+def shards_places(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad-manifest")
+    Image.new("RGB", (40, 40), (10, 20, 30)).save(root / "a.png")
+    (root / "m.jsonl").write_text('{"prompt": "p", "score": 1.0, "type": 0, "images": ["a.png"]}\n'
+                                  '{"prompt": "q", "score": 2.0, "type": 1, "images": []}\n')
+    return {"manifest": str(root / "m.jsonl")}
 
 
 def outcome(main, script, argv, processes, capsys):
@@ -125,4 +146,13 @@ def test_scorer_bad_input(scorer_places, tmp_path, capsys, argv, processes, code
     places = {**scorer_places, "out": str(tmp_path / "out")}
     argv = [arg.format(**places) for arg in argv]
     check_outcome(*outcome(train_scorer.main, "train_scorer.py", argv, processes, capsys), code,
+                  expected.format(**places))
+
+
+@pytest.mark.parametrize("argv, processes, code, expected", [case[1:] for case in SHARDS_CASES],
+                         ids=[case[0] for case in SHARDS_CASES])
+def test_make_shards_bad_input(shards_places, tmp_path, capsys, argv, processes, code, expected):
+    places = {**shards_places, "out": str(tmp_path / "out")}
+    argv = [arg.format(**places) for arg in argv]
+    check_outcome(*outcome(make_shards.main, "make_shards.py", argv, processes, capsys), code,
                   expected.format(**places))
