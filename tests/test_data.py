@@ -429,9 +429,10 @@ class TestResume:
             f.truncate(2 * 1024 + 600)  # samples 0 and 1 (a 512-byte header and a 512-byte block each), then a cut
         stream = ShardStream(paths, KeyOnly(), 3, 0, batches_per_epoch=3)
         stream.resume_at(1, ())
-        keys, bad, _ = run_rank(stream, 0)
-        assert keys == [] and stream.encoder.encoded == [] and [b.fatal for b in bad] == [True]
-        assert "cannot read as a tar shard" in str(bad[0])
+        keys, bad, batches = run_rank(stream, 0)
+        assert keys == [] and stream.encoder.encoded == [] and [b.fatal for b in bad] == [True, True]
+        assert "cannot read as a tar shard" in str(bad[0]) and bad[1] == bad[0]
+        assert batches == [0, 0]  # the resumed epoch's batches 1 and 2: the error, then the same again
 
 
 class TestBuckets:
