@@ -640,8 +640,9 @@ class ShardStream(torch.utils.data.IterableDataset):
     them and keeps every n-th sample, so even one shard splits exactly over two ranks (a slot reads only its own
     samples' members of a local shard: `shard_samples`). Exact mode (`batches_per_epoch` None): each slot yields its
     samples once, in order. Training mode: each slot cycles through its share, reshuffled every pass, and the workers
-    of a rank yield `batches_per_epoch` full batches between them, so every rank runs the same number of steps; a
-    resumed run starts the epoch at its step (`resume_at`). A batch is `collate_vl`'s dict plus `order` ((shard,
+    of a rank yield `batches_per_epoch` full batches between them, so every rank runs the same number of steps (after
+    a fatal error too: the rest are batches of no sample that carry the error); a resumed run starts the epoch at its
+    step (`resume_at`). A batch is `collate_vl`'s dict plus `order` ((shard,
     index) per sample) and `bad_samples` (BadSample list) that the main process counts or turns into an error;
     `stop_at_bad` ends an exact stream at its first bad sample (no point reading on when the run will stop).
 
@@ -779,6 +780,12 @@ class ShardStream(torch.utils.data.IterableDataset):
             features, order, lengths = [], [], []
         if features or bad:
             yield self._batch(features, order, lengths, bad)
+        if bad and bad[-1].fatal and quota is not None:
+            # A training stream keeps its rank in step with the others: the rest of its batches carry only the
+            # error, so the trainer can run stand-in steps until every rank stops together (a rank that left at
+            # once would leave the others in a collective, to fail with the library's traceback).
+            for _ in range(quota - max(made, skip) - 1):
+                yield self._batch([], [], [], [bad[-1]])
 
     def _batch(self, features, order, lengths, bad):
         batch = {**(self.collate(features, self.pad_token_id) if features else {}), "order": order, "bad_samples": bad}

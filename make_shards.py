@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
 
-from collate import DataError, decode_vl_sample
+from collate import DataError, decode_vl_sample, pixel_bounds_problem
 from data import manifest_checked, read_manifest
 from plumbing import fail, parse_arguments
 
@@ -232,6 +232,8 @@ def check_flags(args):
     for name in ("samples_per_shard", "max_shard_bytes", "num_workers", "num_types"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             fail(f"--{name} must be positive")
+    if problem := pixel_bounds_problem(args.min_pixels, args.max_pixels):  # before qwen_vl_utils asserts on a row
+        fail(problem)
     if args.samples_per_shard is None and args.max_shard_bytes is None:
         args.samples_per_shard = DEFAULT_SAMPLES_PER_SHARD
     if not os.path.isfile(args.manifest):

@@ -54,7 +54,8 @@ epoch. Training batches group samples of similar token length within each shuffl
 rank draws its batch from the same length band, so no step waits for one rank's long batch (--bucket_by_length).
 Evaluation and prediction read every sample exactly once, whatever the number of ranks and shards.
 Bad samples (undecodable image, missing image, bad json field, type out of range, NaN score) are skipped and
-counted (`--on_bad_sample skip`) or stop the run with exit code 2 (`error`).
+counted (`--on_bad_sample skip`) or stop the run with exit code 2 (`error`). More than 10% of a split skipped is a
+warning naming the most common problem; an evaluation or prediction without one good sample is an error.
 A run that finds `checkpoint-*` folders in --output_dir resumes from the newest one, its stream positioned at that step
 without decoding the images of the steps before.
 The score head learns standardized scores (the training labels' mean and std, counted at start and kept in the saved
@@ -67,10 +68,12 @@ Precision and memory as in sft_qwen2.py (training_plan.py): under bf16 what trai
 parts stay bf16, the heads are fp32; rank 0 prints the policy and a per-GPU memory plan at start.
 """
 
+import collections
 import functools
 import json
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -85,19 +88,19 @@ from transformers import initialization as init
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLModel, Qwen3VLPreTrainedModel
 
-from collate import LABELS, DataError, VLEncoder, missing_chat_template
+from collate import LABELS, DataError, VLEncoder, missing_chat_template, pixel_bounds_problem
 from curves import calibration, write_eval_report, write_training_curves
 from data import (BadSample, ManifestSource, ShardStream, count_samples, expand_shards, label_statistics, make_loader,
                   manifest_rows)
 from feature_cache import open_feature_cache
 from feature_cache import settings as feature_settings
-from plumbing import (TrainingDefaults, check_output_dir, demo_dir, fail, final_evaluation, leave_process_group,
-                      log, parse_arguments, patient_group, prepare_demo, settle_best_metric, wait_for_every_rank,
-                      weights_source)
+from plumbing import (TrainingDefaults, check_output_dir, check_output_file, demo_dir, fail, final_evaluation,
+                      leave_process_group, load_pretrained, log, parse_arguments, patient_group, prepare_demo,
+                      settle_best_metric, wait_for_every_rank, warn, weights_source)
 from reliability import (GracefulStop, MarkComplete, SkipNonFinite, all_ranks_max, best_model_summary,
-                         checkpoint_to_resume, early_stopping, exit_if_failed, exit_if_stopped, rank_0s,
-                         resume_mismatch, run_record, shared_output_problem)
-from training_plan import (LoraArguments, add_lora, check_flags, check_loader_shm, checkpoint_dtype,
+                         check_resume_flag, checkpoint_to_resume, early_stopping, exit_if_failed, exit_if_stopped,
+                         finished_run, rank_0s, resume_mismatch, run_record, shared_output_problem)
+from training_plan import (LoraArguments, add_lora, check_flags, check_loader_shm, checkpoint_dtype, fit_warmup,
                            keep_fp32_under_fsdp, load_dtype, load_device, loader_sample_bytes, loads_on_main_only,
                            lora_parameter_count, lora_settings, memory_plan, optimizer_steps, reduce_every_micro_batch,
                            save_final_model, steps_line, to_base_dtype, use_fsdp_precision, use_precision_policy)
@@ -117,6 +120,9 @@ class ModelArguments:
     freeze_vision: bool = field(default=False, metadata={"help": "Freeze the vision tower; train LLM + heads."})
     allow_pickle: bool = field(default=False, metadata={
         "help": "Also load pickle weights (.bin), which can run arbitrary code; by default only safetensors."})
+    allow_untrained_heads: bool = field(default=False, metadata={
+        "help": "Predict (--do_predict without training) from a checkpoint that is not a trained scorer, with heads "
+                "as new ones start (an untrained baseline); without it that is refused."})
     score_weight: float = field(default=1.0, metadata={"help": "Weight of the score loss (MSE) in the total."})
     type_weight: float = field(default=1.0, metadata={"help": "Weight of the type loss (cross-entropy) in the total."})
     score_norm: str = field(default="standardize", metadata={
@@ -175,14 +181,17 @@ class DataArguments:
         "help": "Build a tiny random Qwen3-VL and synthetic shards in a temporary folder; train, evaluate, predict."})
 
 
+CUBIC = {"power": 3.0}  # the default schedule's options: a polynomial decay of power 3
+
+
 @dataclass
 class ScorerArguments(TrainingDefaults):
     output_dir: str = field(default="outputs/scorer-qwen3-vl", metadata={"help": "Checkpoints and the final model."})
     learning_rate: float = field(default=1e-5, metadata={"help": "Peak learning rate (backbone)."})
     head_lr: float = field(default=None, metadata={"help": "Peak learning rate of the heads (default: learning_rate)."})
     lr_scheduler_type: str = field(default="polynomial", metadata={"help": "Learning-rate schedule."})
-    lr_scheduler_kwargs: dict | str | None = field(default_factory=lambda: {"power": 3.0}, metadata={
-        "help": "Schedule options (JSON), default a cubic decay."})
+    lr_scheduler_kwargs: dict | str | None = field(default_factory=lambda: dict(CUBIC), metadata={
+        "help": "Schedule options (JSON), default a cubic decay (for another --lr_scheduler_type: none)."})
     warmup_steps: float = field(default=0.03, metadata={"help": "Warmup: steps, or a share of all steps if < 1."})
     weight_decay: float = field(default=0.02, metadata={"help": "AdamW weight decay (not on biases and norms)."})
     activation_checkpointing: bool = field(default=None, metadata={
@@ -196,6 +205,8 @@ class ScorerArguments(TrainingDefaults):
         unset = self.activation_checkpointing is None and self.gradient_checkpointing is None
         self.activation_checkpointing_auto = unset
         super().__post_init__()
+        if self.lr_scheduler_type != "polynomial" and self.lr_scheduler_kwargs == CUBIC:
+            self.lr_scheduler_kwargs = {}  # the default's `power` is the polynomial schedule's option alone
 
 
 ARGUMENTS = (ModelArguments, DataArguments, LoraArguments, ScorerArguments)  # flags and config-file keys
@@ -522,6 +533,34 @@ def scorer_metrics(rows, weights, prefix="eval", std=None, class_weights=None):
     return metrics, details
 
 
+MANY_BAD = 0.1  # more than this share of a split's samples skipped as bad: a warning says what they had
+
+
+def warn_if_many_bad(split, bad, samples, warned=None):
+    """One warning line when more than MANY_BAD of a split's `samples` (good and bad) were skipped as `bad`
+    (data.BadSample list): how many, the most common problem (its numbers aside) with an example, and a hint: so many
+    usually means a flag that does not fit the data (--num_types below the labels, --max_len below the samples).
+    Once per split in a run when `warned` (a set) keeps count."""
+    if len(bad) <= MANY_BAD * samples or split in (warned if warned is not None else ()):
+        return
+    kinds = collections.Counter(re.sub(r"\d+", "#", b.problem) for b in bad)
+    kind, count = kinds.most_common(1)[0]
+    example = next(b for b in bad if re.sub(r"\d+", "#", b.problem) == kind)
+    warn(f"{len(bad)} of {samples} {split} samples ({len(bad) / samples:.0%}) were skipped as bad, {count} of them "
+         f"like {example}; if the data is right, a flag does not fit it (e.g. --num_types, --max_len, --max_pixels)")
+    if warned is not None:
+        warned.add(split)
+
+
+def check_bad_share(split, rows, bad, warned=None):
+    """After an exact pass (evaluation, prediction; `rows` and `bad` the same on every rank): no good sample at all is
+    an error of every rank (exit 0 with no metrics or an empty file would hide it), many bad ones a warning."""
+    if not rows:
+        raise AllRanksError(f"{split}: all {len(bad)} samples are bad, the first: {bad[0]}" if bad
+                            else f"{split}: no sample to read")
+    warn_if_many_bad(split, bad, len(rows) + len(bad), warned)
+
+
 def per_sample(heads):
     """A batch's head outputs ({label: tensor}) as one {label: float or list of logits} per sample: one
     device-to-host copy per head and batch, not one sync per sample."""
@@ -686,13 +725,14 @@ class ScorerTrainer(Trainer):
         self.resumed_bad = None  # bad_positions as the checkpoint resumed from recorded them
         super().__init__(*args, callbacks=[_KeepBadPositions(self.bad_positions), *(callbacks or [])], **kwargs)
         self.head_lr, self.on_bad_sample = head_lr, on_bad_sample
-        self.train_bad = set()  # (shard, key) skipped on this rank while training
+        self.train_bad = {}  # {(shard, key): problem} skipped on this rank while training
         self.last_keys = []  # the sample keys of this rank's latest training batch
-        self._train_error = None  # the first bad training sample in `error` mode
+        self._train_error = None  # the first bad training sample in `error` mode, or the first fatal one
         self.loss_names = list(self.model.loss_weights())  # each label's, and "rank" with the ranking loss
         self._head_sums, self._head_steps = torch.zeros(len(self.loss_names), device=self.args.device), 0
         self.eval_details = {}  # the latest evaluation's per-class ROC-AUCs, confusion matrices, reliability bins
         self.eval_rows = []  # the latest evaluation's samples (heads and labels), for eval_report.png where it is drawn
+        self.warned = set()  # splits warn_if_many_bad has warned about (once per run, not at every evaluation)
 
     def get_train_dataloader(self):
         return make_loader(self.train_dataset, self.args)
@@ -737,15 +777,21 @@ class ScorerTrainer(Trainer):
 
     def _note_train_bad(self, found):
         """Bad samples met in a training batch: counted, or in `error` mode kept until every rank stops together at
-        the next logging step (a rank that stopped alone would leave the others waiting in a collective)."""
+        the next logging step (a rank that stopped alone would leave the others waiting in a collective). So is a
+        fatal one (this rank's stream cannot go on), whatever the mode: the stream then gives stand-in batches."""
         for bad in found:
-            if bad.fatal:  # this rank's stream cannot go on
-                raise DataError(str(bad))
-            self.bad_positions.add((bad.shard, bad.index))
-            if self.on_bad_sample == "error":
+            if bad.fatal or self.on_bad_sample == "error":
                 self._train_error = self._train_error or bad
             else:
-                self.train_bad.add((bad.shard, bad.key))
+                self.train_bad[(bad.shard, bad.key)] = bad.problem
+            if not bad.fatal:
+                self.bad_positions.add((bad.shard, bad.index))
+
+    def one_token(self):
+        """The inputs of a stand-in forward, one pad token: the same collectives as a real batch (FSDP's per-layer
+        gathers, DDP's buffer broadcast and gradient reduction; the vision tower's too, on a blank image)."""
+        pad = torch.tensor([[self.processing_class.tokenizer.pad_token_id]], device=self.args.device)
+        return {"input_ids": pad, "attention_mask": torch.ones_like(pad)}
 
     def last_batches(self):
         """Every rank's latest training batch, as sample keys (a collective: every rank calls it together)."""
@@ -759,6 +805,10 @@ class ScorerTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self._note_train_bad(inputs.get("bad_samples", []))
+        if "keys" not in inputs:  # a stand-in batch after a fatal error (data.ShardStream): a step that changes
+            heads = model(**self.one_token()).heads  # nothing, with a real step's collectives, until the next log
+            loss = sum(out.sum() for out in heads.values()) * 0.0
+            return (loss, None) if return_outputs else loss
         self.last_keys = inputs["keys"]  # named if non-finite losses stop the run
         outputs = model(**{k: v for k, v in inputs.items() if k not in self.META})
         if model.training:  # window sums of the per-head losses, logged as means across ranks by log()
@@ -794,10 +844,9 @@ class ScorerTrainer(Trainer):
                             for i in range(len(labels))]
                 heads = per_sample(model(**inputs).heads)
             return [{"heads": h, "labels": label} for h, label in zip(heads, labels)]
-        def one_token():  # the same per-layer gathers as a real batch (the vision tower's too, on a blank image)
-            pad = torch.tensor([[self.processing_class.tokenizer.pad_token_id]], device=self.args.device)
+        def one_token():
             with torch.no_grad(), self.accelerator.autocast():
-                model(input_ids=pad, attention_mask=torch.ones_like(pad))
+                model(**self.one_token())
         try:
             return exact_pass(stream, self.args, self.on_bad_sample, rows_of, unique=not features,
                               lockstep=one_token if self.args.fsdp else None, rows_to=0 if features else None,
@@ -808,6 +857,7 @@ class ScorerTrainer(Trainer):
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         start = time.time()
         rows, bad = self.exact_pass(eval_dataset or self.eval_dataset)
+        check_bad_share("evaluation", rows, bad, warned=self.warned)
         model = self.model
         metrics, self.eval_details = scorer_metrics(
             rows, model.loss_weights(), metric_key_prefix, std={n: model.standardization(n)[1] for n in LABELS
@@ -829,17 +879,19 @@ class ScorerTrainer(Trainer):
             r, b = self.exact_pass(stream, desc="prediction")
             rows += [((position[stream.shards[x["order"][0]]], x["order"][1]), x) for x in r]
             bad += b
+        check_bad_share("prediction", rows, bad)
         rows = [x for _, x in sorted(rows, key=lambda t: t[0])]
-        if self.args.process_index == 0:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        if self.args.process_index == 0:  # its folder was checked before any work (settle_prediction)
             with open(path, "w", encoding="utf-8") as f:
                 f.writelines(json.dumps(prediction(r)) + "\n" for r in rows)
         return len(rows), len(bad)
 
     def gathered_train_bad(self):
-        """Bad training samples skipped on each rank, and their union over ranks (a sample met twice counts once)."""
-        per_rank = gather_object([sorted(self.train_bad)])
-        return [len(r) for r in per_rank], len({b for r in per_rank for b in r})
+        """Bad training samples skipped on each rank (how many), and their union over ranks (data.BadSample list; a
+        sample met twice counts once)."""
+        per_rank = gather_object([sorted(self.train_bad.items())])
+        union = {where: problem for part in per_rank for where, problem in part}
+        return [len(part) for part in per_rank], [BadSample(*where, problem) for where, problem in union.items()]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -920,17 +972,26 @@ def dry_run_plan(streams, epoch_samples, image_token_id, on_bad_sample, args):
 def settle_prediction(data_args, args):
     """What --do_predict predicts: the spec of its shards (--predict_shards, else --eval_shards), or None where it
     predicts the rows of --predict_file (which turns --do_predict on)."""
+    predict_shards = None
     if data_args.predict_file is None:
         if data_args.image_root is not None:
             fail("--image_root is where the image paths of --predict_file start: it needs --predict_file")
         predict_shards = data_args.predict_shards if data_args.predict_shards is not None else data_args.eval_shards
         if args.do_predict and predict_shards is None:
             fail("--do_predict needs --predict_shards, --eval_shards or --predict_file")
-        return predict_shards
-    if data_args.predict_shards is not None:
+    elif data_args.predict_shards is not None:
         fail("--predict_file and --predict_shards: one predictions file holds one set of items, give one of them")
-    args.do_predict = True
-    return None
+    else:
+        args.do_predict = True
+        if data_args.image_root is not None and not os.path.isdir(data_args.image_root):
+            fail(f"--image_root {data_args.image_root}: no such folder")
+    if data_args.predict_shards is not None and not args.do_predict:
+        fail("--predict_shards are read with --do_predict: add it", every_rank=True)
+    if data_args.predict_output is not None:  # (the default, in --output_dir, is checked with it)
+        if not args.do_predict:
+            fail("--predict_output is where --do_predict or --predict_file writes: add one of them", every_rank=True)
+        check_output_file(data_args.predict_output, "--predict_output")  # before the work, not after it
+    return predict_shards
 
 
 def target_flags_problem(model_args):
@@ -963,12 +1024,56 @@ def target_flags_problem(model_args):
     return None
 
 
+def value_flags_problem(model_args, data_args, args):
+    """What is wrong with the value of a flag of the scorer's own (the shared ones: training_plan.check_flags), or
+    None."""
+    trains = data_args.train_shards is not None  # then some loss must count
+    weights = {name: getattr(model_args, f"{name}_weight", 1.0) for name in LABELS}
+    for name, weight in weights.items():
+        if not (math.isfinite(weight) and weight >= 0):  # a negative weight trains its head to be wrong
+            return f"--{name}_weight {weight:g}: give a weight of 0 (its head learns nothing) or more"
+    if trains and not any(weights.values()) and not model_args.rank_weight:
+        return (f"every loss has weight 0 ({', '.join(f'--{name}_weight' for name in LABELS)}, --rank_weight): "
+                f"nothing would train")
+    if args.head_lr is not None and not (math.isfinite(args.head_lr) and args.head_lr >= 0):
+        return f"--head_lr {args.head_lr:g}: give a learning rate of 0 or more (or leave it out: --learning_rate)"
+    if not isinstance(args.lr_scheduler_kwargs, dict | None):
+        return (f"--lr_scheduler_kwargs {args.lr_scheduler_kwargs}: give the schedule's options as a JSON object, "
+                f"e.g. '{{\"power\": 2.0}}'")
+    if problem := pixel_bounds_problem(data_args.min_pixels, data_args.max_pixels):
+        return problem
+    if data_args.max_len < 1:
+        return f"--max_len {data_args.max_len}: give the longest sample in tokens (at least 1)"
+    if data_args.epoch_samples is not None and data_args.epoch_samples < 1:
+        return (f"--epoch_samples {data_args.epoch_samples}: give at least 1, or leave it out (an epoch is then the "
+                f"training shards' samples)")
+    if data_args.shuffle_buffer < 0:
+        return f"--shuffle_buffer {data_args.shuffle_buffer}: give 0 (no shuffling) or more"
+    return None
+
+
+def check_model(model_args, data_args, args):
+    """Exit 2 now if --model_name_or_path cannot be loaded (a typo is one line, not the hub client's traceback), or if
+    this run would predict with heads that nothing trained: from a checkpoint that is not a scorer, without training
+    here (unless --allow_untrained_heads)."""
+    path = model_args.model_name_or_path
+    config = load_pretrained("AutoConfig", path, "--model_name_or_path")
+    if args.do_predict and data_args.train_shards is None and getattr(config, "scorer_trains", None) is None \
+            and not model_args.allow_untrained_heads:
+        fail(f"--model_name_or_path {path} is not a scorer saved by this script: its heads would predict as they "
+             f"start, untrained; give a trained scorer, train one here (--train_shards), or pass "
+             f"--allow_untrained_heads for an untrained baseline", every_rank=True)
+
+
 def settle_flags(model_args, data_args, lora_args, args):
     """Refuse what cannot run (one line, exit 2, before any model loads) and settle what follows from the flags;
     returns (the predict shards' spec or None, the feature cache folder or None)."""
     predict_shards = settle_prediction(data_args, args)
     if problem := target_flags_problem(model_args):
         fail(problem)
+    if problem := value_flags_problem(model_args, data_args, args):
+        fail(problem, every_rank=True)  # flags alone: every rank meets it at the same point, rank 0 says it
+    check_model(model_args, data_args, args)
     if data_args.train_shards is None and data_args.eval_shards is None and not args.do_predict:
         fail("nothing to do: give --train_shards, --eval_shards, --predict_file or --do_predict (or --demo)")
     if args.eval_strategy != "no" and data_args.eval_shards is None:
@@ -994,6 +1099,8 @@ def settle_flags(model_args, data_args, lora_args, args):
              "per-layer gathers cannot do; a frozen backbone needs no --fsdp")
     if data_args.feature_cache is None and model_args.freeze_backbone and not args.fsdp and not args.dry_run:
         cache_folder = os.path.join(args.output_dir, "feature_cache")
+    if cache_folder and os.path.exists(cache_folder) and not os.path.isdir(cache_folder):
+        fail(f"--feature_cache {cache_folder}: not a folder; give a folder (or none)")
     if model_args.freeze_backbone:
         args.activation_checkpointing = False  # nothing to recompute: the backbone runs without autograd
     elif args.activation_checkpointing_auto:  # under FSDP its own checkpointing (fsdp_config) replaces the Trainer's
@@ -1094,12 +1201,15 @@ def shard_lists(data_args, predict_shards, do_predict):
     return shards, epoch_samples, most_images, eval_images
 
 
-def train_and_save(trainer, model, args, stop, skip, save_dtype):
+def train_and_save(trainer, model, args, stop, skip, save_dtype, epoch_samples):
     """Train (resuming the last complete checkpoint), stop or fail as the callbacks decided, save the model;
-    returns (metrics, summary line)."""
+    returns (metrics, summary line), or None where --output_dir holds this run, finished (nothing is changed)."""
     resume = checkpoint_to_resume(args)
     if resume and (problem := resume_mismatch(resume, run_record(model, args.world_size))):
         fail(problem, every_rank=True)
+    if done := finished_run(args):  # the same command again: nothing to train, nothing to overwrite
+        log(done)
+        return None
     result = trainer.train(resume_from_checkpoint=resume)
     exit_if_stopped(stop, args)
     exit_if_failed(skip, args, batch=trainer.last_batches)
@@ -1108,7 +1218,11 @@ def train_and_save(trainer, model, args, stop, skip, save_dtype):
     # (+ adapters) when the backbone is frozen (has adapters), else everything.
     save_final_model(trainer, model, args.output_dir, save_dtype, keep=SAVED_WITH_BASE)
     trainer.save_state()
-    per_rank, total = trainer.gathered_train_bad()
+    per_rank, bad = trainer.gathered_train_bad()
+    total = len(bad)
+    trained = trainer.state.global_step * args.world_size * args.per_device_train_batch_size \
+        * args.gradient_accumulation_steps  # good samples: batches are filled with them
+    warn_if_many_bad("training", bad, max(total, min(epoch_samples, trained + total)))  # each sample met once
     last = next((h for h in reversed(trainer.state.log_history) if "loss" in h), {})
     heads = ", ".join(f"{name} {last.get(f'loss_{name}', 0):.4f}" for name in trainer.loss_names)
     best = best_model_summary(trainer)
@@ -1146,6 +1260,7 @@ def main(argv=None):
         prepare_demo(DEMO_DIR, demo.build_scorer_demo, args)
     predict_shards, cache_folder = settle_flags(model_args, data_args, lora_args, args)
     check_output_dir(args.output_dir)
+    check_resume_flag(args)
     patient_group()  # for exact_pass's wait: made while every rank is here together, before any loader forks
     if problem := shared_output_problem(args):
         fail(problem, every_rank=True)
@@ -1154,7 +1269,7 @@ def main(argv=None):
     try:
         shards, epoch_samples, most_images, eval_images = shard_lists(data_args, predict_shards, args.do_predict)
         manifest = data_args.predict_file and ManifestSource.from_file(data_args.predict_file, data_args.image_root)
-        processor = AutoProcessor.from_pretrained(model_args.model_name_or_path)
+        processor = load_pretrained("AutoProcessor", model_args.model_name_or_path, "--model_name_or_path")
         if problem := missing_chat_template(processor, model_args.model_name_or_path):
             raise DataError(problem)
         # The DataLoader workers hand their pixel batches over in /dev/shm: too small, say so now, not hours in. An
@@ -1197,7 +1312,8 @@ def main(argv=None):
     callbacks = [stop, skip, MarkComplete(), *early_stopping(args)]
     if "train" in shards:
         accumulation = args.gradient_accumulation_steps
-        steps, _ = optimizer_steps(epoch_samples, args)
+        steps, total = optimizer_steps(epoch_samples, args)
+        fit_warmup(args, total)
         train_stream = stream("train", args.per_device_train_batch_size, batches_per_epoch=steps * accumulation,
                               shuffle_buffer=data_args.shuffle_buffer, bucketed=data_args.bucket_by_length)
         callbacks.append(_SetStreamEpoch(train_stream, steps))
@@ -1243,7 +1359,10 @@ def main(argv=None):
     metrics, summary = {}, []
     try:
         if train_stream is not None:
-            trained, line = train_and_save(trainer, model, args, stop, skip, save_dtype)
+            if (trained := train_and_save(trainer, model, args, stop, skip, save_dtype, epoch_samples)) is None:
+                leave_process_group()
+                return None
+            trained, line = trained
             metrics.update(trained)
             summary.append(line)
         if eval_stream is not None:

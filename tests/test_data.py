@@ -374,9 +374,10 @@ class TestShardStream:
 
     def test_training_stream_without_usable_samples_is_fatal(self, tmp_path):
         paths, _ = key_shards(tmp_path, [2], bad={(0, 0), (0, 1)})
-        _, bad, _ = run_rank(ShardStream(paths, KeyOnly(), 2, 0, batches_per_epoch=3), 0)
-        assert [b.fatal for b in bad] == [False, False, True]  # the two bad samples, then the verdict
+        _, bad, batches = run_rank(ShardStream(paths, KeyOnly(), 2, 0, batches_per_epoch=3), 0)
+        assert [b.fatal for b in bad] == [False, False, True, True, True]  # the two bad samples, then the verdict
         assert "no usable sample for rank 0" in bad[-1].problem
+        assert batches == [0, 0, 0]  # still as many batches as the other ranks make: they stop together
 
     def test_unreadable_shard_is_fatal(self, tmp_path):
         broken = tmp_path / "broken.tar"
@@ -428,9 +429,10 @@ class TestResume:
             f.truncate(2 * 1024 + 600)  # samples 0 and 1 (a 512-byte header and a 512-byte block each), then a cut
         stream = ShardStream(paths, KeyOnly(), 3, 0, batches_per_epoch=3)
         stream.resume_at(1, ())
-        keys, bad, _ = run_rank(stream, 0)
-        assert keys == [] and stream.encoder.encoded == [] and [b.fatal for b in bad] == [True]
-        assert "cannot read as a tar shard" in str(bad[0])
+        keys, bad, batches = run_rank(stream, 0)
+        assert keys == [] and stream.encoder.encoded == [] and [b.fatal for b in bad] == [True, True]
+        assert "cannot read as a tar shard" in str(bad[0]) and bad[1] == bad[0]
+        assert batches == [0, 0]  # the resumed epoch's batches 1 and 2: the error, then the same again
 
 
 class TestBuckets:

@@ -704,7 +704,8 @@ def test_predict_file_predicts_as_its_shards_and_counts_bad_rows_in_make_shards_
 ])
 def test_predict_file_contradictions_exit_2(scorer_demo, tmp_path, capsys, flags, message):
     err = exit_2_line(capsys, train_scorer.main, ["--model_name_or_path", scorer_demo[0], "--num_types", "3",
-                                                  "--output_dir", str(tmp_path / "o"), "--use_cpu", *flags])
+                                                  "--allow_untrained_heads", "--output_dir", str(tmp_path / "o"),
+                                                  "--use_cpu", *flags])
     assert err == f"error: {message}"
 
 
