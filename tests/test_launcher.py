@@ -43,6 +43,14 @@ def test_a_process_that_takes_45_s_to_stop_is_not_killed(tmp_path):
     assert launcher.returncode == 143, (launcher.returncode, out)
 
 
+def local_disks(tmp_path):
+    """(--output_dir, [node 0's disk, node 1's disk]) for `on_two_nodes_with_local_disks`, made empty."""
+    out, disks = tmp_path / "outputs", [tmp_path / f"node{i}-disk" for i in range(2)]
+    for folder in (out, *disks):
+        folder.mkdir()
+    return out, disks
+
+
 def on_two_nodes_with_local_disks(script, flags, folder, disks):
     """Run `script` with `flags` on two launchers (NNODES=2, one process each, loopback), each in its own mount
     namespace where `folder` is its own disk (`disks[node]`), as on nodes that share none; finish_together's list."""
@@ -65,11 +73,7 @@ def test_two_nodes_with_node_local_output_folders_exit_together_on_resume(tmp_pa
     import demo
 
     model, train, _ = demo.build_sft_demo(tmp_path / "shared")  # data and model on a disk both nodes see
-    out = tmp_path / "outputs"
-    out.mkdir()
-    disks = [tmp_path / f"node{i}-disk" for i in range(2)]
-    for d in disks:
-        d.mkdir()
+    out, disks = local_disks(tmp_path)
 
     def run_both(steps):
         return on_two_nodes_with_local_disks("sft_qwen2.py", [
@@ -99,11 +103,7 @@ def test_two_nodes_with_node_local_output_folders_refuse_a_best_checkpoint_at_st
     import demo
 
     model, train, evaluation = demo.build_sft_demo(tmp_path / "shared")
-    out = tmp_path / "outputs"
-    out.mkdir()
-    disks = [tmp_path / f"node{i}-disk" for i in range(2)]
-    for d in disks:
-        d.mkdir()
+    out, disks = local_disks(tmp_path)
     both = on_two_nodes_with_local_disks("sft_qwen2.py", [
         "--model_name_or_path", str(model), "--train_file", str(train), "--eval_file", str(evaluation),
         "--output_dir", str(out), "--max_len", "256", "--max_steps", "4", "--eval_strategy", "steps", "--eval_steps",
@@ -336,11 +336,7 @@ def test_a_feature_cache_on_node_local_disks_exits_together(tmp_path):
     import demo
 
     model, train, evals = demo.build_scorer_demo(tmp_path / "shared")
-    out = tmp_path / "outputs"
-    out.mkdir()
-    disks = [tmp_path / f"node{i}-disk" for i in range(2)]
-    for d in disks:
-        d.mkdir()
+    out, disks = local_disks(tmp_path)
     flags = ["--model_name_or_path", str(model), "--train_shards", f"'{train}'", "--eval_shards", f"'{evals}'",
              "--output_dir", str(out), "--num_types", "3", "--min_pixels", "1024", "--max_pixels", "4096",
              "--freeze_backbone", "--max_steps", "2", "--save_strategy", "no", "--eval_strategy", "no",
