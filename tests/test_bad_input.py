@@ -348,6 +348,8 @@ SCORER_CASES = [
      "warning: 8 of 16 training samples (50%) were skipped as bad"),
     # legal-looking values that cannot mean what they say (13, and beyond)
     ("max_len_negative", [*SCORER_TRAIN, "--max_len", "-1"], 1, 2, "--max_len -1"),
+    ("train_batch_0", [*SCORER_TRAIN, "--per_device_train_batch_size", "0"], 1, 2, "--per_device_train_batch_size 0"),
+    ("accumulation_0", [*SCORER_TRAIN, "--gradient_accumulation_steps", "0"], 1, 2, "--gradient_accumulation_steps 0"),
     ("type_weight_negative", [*SCORER_TRAIN, "--type_weight", "-1"], 1, 2, "--type_weight -1"),
     ("score_weight_nan", [*SCORER_TRAIN, "--score_weight", "nan"], 1, 2, "--score_weight nan"),
     ("every_loss_weight_0", [*SCORER_TRAIN, "--score_weight", "0", "--type_weight", "0"], 1, 2, "weight 0"),
