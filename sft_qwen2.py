@@ -56,8 +56,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, HfArgumentParser, Trainer, set_seed
 
-from collate import (IGNORE_INDEX, ChatFormat, DataError, encode_sft_batch, missing_chat_template, sft_collator,
-                     to_messages)
+from collate import (IGNORE_INDEX, ChatFormat, DataError, encode_prompts, encode_sft_batch, missing_chat_template,
+                     sft_collator, to_messages)
 from curves import write_training_curves
 from data import SFTSource, load_sft_file, record_location, sft_sources
 from generation import EvalAnswers, generation_config, load_for_generation, predict, read_prompts, write_predictions
@@ -280,17 +280,23 @@ def settle_prediction(predict_args, data_args, args):
     return path
 
 
-def read_predict_file(predict_args, data_args, args):
+def read_predict_file(predict_args, data_args, args, tokenizer):
     """The prompts of --predict_file (generation.read_prompts), read by the local main process first (datasets
-    caches the file, the others then read that cache); a bad record exits 2 on every rank."""
+    caches the file, the others then read that cache); a bad record, or a prompt longer than --max_len (the longest
+    the model trains on, and what bounds the KV cache of a batch), exits 2 on every rank."""
     error = None
     with local_main_first(args):
         try:
             prompts = read_prompts(predict_args.predict_file, data_args)
+            lengths = [len(ids) for ids in encode_prompts([row["prompt"] for row in prompts], tokenizer)]
+            if (longest := max(lengths, default=0)) > data_args.max_len:
+                row = prompts[lengths.index(longest)]
+                raise DataError(f"{predict_args.predict_file}: prompt {row['key']}: {longest} tokens with the chat "
+                                f"template, more than --max_len {data_args.max_len}; shorten it, or raise --max_len")
         except DataError as e:
             error = e
     if error is not None:
-        fail(error)
+        fail(error, every_rank=True)
     return prompts
 
 
@@ -310,7 +316,7 @@ def answer_prompts(model, tokenizer, prompts, predict_args, args, path, lockstep
 def predict_saved_model(model_args, data_args, predict_args, args, tokenizer, path):
     """--do_predict without --train_file: the model saved at --model_name_or_path (a full or merged save, or a LoRA
     adapter folder on its recorded base) answers --predict_file, each rank its share. Returns the rows."""
-    prompts = read_predict_file(predict_args, data_args, args)
+    prompts = read_predict_file(predict_args, data_args, args, tokenizer)
     load = dict(dtype=load_dtype(args), attn_implementation=model_args.attn_implementation,
                 trust_remote_code=model_args.trust_remote_code)
     try:
@@ -387,7 +393,7 @@ def main(argv=None):
         fail(f"{', '.join(data_args.eval_file or data_args.train_file)}: no usable evaluation example (max_len "
              f"{data_args.max_len}, overflow {data_args.overflow})", every_rank=True)
     log(show_example(train_ds[0], tokenizer))
-    prompts = read_predict_file(predict_args, data_args, args) if predictions else None  # a bad one: exit now
+    prompts = read_predict_file(predict_args, data_args, args, tokenizer) if predictions else None  # a bad one: exit now
     fit_warmup(args, optimizer_steps(len(train_ds), args)[1])
 
     # Model: loaded in the half dtype of the run; what trains becomes fp32 master weights (training_plan.py). A dry

@@ -216,6 +216,11 @@ SFT_CASES = {
     "polynomial-lr-below-lr-end": Case("sft_qwen2.py", sft("--lr_scheduler_type", "polynomial", "--learning_rate",
                                                            "1e-8"), 2,
                                        "--learning_rate 1e-08 is not above the polynomial schedule's lr_end 1e-07"),
+    # a prompt to answer longer than the model trains on (its batch's KV cache grows with it)
+    "predict-prompt-above-max-len": Case("sft_qwen2.py", [
+        "--model_name_or_path", "{model}", "--predict_file", "{eval}", "--output_dir", "{tmp}/out", "--use_cpu",
+        "--report_to", "none", "--max_len", "20"], 2, "tokens with the chat template, more than --max_len 20; "
+        "shorten it, or raise --max_len"),
     # beyond the list (a sweep of sft_qwen2.py's own and the shared flags)
     "epochs-0": Case("sft_qwen2.py", sft("--max_steps", "-1", "--num_train_epochs", "0"), 2,
                      "--num_train_epochs 0 trains nothing"),
