@@ -1073,7 +1073,6 @@ def settle_flags(model_args, data_args, lora_args, args):
         fail(problem)
     if problem := value_flags_problem(model_args, data_args, args):
         fail(problem, every_rank=True)  # flags alone: every rank meets it at the same point, rank 0 says it
-    check_model(model_args, data_args, args)
     if data_args.train_shards is None and data_args.eval_shards is None and not args.do_predict:
         fail("nothing to do: give --train_shards, --eval_shards, --predict_file or --do_predict (or --demo)")
     if args.eval_strategy != "no" and data_args.eval_shards is None:
@@ -1101,6 +1100,7 @@ def settle_flags(model_args, data_args, lora_args, args):
         cache_folder = os.path.join(args.output_dir, "feature_cache")
     if cache_folder and os.path.exists(cache_folder) and not os.path.isdir(cache_folder):
         fail(f"--feature_cache {cache_folder}: not a folder; give a folder (or none)")
+    check_model(model_args, data_args, args)  # after the flags: their problems need no model to find
     if model_args.freeze_backbone:
         args.activation_checkpointing = False  # nothing to recompute: the backbone runs without autograd
     elif args.activation_checkpointing_auto:  # under FSDP its own checkpointing (fsdp_config) replaces the Trainer's

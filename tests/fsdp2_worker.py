@@ -583,7 +583,7 @@ def check_one_decision(workdir, checkpoint):
     Every rank gets rank 0's choice, and rank 1's problem."""
     import shutil
 
-    from reliability import checkpoint_to_resume, resume_mismatch, run_record
+    from reliability import checkpoint_to_resume, resume_mismatch
 
     rank = dist.get_rank()
     output_dir, path = os.path.dirname(checkpoint), checkpoint

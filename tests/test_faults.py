@@ -372,21 +372,22 @@ class TestResume:
 
     def test_the_best_checkpoint_survives_save_total_limit(self, sft_demo, tmp_path):
         """Stock Trainer behaviour, checked: with --load_best_model_at_end, rotation keeps the best checkpoint even
-        when it is the oldest, and the final model is the best one. (The eval loss falls at every evaluation here, so
+        when it is the oldest (with the newest: a limit of 1 is refused, see plumbing.check_best_model_flags), and the
+        final model is the best one. (The eval loss falls at every evaluation here, so
         "best" is made the highest one: the first checkpoint, which plain rotation would delete.)"""
         import sft_qwen2
 
         out = tmp_path / "o"
         trainer = sft_qwen2.main(sft_args(sft_demo, out, "--eval_file", sft_demo[2], "--max_steps", "12",
                                           "--learning_rate", "3e-2", "--eval_strategy", "steps", "--eval_steps", "3",
-                                          "--save_steps", "3", "--save_strategy", "steps", "--save_total_limit", "1",
+                                          "--save_steps", "3", "--save_strategy", "steps", "--save_total_limit", "2",
                                           "--load_best_model_at_end", "--metric_for_best_model", "eval_loss",
                                           "--greater_is_better", "true"))
         evals = {h["step"]: h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h}
         best = max(evals, key=evals.get)
         assert best == 3 and trainer.state.best_model_checkpoint == str(out / "checkpoint-3")
-        # rotation kept checkpoint-3 through every later save; a finished run with limit 1 then keeps only the best
-        assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3"]
+        # rotation kept checkpoint-3 through every later save, beside the newest
+        assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-12", "checkpoint-3"]
         same_weights(out, out / "checkpoint-3")
 
 
@@ -417,7 +418,7 @@ class TestBadShards:
         begin = train_scorer._SetStreamEpoch.on_epoch_begin
 
         def delete_after_the_first_epoch(self, args, state, control, **kwargs):
-            if state.global_step > 0:
+            if state.global_step > 0 and os.path.exists(shard):
                 os.remove(shard)
             return begin(self, args, state, control, **kwargs)
         monkeypatch.setattr(train_scorer._SetStreamEpoch, "on_epoch_begin", delete_after_the_first_epoch)
@@ -530,5 +531,6 @@ class TestBadRecords:
         args = TestBadShards().scorer_args(scorer_demo, shard, tmp_path / "o", "--max_steps", "3")
         trainer = train_scorer.main(args)
         assert trainer.metrics["train_bad_samples"] == 1
-        line = exit_2_line(capsys, train_scorer.main, args + ["--on_bad_sample", "error"])
+        line = exit_2_line(capsys, train_scorer.main, args + ["--on_bad_sample", "error", "--output_dir",
+                                                              str(tmp_path / "o2")])  # o: a finished run
         assert line.startswith(f"error: {shard}: j00004: image .0.jpg: cannot decode"), line

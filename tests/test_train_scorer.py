@@ -488,13 +488,14 @@ def test_early_stopping_stops_when_the_metric_stops_improving_and_keeps_the_best
     ("score_rmse", [], False), ("eval_loss_type", [], False), ("eval_type_macro_f1", [], True),
     ("eval_type_roc_auc", [], True), ("eval_type_ece", [], False),
     ("eval_score_mae", ["--greater_is_better", "true"], True)])
-def test_whether_higher_is_better_follows_the_metric(metric, given, greater):
+def test_whether_higher_is_better_follows_the_metric(scorer_demo, metric, given, greater):
     from transformers import HfArgumentParser
 
     from plumbing import parse_arguments
 
     model_args, data_args, lora_args, args = parse_arguments(HfArgumentParser(train_scorer.ARGUMENTS), [
-        "--train_shards", "t.tar", "--eval_shards", "e.tar", "--num_types", "3", "--eval_strategy", "steps",
+        "--model_name_or_path", scorer_demo[0], "--train_shards", "t.tar", "--eval_shards", "e.tar", "--num_types",
+        "3", "--eval_strategy", "steps",
         "--metric_for_best_model", metric, *given])
     train_scorer.settle_flags(model_args, data_args, lora_args, args)
     assert args.greater_is_better is greater
