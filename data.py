@@ -34,7 +34,7 @@ class SFTSource:
     """Which part of a datasets hub id (or saved DatasetDict) to read: flags of sft_qwen2.py and token_stats.py
     (their argument dataclasses derive from this one)."""
     dataset_split: str = field(default="train", metadata={
-        "help": "Split read from a datasets hub id or a saved DatasetDict (hub ids also take slices: train[:10%])."})
+        "help": "Split read from a datasets hub id or a saved DatasetDict (hub ids also take slices: train[:10%%])."})
     dataset_config: str = field(default=None, metadata={
         "help": "Configuration (subset) of a datasets hub id, when it has several."})
 
