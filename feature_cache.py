@@ -119,8 +119,9 @@ class FeatureCache:
         return missing
 
     def fill(self, shards, features_pass, writer, chunk_samples=None):
-        """Make the cache cover `shards` (local files): the files it lacks are computed a chunk of shards at a time (about `chunk_samples` samples, `CHUNK_SAMPLES` by default), each chunk's files written when
-        it is done, so a run stopped during this pass (one backbone epoch at full size) keeps what it finished.
+        """Make the cache cover `shards` (local files): the files it lacks are computed a chunk of shards at a time
+        (about `chunk_samples` samples, `CHUNK_SAMPLES` by default), each chunk's files written when it is done, so a
+        run stopped during this pass (one backbone epoch at full size) keeps what it finished.
         `features_pass(chunk, desc)` is one exact pass over the chunk's samples on every rank, returning (rows,
         data.BadSample list): each good sample's `order`, `key`, `length`, `features` and `labels`, gathered on the
         `writer` only (the other ranks get none), and the bad samples on every rank. Only the writer holds a chunk's

@@ -104,11 +104,12 @@ def _end_without_finalizing():
 
 def _short_socket_folder():
     """Give this process's multiprocessing its temporary folder now, short enough for Unix sockets (multiprocessing
-    removes it at exit; `_end_without_finalizing` does when it skips that). DataLoader workers hand each batch's tensors over through a socket in that folder (and the fork server
-    listens on one there); a socket path holds at most 107 bytes, and a deep TMPDIR (a scheduler's per-job folder,
-    pytest's) exceeds it: the worker then fails to send and, when it was forked, the run waits for its batch forever
-    (seen with a 90-character TMPDIR). Workers of every start method inherit the folder from this process. Only the
-    sockets move to /tmp when TMPDIR is too deep; other temporary files stay where TMPDIR says."""
+    removes it at exit; `_end_without_finalizing` does when it skips that). DataLoader workers hand each batch's tensors
+    over through a socket in that folder (and the fork server listens on one there); a socket path holds at most 107
+    bytes, and a deep TMPDIR (a scheduler's per-job folder, pytest's) exceeds it: the worker then fails to send and,
+    when it was forked, the run waits for its batch forever (seen with a 90-character TMPDIR). Workers of every start
+    method inherit the folder from this process. Only the sockets move to /tmp when TMPDIR is too deep; other temporary
+    files stay where TMPDIR says."""
     import tempfile
     from multiprocessing import util
 

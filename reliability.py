@@ -257,8 +257,9 @@ def sharding(state=None):
 
 def run_record(model, world_size, state=None):
     """What a checkpoint of this run holds and how it is written: the model (a scorer: the base it refers to and the
-    units its value heads learned, `scorer_targets`; SFT: the architecture's sizes), what trains (a scorer: `scorer_trains`; SFT: LoRA or full), `sharding(state)` and the
-    number of processes. MarkComplete writes it into each checkpoint; resume_mismatch compares it."""
+    units its value heads learned, `scorer_targets`; SFT: the architecture's sizes), what trains (a scorer:
+    `scorer_trains`; SFT: LoRA or full), `sharding(state)` and the number of processes. MarkComplete writes it into each
+    checkpoint; resume_mismatch compares it."""
     config = model.config
     if hasattr(config, "scorer_trains"):
         identity = {"scorer_base_model": config.scorer_base_model,

@@ -393,7 +393,8 @@ def main(argv=None):
         fail(f"{', '.join(data_args.eval_file or data_args.train_file)}: no usable evaluation example (max_len "
              f"{data_args.max_len}, overflow {data_args.overflow})", every_rank=True)
     log(show_example(train_ds[0], tokenizer))
-    prompts = read_predict_file(predict_args, data_args, args, tokenizer) if predictions else None  # a bad one: exit now
+    # a bad prompt exits now, not after training
+    prompts = read_predict_file(predict_args, data_args, args, tokenizer) if predictions else None
     fit_warmup(args, optimizer_steps(len(train_ds), args)[1])
 
     # Model: loaded in the half dtype of the run; what trains becomes fp32 master weights (training_plan.py). A dry

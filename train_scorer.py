@@ -482,13 +482,13 @@ def scorer_metrics(rows, weights, prefix="eval", std=None, class_weights=None):
     """Metrics over every evaluated sample (rows: dicts with `heads` and `labels`, each {label: ...}, values in the
     labels' units); returns (metrics for the logs, details for eval_results.json).
 
-    Per value label: loss (the MSE of the standardized values, as training computes it: MSE / std^2, `std`
-    {label: std}, 1 where absent), MAE, RMSE, Pearson, Spearman (average ranks for ties), in the labels' units; per
-    class label: loss (cross-entropy, weighted by `class_weights` {label: weights or None} as in training: the mean
-    over samples of weight x loss divided by the mean weight), accuracy, macro-F1 over the classes that occur as a label or a guess, and the mean of the
-    classes' one-vs-rest ROC-AUCs; the details hold each class's ROC-AUC (NaN for a class that is every label or
-    none) and the confusion matrix (a row per label, a column per guess). Computed by scipy and scikit-learn. Losses
-    are means over samples (not over batches); `loss` is their sum weighted by `weights` ({label: weight}; the
+    Per value label: loss (the MSE of the standardized values, as training computes it: MSE / std^2, `std` {label: std},
+    1 where absent), MAE, RMSE, Pearson, Spearman (average ranks for ties), in the labels' units; per class label: loss
+    (cross-entropy, weighted by `class_weights` {label: weights or None} as in training: the mean over samples of weight
+    x loss divided by the mean weight), accuracy, macro-F1 over the classes that occur as a label or a guess, and the
+    mean of the classes' one-vs-rest ROC-AUCs; the details hold each class's ROC-AUC (NaN for a class that is every
+    label or none) and the confusion matrix (a row per label, a column per guess). Computed by scipy and scikit-learn.
+    Losses are means over samples (not over batches); `loss` is their sum weighted by `weights` ({label: weight}; the
     ranking loss, a loss over a batch's pairs, is a training loss only: Spearman measures the order here).
 
     Per class label also the expected calibration error of its top-class probability (`<label>_ece`, numpy:
@@ -1108,12 +1108,12 @@ def settle_flags(model_args, data_args, lora_args, args):
     return predict_shards, cache_folder
 
 
-def settle_targets(model, model_args, train_shards, process_index):
-    """This run's targets, into the model's config (saves keep them): each value label's standardization and each
-    class label's loss weights; returns a line for the log, or None. A scorer that has a standardization keeps it
-    (its head learned those units); else --<label>_mean/--<label>_std, else the training labels' mean and standard
-    deviation. Labels are counted (data.label_statistics) only where needed, by process 0, and sent to every rank:
-    one reading of the shards, one answer on every node."""
+def settle_targets(model, model_args, classes, train_shards, process_index):
+    """This run's targets, into the model's config (saves keep them): each value label's standardization and each class
+    label's loss weights (`classes`: {class label: its number of classes}); returns a line for the log, or None. A
+    scorer that has a standardization keeps it (its head learned those units); else --<label>_mean/--<label>_std, else
+    the training labels' mean and standard deviation. Labels are counted (data.label_statistics) only where needed, by
+    process 0, and sent to every rank: one reading of the shards, one answer on every node."""
     config, path = model.config, model_args.model_name_or_path
     saved, targets, todo = dict(getattr(config, "scorer_targets", None) or {}), {}, []
     for name in (n for n, kind in LABELS.items() if kind == "value"):
@@ -1131,7 +1131,6 @@ def settle_targets(model, model_args, train_shards, process_index):
         elif norm == "standardize" and train_shards:
             todo.append(name)
     flags = {name: getattr(model_args, f"{name}_class_weights", "none") for name in CLASS_LABELS}
-    classes = {name: getattr(config, f"num_{name}s") for name in CLASS_LABELS}
     counted = None
     if todo or "balanced" in flags.values():
         if not train_shards:
@@ -1167,7 +1166,8 @@ def settle_targets(model, model_args, train_shards, process_index):
             weights[name] = [1.0] * classes[name]  # a class no training sample has: no term of the loss to weigh
             for c, w in zip(present, balanced):
                 weights[name][c] = float(w)
-            parts.append(f"{name} class weights {[round(w, 4) for w in weights[name]]} (balanced, from counts {counts})")
+            shown = [round(w, 4) for w in weights[name]]
+            parts.append(f"{name} class weights {shown} (balanced, from counts {counts})")
         elif flag != "none":
             weights[name] = [float(w) for w in flag.split(",")]
             if len(weights[name]) != classes[name]:
@@ -1290,7 +1290,7 @@ def main(argv=None):
         fail(f"{model_args.model_name_or_path}: a LoRA scorer (adapters + heads); train it further with --use_peft")
     classes = {name: getattr(model.config, f"num_{name}s") for name in CLASS_LABELS}
     try:  # the same verdict on every rank: from the config, the flags and what process 0 counted
-        if line := settle_targets(model, model_args, shards.get("train"), args.process_index):
+        if line := settle_targets(model, model_args, classes, shards.get("train"), args.process_index):
             log(line)
     except DataError as e:
         fail(e, every_rank=True)

@@ -930,7 +930,7 @@ class TestTargets:
         labels = [json.loads(s["json"])["score"] for s in samples]
         model = scorer(scorer_demo)
         line = train_scorer.settle_targets(model, ModelArguments(model_name_or_path=scorer_demo[0], num_types=3),
-                                           [shard], 0)
+                                           {"type": 3}, [shard], 0)
         mean, std = np.mean(labels), np.std(labels)
         assert model.config.scorer_targets == {"score": [pytest.approx(mean), pytest.approx(std)]}
         assert line.startswith("targets: score standardized with mean ") and "over 6 training samples" in line
