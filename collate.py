@@ -154,6 +154,12 @@ def _message_list(record, key, name, keys, role_key="role", content_key="content
     return messages
 
 
+def _exchange(query, answer):
+    """A user turn and its answer, when there is one (None: a prompt to generate from)."""
+    return [{"role": "user", "content": query}] + ([{"role": "assistant", "content": answer}]
+                                                   if answer is not None else [])
+
+
 def _read_messages(record, name, keys, require_answer):
     return _message_list(record, keys[0], name, keys)
 
@@ -174,10 +180,9 @@ def _read_alpaca(record, name, keys, require_answer):
     for i, pair in enumerate(history):
         if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
             raise DataError(f"key 'history[{i}]': expected a [query, answer] pair of strings")
-        messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
-    messages.append({"role": "user", "content": "\n".join(t for t in (instruction, extra) if t)})
-    output = _value(record, "output", name, keys, require_answer)
-    return messages + ([{"role": "assistant", "content": output}] if output is not None else [])
+        messages += _exchange(*pair)
+    query = "\n".join(t for t in (instruction, extra) if t)
+    return messages + _exchange(query, _value(record, "output", name, keys, require_answer))
 
 
 def _read_prompt_completion(record, name, keys, require_answer):
@@ -194,14 +199,11 @@ def _read_prompt_completion(record, name, keys, require_answer):
         return _message_list(record, "prompt", name, keys) + (_message_list(record, "completion", name, keys)
                                                         if completion is not None else [])
     completion = _value(record, "completion", name, keys, require_answer)
-    return [{"role": "user", "content": _value(record, "prompt", name, keys)}] + (
-        [{"role": "assistant", "content": completion}] if completion is not None else [])
+    return _exchange(_value(record, "prompt", name, keys), completion)
 
 
 def _read_query_answer(record, name, keys, require_answer):
-    query, answer = _value(record, keys[0], name, keys), _value(record, keys[1], name, keys, require_answer)
-    return [{"role": "user", "content": query}] + ([{"role": "assistant", "content": answer}]
-                                                   if answer is not None else [])
+    return _exchange(_value(record, keys[0], name, keys), _value(record, keys[1], name, keys, require_answer))
 
 
 READERS = {"messages": _read_messages, "sharegpt": _read_sharegpt, "alpaca": _read_alpaca,
